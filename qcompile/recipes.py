@@ -1,0 +1,241 @@
+"""Recipes: a frozen, validated description of one quantization scheme.
+
+A recipe says *what* to quantize and how; the pipeline decides the order. Load one by preset name
+(``Recipe.from_preset("w4a8v4-rtn-int4")``), from a dict, or from a YAML/JSON file
+(``Recipe.load(path)``). Every bad field raises ``RecipeError`` naming the field, the bad value and
+what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qcompile.errors import QcompileError
+from qcompile.formats import FormatError, FormatSpec, Granularity
+
+__all__ = ["Recipe", "RecipeError", "PRESETS", "resolve_recipe", "register_preset"]
+
+SCALINGS = ("none", "smoothquant", "awq", "aqas")
+ROUNDINGS = ("rtn", "optq")
+CRITERIA = ("max", "mean")
+CALIB_SOURCES = ("c4", "wiki")
+
+
+class RecipeError(QcompileError, ValueError):
+    """A recipe field has a value that is not allowed."""
+
+
+def _check(cond: bool, name: str, value, allowed: str) -> None:
+    if not cond:
+        raise RecipeError(f"recipe field '{name}' = {value!r} is not allowed; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One quantization scheme (see DESIGN.md "Recipes").
+
+    Formats are ``qcompile.formats`` names (``int4``, ``dint4``, ``fp4_e2m1``, ``int8``...);
+    ``None`` leaves that tensor in floating point. Granularities: ``channel``/``group<g>`` for
+    weights, ``token``/``group<g>`` for activations; V is always per channel (``vchannel``).
+    """
+
+    name: str = "custom"
+    weight_format: str | None = "int4"
+    weight_granularity: str = "channel"
+    act_format: str | None = "int8"
+    act_granularity: str = "token"
+    v_format: str | None = None
+    scaling: str = "none"
+    alpha: float = 0.5
+    scale_criterion: str = "max"
+    scale_grid: int = 20
+    clip_search: bool = False
+    rounding: str = "rtn"
+    optq_damp: float = 0.01
+    optq_block_size: int = 128
+    optq_act_order: bool = False
+    calib_source: str = "c4"
+    calib_samples: int = 128
+    calib_seq_len: int = 2048
+    fuse_layernorm: bool = False
+    fp16_ratio: float = 0.0
+    skip: tuple[str, ...] = ("lm_head",)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(isinstance(self.name, str) and self.name != "", "name", self.name, "a non-empty string")
+        for fname, value, gname in (("weight_format", self.weight_format, "weight_granularity"),
+                                    ("act_format", self.act_format, "act_granularity"),
+                                    ("v_format", self.v_format, None)):
+            if value is None:
+                continue
+            try:
+                FormatSpec.parse(value)
+            except FormatError as e:
+                raise RecipeError(f"recipe field '{fname}' = {value!r} is not allowed: {e}") from None
+        self._check_granularity("weight_granularity", self.weight_granularity, ("channel", "group"))
+        self._check_granularity("act_granularity", self.act_granularity, ("token", "group"))
+        _check(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {SCALINGS}")
+        _check(self.rounding in ROUNDINGS, "rounding", self.rounding, f"one of {ROUNDINGS}")
+        _check(self.scale_criterion in CRITERIA, "scale_criterion", self.scale_criterion, f"one of {CRITERIA}")
+        _check(_num(self.alpha) and 0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "a number in [0, 1]")
+        _check(_int(self.scale_grid) and 2 <= self.scale_grid <= 200, "scale_grid", self.scale_grid,
+               "an integer in [2, 200]")
+        _check(_num(self.optq_damp) and 0.0 < self.optq_damp <= 1.0, "optq_damp", self.optq_damp,
+               "a number in (0, 1]")
+        _check(_int(self.optq_block_size) and self.optq_block_size >= 1, "optq_block_size",
+               self.optq_block_size, "an integer >= 1")
+        _check(self.calib_source in CALIB_SOURCES, "calib_source", self.calib_source, f"one of {CALIB_SOURCES}")
+        _check(_int(self.calib_samples) and 1 <= self.calib_samples <= 100_000, "calib_samples",
+               self.calib_samples, "an integer in [1, 100000]")
+        _check(_int(self.calib_seq_len) and 2 <= self.calib_seq_len <= 32768, "calib_seq_len",
+               self.calib_seq_len, "an integer in [2, 32768]")
+        _check(_num(self.fp16_ratio) and 0.0 <= self.fp16_ratio < 1.0, "fp16_ratio", self.fp16_ratio,
+               "a number in [0, 1)")
+        _check(_int(self.seed), "seed", self.seed, "an integer")
+        for fname in ("clip_search", "optq_act_order", "fuse_layernorm"):
+            _check(isinstance(getattr(self, fname), bool), fname, getattr(self, fname), "true or false")
+        skip = self.skip
+        _check(isinstance(skip, (tuple, list)) and all(isinstance(s, str) for s in skip), "skip", skip,
+               "a list of module-name patterns")
+        object.__setattr__(self, "skip", tuple(skip))
+        if self.weight_format is None and self.act_format is None and self.v_format is None:
+            raise RecipeError("recipe quantizes nothing: set at least one of weight_format, act_format, v_format")
+        if self.rounding == "optq" and self.weight_format is None:
+            raise RecipeError("recipe field 'rounding' = 'optq' needs a weight_format")
+
+    def _check_granularity(self, fname: str, value, kinds: tuple[str, ...]) -> None:
+        try:
+            gran = Granularity.parse(value)
+        except FormatError as e:
+            raise RecipeError(f"recipe field '{fname}' = {value!r} is not allowed: {e}") from None
+        _check(gran.kind in kinds, fname, value, " or ".join(k if k != "group" else "group<g>" for k in kinds))
+
+    # --- views -----------------------------------------------------------------------------------
+    @property
+    def weight_spec(self) -> FormatSpec | None:
+        return FormatSpec.parse(self.weight_format) if self.weight_format else None
+
+    @property
+    def act_spec(self) -> FormatSpec | None:
+        return FormatSpec.parse(self.act_format) if self.act_format else None
+
+    @property
+    def v_spec(self) -> FormatSpec | None:
+        return FormatSpec.parse(self.v_format) if self.v_format else None
+
+    @property
+    def weight_gran(self) -> Granularity:
+        return Granularity.parse(self.weight_granularity)
+
+    @property
+    def act_gran(self) -> Granularity:
+        return Granularity.parse(self.act_granularity)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    # --- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """Build from a plain dict; unknown keys are an error. A ``preset`` key starts from that preset."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping of fields, got {type(data).__name__}")
+        data = dict(data)
+        base = cls.from_preset(data.pop("preset")).to_dict() if "preset" in data else {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"recipe has unknown field(s) {unknown}; known fields: {sorted(known)}")
+        base.update(data)
+        if isinstance(base.get("skip"), list):
+            base["skip"] = tuple(base["skip"])
+        try:
+            return cls(**base)
+        except TypeError as e:  # e.g. unhashable value where a scalar was expected
+            raise RecipeError(f"recipe could not be built: {e}") from None
+
+    @classmethod
+    def from_preset(cls, name: str) -> "Recipe":
+        if name not in PRESETS:
+            raise RecipeError(f"unknown recipe preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Load a ``.json``, ``.yaml`` or ``.yml`` recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # parse errors of either library
+            raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+        data = data or {}
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
+        return cls.from_dict(data)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+PRESETS: dict[str, Recipe] = {}
+
+
+def register_preset(recipe: Recipe) -> Recipe:
+    """Add a named preset (its ``name`` is the key)."""
+    PRESETS[recipe.name] = recipe
+    return recipe
+
+
+def resolve_recipe(recipe: "Recipe | str | dict | Path") -> Recipe:
+    """Accept a Recipe, a preset name, a path to a YAML/JSON file or a dict."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    text = str(recipe)
+    if text in PRESETS:
+        return PRESETS[text]
+    if text.endswith((".json", ".yaml", ".yml")) or Path(text).is_file():
+        return Recipe.load(text)
+    return Recipe.from_preset(text)
+
+
+# --- presets (only those whose algorithms exist) -------------------------------------------------
+_W4A8V4 = dict(weight_format="int4", act_format="int8", v_format="int4")
+for _r in (
+    Recipe("w4a8v4-rtn-int4", **_W4A8V4),
+    Recipe("w4a8v4-rtn-dint4", **{**_W4A8V4, "weight_format": "dint4"}),
+    Recipe("w4a8-rtn-int4", weight_format="int4", act_format="int8"),
+    Recipe("w4a8-rtn-dint4", weight_format="dint4", act_format="int8"),
+    Recipe("w8a8-rtn", weight_format="int8", act_format="int8"),
+    Recipe("w4a16-rtn-int4", weight_format="int4", act_format=None),
+    Recipe("w4a16-g64-rtn-int4", weight_format="int4", weight_granularity="group64", act_format=None),
+    Recipe("w4a4-g64-rtn", weight_format="int4", weight_granularity="group64", act_format="int4",
+           act_granularity="group64"),
+    Recipe("w4a4-rtn", weight_format="int4", act_format="int4"),
+    Recipe("w4a4-mixed1-rtn", weight_format="int4", act_format="int4", fp16_ratio=0.01),
+    Recipe("w4a4-mixed10-rtn", weight_format="int4", act_format="int4", fp16_ratio=0.10),
+):
+    register_preset(_r)
+del _r

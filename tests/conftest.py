@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random-weight OPT, LLaMA and GQA-LLaMA models built from configs (no download)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(family: str, **overrides):
+    """A small config of a supported family; ``family`` in {"opt", "llama", "gqa"}."""
+    import transformers
+
+    if family == "opt":
+        cfg = dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True)
+        cfg.update(overrides)
+        return transformers.OPTConfig(**cfg)
+    heads_kv = 2 if family == "gqa" else 4
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=heads_kv, max_position_embeddings=256,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    return transformers.LlamaConfig(**cfg)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """Random-weight model in eval mode, float32, eager attention-free of caches."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    cls = transformers.OPTForCausalLM if family == "opt" else transformers.LlamaForCausalLM
+    model = cls(cfg).eval()
+    # Random init gives near-zero norms' spread; make norm affines non-trivial so fusion is tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(params=["opt", "llama", "gqa"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return tiny_model(family)
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (2, 16), generator=g)
