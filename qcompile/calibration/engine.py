@@ -1,0 +1,290 @@
+"""Block-by-block calibration: statistics, scale search, OPTQ rounding, one decoder layer at a time.
+
+For each decoder layer, on a private copy (the user's model is never changed):
+  1. optional layernorm fusion (same maths as the ``fuse_layernorm`` pass);
+  2. **stats**: run the calibration batches (outputs of the already-quantized layers before it) and
+     collect per linear input: abs-max and abs-mean per channel, a token sample for the scale search,
+     and the OPTQ Hessian ``2/n X Xᵀ``;
+  3. **scale search** per producer->consumers group (SmoothQuant closed form, AWQ or AQAS grid) and
+     folding into the layer copy (same maths as the ``fold_scales`` pass);
+  4. **rounding**: OPTQ on the scaled weights with the scaled Hessian ``H / (s sᵀ)``, or weight
+     clipping search + RTN, or plain RTN later in the graph;
+  5. **propagate**: fake-quantize the layer and run it, giving the next layer's inputs.
+Only the current layer and the hidden states live on the compute device.
+
+The result holds everything the graph passes need: scales (``fold_scales``), codes
+(``quantize_weights``), activation statistics (``keep_salient_fp16``), timings per stage.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from qcompile import formats as F
+from qcompile.architectures import architecture_of
+from qcompile.calibration.fake_quant import fake_quantize_layer
+from qcompile.errors import CalibrationError
+from qcompile.folding import expand_kv_scales, fuse_norm_into_linear, scale_columns, scale_rows
+
+__all__ = ["CalibrationResult", "calibrate", "needs_calibration", "calibration_batches"]
+
+
+@dataclass
+class CalibrationResult:
+    """What calibration decided, keyed by full HF module names."""
+
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)   # producer -> s (producer out channels)
+    weights: dict[str, tuple] = field(default_factory=dict)         # linear -> (codes, scale, zp)
+    act_stats: dict[str, dict] = field(default_factory=dict)        # linear -> {"absmax", "absmean"} [K]
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    n_samples: int = 0
+    seq_len: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def needs_calibration(recipe) -> bool:
+    return recipe.scaling != "none" or recipe.rounding == "optq" or recipe.fp16_ratio > 0 or recipe.clip_search
+
+
+def calibration_batches(data, tokenizer=None, n_samples: int = 128, seq_len: int = 2048, seed: int = 0):
+    """Token windows ``[n, seq_len]`` for calibration from text(s) or a token-id tensor.
+
+    Windows start at random offsets (seeded) of the tokenized text; a text shorter than one window
+    is an error. With fewer tokens than ``n_samples * seq_len`` windows overlap.
+    """
+    if isinstance(data, torch.Tensor):
+        ids = data.reshape(-1).long()
+    else:
+        if tokenizer is None:
+            raise CalibrationError("calibration text needs a tokenizer (pass tokenizer=...)")
+        text = data if isinstance(data, str) else "\n\n".join(data)
+        if not text.strip():
+            raise CalibrationError("calibration text is empty")
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise CalibrationError(f"calibration data has {ids.numel()} tokens, fewer than one window of "
+                               f"calib_seq_len={seq_len}; give more text or lower calib_seq_len")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model, layers, batches, micro_batch, device):
+    """Run the model up to layer 0 and keep, per micro-batch, its hidden states and call kwargs."""
+    caught = []
+
+    def hook(_mod, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(batches), micro_batch):
+            try:
+                model(input_ids=batches[i:i + micro_batch].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    out = []
+    for args, kwargs in caught:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        out.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}, args[1:]))
+    return out
+
+
+class _Stats:
+    """Per-linear input statistics, accumulated over calibration batches."""
+
+    def __init__(self, k, want_hessian, sample_per_batch, gen):
+        self.absmax = torch.zeros(k)
+        self.abssum = torch.zeros(k)
+        self.n = 0
+        self.hessian = torch.zeros(k, k) if want_hessian else None
+        self.samples = []
+        self.sample_per_batch = sample_per_batch
+        self.gen = gen
+
+    def add(self, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.abssum += x.abs().sum(0)
+        n = x.shape[0]
+        if self.hessian is not None:
+            # running mean of 2 X Xᵀ / n (OPTQ eq. 3)
+            self.hessian.mul_(self.n / (self.n + n)).add_(x.T @ x, alpha=2.0 / (self.n + n))
+        self.n += n
+        take = torch.randperm(n, generator=self.gen)[: self.sample_per_batch]
+        self.samples.append(x[take])
+
+    @property
+    def absmean(self):
+        return self.abssum / max(self.n, 1)
+
+    def sample(self):
+        return torch.cat(self.samples)
+
+
+def _collect(layer, arch, inputs, recipe, max_search_tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, -(-max_search_tokens // max(len(inputs), 1)))
+    want_h = recipe.rounding == "optq"
+    stats, handles = {}, []
+    for name in arch.linears:
+        lin = layer.get_submodule(name)
+        stats[name] = _Stats(lin.in_features, want_h, per_batch, gen)
+        handles.append(lin.register_forward_pre_hook(lambda m, a, st=stats[name]: st.add(a[0])))
+    try:
+        with torch.no_grad():
+            for hidden, kwargs, extra in inputs:
+                layer(hidden, *extra, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _fuse_norms(layer, arch):
+    for g in arch.groups:
+        if g.kind != "norm":
+            continue
+        norm = layer.get_submodule(g.producer)
+        gamma = norm.weight.detach().clone()
+        beta = norm.bias.detach().clone() if getattr(norm, "bias", None) is not None else None
+        for c in g.consumers:
+            lin = layer.get_submodule(c)
+            w, b = fuse_norm_into_linear(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(),
+                                         gamma, beta)
+            lin.weight.data = w
+            if b is not None:
+                lin.bias = torch.nn.Parameter(b) if lin.bias is None else lin.bias
+                lin.bias.data = b
+        norm.weight.data = torch.ones_like(gamma)
+        if beta is not None:
+            norm.bias.data = torch.zeros_like(beta)
+
+
+def _fold(layer, group, s, head_dim):
+    for c in group.consumers:
+        lin = layer.get_submodule(c)
+        lin.weight.data = scale_columns(lin.weight.detach(), expand_kv_scales(s, lin.in_features, head_dim))
+    prod = layer.get_submodule(group.producer)
+    w, b = scale_rows(prod.weight.detach(), None if getattr(prod, "bias", None) is None else prod.bias.detach(), s)
+    prod.weight.data = w
+    if b is not None:
+        prod.bias.data = b
+
+
+def _search_group(layer, group, stats, recipe, head_dim):
+    """The scale ``s`` on the producer's output channels for one group, or None to leave it."""
+    from qcompile.calibration import scale_search, smoothquant
+
+    ws = [layer.get_submodule(c).weight.detach().float() for c in group.consumers]
+    st = stats[group.consumers[0]]
+    n_out = layer.get_submodule(group.producer).weight.shape[0]
+    if ws[0].shape[1] != n_out:  # GQA v->o: o_proj reads each KV channel n_rep times
+        return None
+    if recipe.scaling == "smoothquant":
+        return smoothquant.smoothquant_scales(st.absmax, ws, recipe.alpha)
+    act = recipe.act_spec if recipe.scaling == "aqas" else None
+    return scale_search.search_scales(st.sample(), ws, recipe.weight_spec, recipe.weight_gran, act,
+                                      recipe.act_gran, objective=recipe.scaling,
+                                      criterion=recipe.scale_criterion, grid=recipe.scale_grid)
+
+
+def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, device=None, micro_batch: int = 8,
+              max_search_tokens: int = 4096) -> CalibrationResult:
+    """Calibrate ``model`` for ``recipe`` on token windows ``batches [n, T]``, block by block."""
+    from tqdm.auto import tqdm
+
+    from qcompile.passes.keep_salient_fp16 import salient_channels
+
+    cfg = model.config
+    arch = architecture_of(cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    res = CalibrationResult(n_samples=len(batches), seq_len=batches.shape[1])
+    layers = model.get_submodule(arch.layers)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        inputs = _layer_inputs(model, layers, batches, micro_batch, device)
+    res.seconds["embed"] += time.perf_counter() - t0
+    bar = tqdm(range(len(layers)), desc=f"calibrate {recipe.name}", disable=not progress, unit="layer")
+    for i in bar:
+        prefix = f"{arch.layers}.{i}"
+        layer = copy.deepcopy(layers[i]).to(device)
+        if recipe.fuse_layernorm:
+            _fuse_norms(layer, arch)
+        t = time.perf_counter()
+        stats = _collect(layer, arch, inputs, recipe, max_search_tokens, recipe.seed + i)
+        res.seconds["stats"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if recipe.scaling != "none":
+            for g in arch.groups:
+                s = _search_group(layer, g, stats, recipe, head_dim)
+                if s is None:
+                    res.notes.append(f"{prefix}.{g.producer}: not scaled (GQA V->O)") if i == 0 else None
+                    continue
+                s = s.float()
+                _fold(layer, g, s, head_dim)
+                res.scales[f"{prefix}.{g.producer}"] = s
+                for c in g.consumers:
+                    st = stats[c]
+                    sc = expand_kv_scales(s, st.absmax.numel(), head_dim)
+                    st.absmax, st.abssum = st.absmax / sc, st.abssum / sc
+                    if st.hessian is not None:
+                        st.hessian = st.hessian / (sc[:, None] * sc[None, :])
+        res.seconds["scale_search"] += time.perf_counter() - t
+        t = time.perf_counter()
+        codes, salient = _round_layer(layer, arch, stats, recipe, prefix, salient_channels)
+        res.seconds["rounding"] += time.perf_counter() - t
+        for name, st in stats.items():
+            res.act_stats[f"{prefix}.{name}"] = {"absmax": st.absmax, "absmean": st.absmean}
+        res.weights.update({f"{prefix}.{k}": v for k, v in codes.items()})
+        t = time.perf_counter()
+        fake_quantize_layer(layer, arch, recipe, codes, salient, prefix=prefix)
+        with torch.no_grad():
+            inputs = [(_first(layer(h, *extra, **kw)), kw, extra) for h, kw, extra in inputs]
+        res.seconds["propagate"] += time.perf_counter() - t
+        del layer
+    return res
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _round_layer(layer, arch, stats, recipe, prefix, salient_channels):
+    """OPTQ or clipped-RTN codes per linear (relative names), and salient splits."""
+    from qcompile.passes.runner import in_scope
+
+    codes, salient = {}, {}
+    fmt, gran = recipe.weight_spec, recipe.weight_gran
+    for name in arch.linears:
+        if not in_scope(f"{prefix}.{name}", recipe):
+            continue
+        st = stats[name]
+        if recipe.fp16_ratio > 0:
+            salient[name] = salient_channels(st.absmean, recipe.fp16_ratio)
+            continue  # salient layers: RTN on the rest, done in fake_quantize_layer and the graph pass
+        if fmt is None:
+            continue
+        w = layer.get_submodule(name).weight.detach().float()
+        if recipe.clip_search:
+            from qcompile.calibration.clip_search import clip_search
+            w = clip_search(w, st.sample(), fmt, gran)
+        if recipe.rounding == "optq":
+            from qcompile.calibration.optq import optq_quantize
+            codes[name] = optq_quantize(w, st.hessian, fmt, gran, damp=recipe.optq_damp,
+                                        block_size=recipe.optq_block_size, act_order=recipe.optq_act_order)
+        elif recipe.clip_search:
+            codes[name] = F.quantize(w, fmt, gran)
+    return codes, salient

@@ -1,0 +1,95 @@
+"""quantize(): capture -> calibrate -> passes, one short function per stage.
+
+    qm = qcompile.quantize(model, "w4a8v4-rtn-int4")
+    logits = qm(input_ids)          # reference numerics (PyTorch QDQ ops)
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qcompile.architectures import architecture_of
+from qcompile.errors import CalibrationError, ModelError
+from qcompile.recipes import Recipe, resolve_recipe
+
+__all__ = ["quantize", "QuantizedModel", "run_pipeline_passes"]
+
+
+class QuantizedModel(torch.nn.Module):
+    """A quantized causal LM: ``input_ids [B, T] -> logits [B, T, V]`` through the rewritten graph.
+
+    Attributes:
+        graph_module: the FX GraphModule holding codes, qparams and ``qcompile::`` QDQ ops.
+        recipe: the Recipe used; ``pass_log``: per-pass log entries; ``calibration``: the
+        CalibrationResult (or None); ``seconds``: wall time per stage; ``config``: the HF config.
+    """
+
+    def __init__(self, graph_module, recipe: Recipe, config, pass_log, calibration=None, seconds=None):
+        super().__init__()
+        self.graph_module = graph_module
+        self.recipe = recipe
+        self.config = config
+        self.pass_log = pass_log
+        self.calibration = calibration
+        self.seconds = dict(seconds or {})
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(input_ids)
+
+    def quantized_sites(self) -> list:
+        """``SiteInfo`` of every quantized linear / V site, in graph order."""
+        from qcompile.passes.graph_utils import QMETA
+        return [n.meta[QMETA] for n in self.graph_module.graph.nodes if QMETA in n.meta]
+
+
+def _check_model(model) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ModelError(f"qcompile.quantize needs a Hugging Face causal LM, got {type(model).__name__}")
+    architecture_of(cfg)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ModelError(f"model parameter {name} contains NaN or Inf values; the checkpoint is corrupt")
+
+
+def run_pipeline_passes(gm, recipe, config, calibration=None, dump_dir=None, log=None):
+    """Run the recipe's ordered pass list over a captured graph (see ``qcompile.passes.runner``)."""
+    from qcompile.passes.runner import PassContext, run_passes
+    ctx = PassContext(recipe=recipe, arch=architecture_of(config), config=config, calibration=calibration)
+    return run_passes(gm, ctx, dump_dir=dump_dir, log=log)
+
+
+def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, *, progress: bool = True,
+             dump_dir=None, log=None, device=None) -> QuantizedModel:
+    """Quantize an HF OPT/LLaMA causal LM with a recipe.
+
+    Args:
+        model: HF ``*ForCausalLM`` (not modified).
+        recipe: a Recipe, preset name, dict, or path to a YAML/JSON recipe.
+        calibration: text (str or list of str) or token ids ``[n, T]``; needed by recipes with scaling,
+            OPTQ, clipping or FP16 protection. Windows: ``recipe.calib_samples x recipe.calib_seq_len``.
+        tokenizer: tokenizes text calibration data.
+        dump_dir: write the graph after every pass and a diff per pass there.
+    """
+    from qcompile.calibration.engine import calibrate, calibration_batches, needs_calibration
+    from qcompile.capture import capture
+
+    recipe = resolve_recipe(recipe)
+    _check_model(model)
+    seconds, result = {}, None
+    if needs_calibration(recipe):
+        if calibration is None:
+            raise CalibrationError(f"recipe {recipe.name!r} (scaling={recipe.scaling}, rounding={recipe.rounding}, "
+                                   f"fp16_ratio={recipe.fp16_ratio}) needs calibration data: pass calibration=")
+        t = time.perf_counter()
+        batches = calibration_batches(calibration, tokenizer, recipe.calib_samples, recipe.calib_seq_len, recipe.seed)
+        result = calibrate(model, recipe, batches, progress=progress, device=device)
+        seconds["calibrate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gm = capture(model)
+    seconds["capture"] = time.perf_counter() - t
+    t = time.perf_counter()
+    log_entries = run_pipeline_passes(gm, recipe, model.config, result, dump_dir=dump_dir, log=log)
+    seconds["passes"] = time.perf_counter() - t
+    return QuantizedModel(gm, recipe, model.config, log_entries, result, seconds)
