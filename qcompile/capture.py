@@ -62,9 +62,18 @@ def capture(model: torch.nn.Module, example_inputs: torch.Tensor | None = None,
     finally:
         model.train(was_training)
     gm = ep.module()
+    _annotate_linears(gm)
     gm.meta["qcompile"] = {"family": arch.family, "config": config, "capture_seconds": time.perf_counter() - t0,
                            "max_seq_len": max_seq}
     return gm
+
+
+def _annotate_linears(gm) -> None:
+    """Name every linear by its HF module once, so passes can swap weights and still find it."""
+    from qcompile.passes.graph_utils import SiteInfo, annotate, linear_sites
+
+    for site in linear_sites(gm):
+        annotate(site.node, SiteInfo(site.module))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -40,7 +40,8 @@ class QuantizedModel(torch.nn.Module):
     def quantized_sites(self) -> list:
         """``SiteInfo`` of every quantized linear / V site, in graph order."""
         from qcompile.passes.graph_utils import QMETA
-        return [n.meta[QMETA] for n in self.graph_module.graph.nodes if QMETA in n.meta]
+        infos = (n.meta.get(QMETA) for n in self.graph_module.graph.nodes)
+        return [i for i in infos if i is not None and (i.weight_format or i.act_format)]
 
 
 def _check_model(model) -> None:

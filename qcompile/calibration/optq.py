@@ -1,0 +1,152 @@
+"""OPTQ / GPTQ rounding (Frantar et al., 2023) on any grid of ``qcompile.formats``.
+
+Columns of ``W [N, K]`` are quantized one at a time; the error of column ``q`` is pushed onto the
+columns not yet quantized (AQAS paper eqs. 2-3):
+
+    delta_F = -(w_q - quant(w_q)) / [H_F^-1]_qq * (H_F^-1)_{:, q},      H = 2 X X^T
+
+with the GPTQ implementation's tricks: the upper Cholesky factor of ``H^-1`` replaces the sequential
+inverse updates, and updates are applied lazily in blocks of ``block_size`` columns.
+
+Quantizer: per-channel qparams come from the whole ``W`` first; a group's qparams are chosen when the
+algorithm reaches the group's first column, from the *current* (already updated) weights of the
+group. Groups are always consecutive ranges of the *original* columns (also with ``act_order``), so
+the result has the standard blocked layout. Each column is quantized by ``quantize_with_qparams`` and
+``dequantize`` of the reference, so ``dequantize(codes, scale, zp) == W_hat`` exactly.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from qcompile.calibration.objectives import as_format, as_granularity, check_weights
+from qcompile.errors import CalibrationError
+from qcompile.formats import FormatSpec, Granularity, choose_qparams, dequantize, quantize_with_qparams
+
+__all__ = ["hessian_accumulate", "optq_quantize"]
+
+_COLUMN = Granularity("channel")  # one column [N, 1] is quantized as N blocks of one element
+
+
+def hessian_accumulate(hessian: torch.Tensor | None, x: torch.Tensor, n_seen: int):
+    """Running mean ``H = 2/n sum_t x_t x_t^T`` (AQAS eq. 3, as GPTQ's ``add_batch``).
+
+    Args:
+        hessian: ``[K, K]`` so far, or ``None`` to start (float32; pass a float64 one for more headroom).
+        x: ``[..., K]`` new activations (all leading dims are tokens).
+        n_seen: tokens already in ``hessian``.
+
+    Returns:
+        ``(hessian, n_seen + T)``; the update is in place when ``hessian`` is given.
+    """
+    x = x.detach().reshape(-1, x.shape[-1])
+    t, k = x.shape
+    if hessian is None:
+        hessian = torch.zeros(k, k, dtype=torch.float32, device=x.device)
+    if hessian.shape != (k, k):
+        raise CalibrationError(f"Hessian of shape {tuple(hessian.shape)} cannot take activations with K={k}")
+    if t == 0:
+        return hessian, n_seen
+    n = n_seen + t
+    hessian.mul_(n_seen / n)
+    x = x.to(hessian.dtype) * (2.0 / n) ** 0.5
+    hessian.addmm_(x.T, x)
+    return hessian, n
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` in float64 (raises the damping on failure)."""
+    h = hessian.double()
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(6):
+        lam = damp * (10.0 ** attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                if attempt:
+                    warnings.warn(f"OPTQ: Hessian not positive definite with damp={damp}; used "
+                                  f"damp={damp * 10.0 ** attempt:g}", stacklevel=3)
+                return upper
+    raise CalibrationError(f"OPTQ: the Hessian is not positive definite even with damp={damp * 1e5:g}; "
+                           "check the calibration activations (NaN/inf or all-zero input)")
+
+
+def _check(weight, hessian, fmt, gran, damp, block_size):
+    fmt, gran = as_format(fmt), as_granularity(gran)
+    if fmt is None:
+        raise CalibrationError("OPTQ needs a weight format")
+    if weight.dim() != 2:
+        raise CalibrationError(f"OPTQ takes a [N, K] weight, got shape {tuple(weight.shape)}")
+    (w,) = check_weights([weight], weight.shape[1], gran)
+    k = w.shape[1]
+    if hessian.shape != (k, k):
+        raise CalibrationError(f"Hessian shape {tuple(hessian.shape)} does not match K={k} of the weight")
+    if not torch.isfinite(hessian).all():
+        raise CalibrationError("the OPTQ Hessian contains inf or NaN; check the calibration activations")
+    if not 0.0 < damp <= 1.0:
+        raise CalibrationError(f"OPTQ damp={damp!r} is not allowed; use a number in (0, 1]")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise CalibrationError(f"OPTQ block_size={block_size!r} is not allowed; use an integer >= 1")
+    return w.clone(), fmt, gran
+
+
+def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec | str,
+                  gran: Granularity | str, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False):
+    """GPTQ/OPTQ-round ``weight [N, K]`` given the Hessian ``H [K, K]`` of its input.
+
+    Args:
+        weight: ``[N, K]`` (any float dtype; computed in float32).
+        hessian: ``[K, K]``, e.g. from ``hessian_accumulate``.
+        fmt, gran: target grid (INT / dINT / FP4; ``channel`` or ``group<g>``).
+        damp: diagonal damping as a fraction of ``mean(diag H)``.
+        block_size: lazy-batch width.
+        act_order: quantize columns in decreasing ``diag(H)`` order (groups stay by original column).
+
+    Returns:
+        ``(codes uint8 [N, K], scale [N, G, 1], zp [N, G, 1])``, as ``qcompile.formats.quantize``.
+        Dead columns (``H_ii == 0``: the input channel was always zero) are set to 0 before rounding,
+        as GPTQ does.
+    """
+    w, fmt, gran = _check(weight, hessian, fmt, gran, damp, block_size)
+    n, k = w.shape
+    gsize = gran.group_size if gran.kind == "group" else k
+    h = hessian.detach().double().clone()
+    if gran.kind == "channel":  # GPTQ: per-channel qparams from the whole (original) W
+        scale, zp = choose_qparams(w, fmt, gran)
+    else:
+        scale = torch.zeros(n, k // gsize, 1)
+        zp = torch.zeros(n, k // gsize, 1)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_cholesky(h, damp).float()
+    position = torch.empty(k, dtype=torch.long)
+    position[perm] = torch.arange(k)  # original column -> processing position
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    group_ready = torch.zeros(k // gsize, dtype=torch.bool)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        err = torch.zeros(n, i2 - i1)
+        for i in range(i1, i2):
+            col, group = int(perm[i]), int(perm[i]) // gsize
+            if gran.kind == "group" and not group_ready[group]:
+                cols = position[group * gsize:(group + 1) * gsize]  # all still unquantized
+                pending = (err[:, :i - i1] @ hinv[i1:i, cols]) * (cols >= i2)  # lazy updates not yet applied
+                current = w[:, cols] - pending
+                scale[:, group:group + 1], zp[:, group:group + 1] = choose_qparams(current, fmt, gran)
+                group_ready[group] = True
+            sc, z = scale[:, group:group + 1], zp[:, group:group + 1]  # [N, 1, 1]
+            c = quantize_with_qparams(w[:, i:i + 1], sc, z, fmt, _COLUMN)  # [N, 1]
+            q = dequantize(c, sc, z, fmt, _COLUMN)[:, 0]
+            codes[:, col] = c[:, 0]
+            e = (w[:, i] - q) / hinv[i, i]
+            w[:, i:i2] -= e[:, None] * hinv[i, i:i2][None, :]  # in-block update (w[:, i] becomes q)
+            err[:, i - i1] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]  # lazy update of the columns after the block
+    return codes, scale, zp
