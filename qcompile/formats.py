@@ -177,7 +177,7 @@ def _to_blocks(x: torch.Tensor, gran: Granularity) -> torch.Tensor:
 
 def _from_blocks(xb: torch.Tensor, shape: torch.Size, gran: Granularity) -> torch.Tensor:
     if gran.kind == "vchannel":
-        return xb.reshape(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+        return xb.reshape(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2).contiguous()
     return xb.reshape(shape)
 
 

@@ -1,4 +1,7 @@
-"""Real-ish calibration data (a helper module, imported by the tests of this folder) for the per-layer algorithm tests: heavy tails and planted outlier channels."""
+"""Real-ish data for the per-layer algorithm tests: heavy tails and planted outlier channels.
+
+A plain helper module (not a conftest), imported by the tests of this folder.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,11 +10,14 @@ OUTLIER_GAIN = 20.0
 
 
 def activations(t: int, k: int, seed: int = 0, n_outliers: int = 3) -> torch.Tensor:
-    """``[t, k]``: Student-t (df 3) entries, log-normal per-channel spread, ``n_outliers`` channels x20."""
+    """``[t, k]``: correlated Student-t (df 3) entries, log-normal channel spread, ``n_outliers`` channels x20."""
     torch.manual_seed(seed)  # StudentT samples from the global generator
     g = torch.Generator().manual_seed(seed)
     heavy = torch.distributions.StudentT(3.0).sample((t, k))
-    x = heavy * torch.exp(0.5 * torch.randn(k, generator=g))
+    # channels are correlated as in LLM hidden states: a shared low-rank part plus private noise
+    rank = max(1, k // 8)
+    shared = torch.distributions.StudentT(3.0).sample((t, rank)) @ torch.randn(rank, k, generator=g)
+    x = (0.5 * heavy + shared / rank ** 0.5) * torch.exp(0.5 * torch.randn(k, generator=g))
     idx = torch.randperm(k, generator=g)[:n_outliers]
     x[:, idx] *= OUTLIER_GAIN
     return x
