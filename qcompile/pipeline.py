@@ -54,11 +54,15 @@ def _check_model(model) -> None:
             raise ModelError(f"model parameter {name} contains NaN or Inf values; the checkpoint is corrupt")
 
 
+def _context(recipe, config, calibration=None):
+    from qcompile.passes.runner import PassContext
+    return PassContext(recipe=recipe, arch=architecture_of(config), config=config, calibration=calibration)
+
+
 def run_pipeline_passes(gm, recipe, config, calibration=None, dump_dir=None, log=None):
     """Run the recipe's ordered pass list over a captured graph (see ``qcompile.passes.runner``)."""
-    from qcompile.passes.runner import PassContext, run_passes
-    ctx = PassContext(recipe=recipe, arch=architecture_of(config), config=config, calibration=calibration)
-    return run_passes(gm, ctx, dump_dir=dump_dir, log=log)
+    from qcompile.passes.runner import run_passes
+    return run_passes(gm, _context(recipe, config, calibration), dump_dir=dump_dir, log=log)
 
 
 def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, *, progress: bool = True,
