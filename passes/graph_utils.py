@@ -8,7 +8,6 @@ Invariants every pass keeps (checked by ``check_graph``):
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,6 @@ __all__ = [
 
 QMETA = "qcompile"
 PREFIX = "hf."  # capture wraps the HF model as attribute ``hf``
-_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -91,9 +89,11 @@ def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
 
 def new_attr(gm: fx.GraphModule, hint: str, tensor: torch.Tensor) -> str:
     """Register ``tensor`` as a fresh buffer of ``gm`` and return its (unique) attribute name."""
-    name = f"_q_{hint.replace('.', '_')}_{next(_ids)}"
-    while hasattr(gm, name):
-        name = f"_q_{hint.replace('.', '_')}_{next(_ids)}"
+    base = f"_q_{hint.replace('.', '_')}"
+    name, i = base, 0
+    while hasattr(gm, name):  # deterministic names: the same passes give the same attributes (artifacts)
+        i += 1
+        name = f"{base}_{i}"
     gm.register_buffer(name, tensor.detach().clone().contiguous())
     return name
 
