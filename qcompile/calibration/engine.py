@@ -125,6 +125,13 @@ class _Stats:
         take = torch.randperm(n, generator=self.gen)[: self.sample_per_batch]
         self.samples.append(x[take])
 
+    def rescale(self, sc: torch.Tensor) -> None:
+        """The input became ``x / sc`` (a folded scale): update every statistic to match."""
+        self.absmax, self.abssum = self.absmax / sc, self.abssum / sc
+        self.samples = [x / sc for x in self.samples]
+        if self.hessian is not None:
+            self.hessian = self.hessian / (sc[:, None] * sc[None, :])
+
     @property
     def absmean(self):
         return self.abssum / max(self.n, 1)
@@ -190,14 +197,35 @@ def _search_group(layer, group, stats, recipe, head_dim):
     ws = [layer.get_submodule(c).weight.detach().float() for c in group.consumers]
     st = stats[group.consumers[0]]
     n_out = layer.get_submodule(group.producer).weight.shape[0]
-    if ws[0].shape[1] != n_out:  # GQA v->o: o_proj reads each KV channel n_rep times
-        return None
+    k_in = ws[0].shape[1]
+    # GQA v->o: o_proj reads each KV channel n_rep times, so one scale per KV channel, shared by the
+    # query heads that read it: search with the statistic pooled over those heads and expanded back.
+    pooled = None
+    if k_in != n_out:
+        n_rep = k_in // n_out
+        def pool(v):
+            return v.view(n_out // head_dim, n_rep, head_dim).amax(1).reshape(-1)
+        def expand(v):
+            return expand_kv_scales(v, k_in, head_dim)
+        pooled = (pool, expand)
     if recipe.scaling == "smoothquant":
-        return smoothquant.smoothquant_scales(st.absmax, ws, recipe.alpha)
+        if pooled is None:
+            return smoothquant.smoothquant_scales(st.absmax, ws, recipe.alpha)
+        # column abs-max of each weight, pooled like the activations, as a one-row weight
+        w_cols = [pooled[0](w.abs().amax(0))[None, :] for w in ws]
+        return smoothquant.smoothquant_scales(pooled[0](st.absmax), w_cols, recipe.alpha)
+    from qcompile.calibration.scale_search import channel_statistic
+    x = st.sample()
+    x_stat = None
+    if pooled is not None:
+        x_stat = pooled[1](pooled[0](channel_statistic(x, recipe.scale_criterion)))
     act = recipe.act_spec if recipe.scaling == "aqas" else None
-    return scale_search.search_scales(st.sample(), ws, recipe.weight_spec, recipe.weight_gran, act,
-                                      recipe.act_gran, objective=recipe.scaling,
-                                      criterion=recipe.scale_criterion, grid=recipe.scale_grid)
+    s = scale_search.search_scales(x, ws, recipe.weight_spec, recipe.weight_gran, act, recipe.act_gran,
+                                   objective=recipe.scaling, criterion=recipe.scale_criterion,
+                                   grid=recipe.scale_grid, x_stat=x_stat)
+    if pooled is not None:
+        s = s.view(n_out // head_dim, k_in // n_out, head_dim)[:, 0].reshape(-1)
+    return s
 
 
 def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, device=None, micro_batch: int = 8,
@@ -230,18 +258,11 @@ def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, devic
         if recipe.scaling != "none":
             for g in arch.groups:
                 s = _search_group(layer, g, stats, recipe, head_dim)
-                if s is None:
-                    res.notes.append(f"{prefix}.{g.producer}: not scaled (GQA V->O)") if i == 0 else None
-                    continue
                 s = s.float()
                 _fold(layer, g, s, head_dim)
                 res.scales[f"{prefix}.{g.producer}"] = s
                 for c in g.consumers:
-                    st = stats[c]
-                    sc = expand_kv_scales(s, st.absmax.numel(), head_dim)
-                    st.absmax, st.abssum = st.absmax / sc, st.abssum / sc
-                    if st.hessian is not None:
-                        st.hessian = st.hessian / (sc[:, None] * sc[None, :])
+                    stats[c].rescale(expand_kv_scales(s, stats[c].absmax.numel(), head_dim))
         res.seconds["scale_search"] += time.perf_counter() - t
         t = time.perf_counter()
         codes, salient = _round_layer(layer, arch, stats, recipe, prefix, salient_channels)
