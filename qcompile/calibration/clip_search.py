@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.calibration.objectives import (as_format, as_granularity, block_hessian, check_weights,
-                                             flat_tokens, hessian_error)
+from qcompile.calibration.objectives import (
+    as_format,
+    as_granularity,
+    block_hessian,
+    check_weights,
+    flat_tokens,
+    hessian_error,
+)
 from qcompile.errors import CalibrationError
 from qcompile.formats import FormatSpec, Granularity, fake_quantize
 
-__all__ = ["clip_search", "clip_weight", "clip_ratios"]
+__all__ = ["clip_ratios", "clip_search", "clip_weight"]
 
 
 def _blocks(weight: torch.Tensor, gran: Granularity) -> torch.Tensor:
@@ -42,7 +48,7 @@ def clip_ratios(max_shrink: float = 0.5, grid: int = 20) -> list[float]:
     if not 0.0 <= max_shrink < 1.0 or not isinstance(grid, int) or grid < 1:
         raise CalibrationError(f"clip search max_shrink={max_shrink!r}, grid={grid!r} not allowed; use "
                                "max_shrink in [0, 1) and an integer grid >= 1")
-    return [1.0 - i / grid for i in range(max(1, int(round(max_shrink * grid))))]
+    return [1.0 - i / grid for i in range(max(1, round(max_shrink * grid)))]
 
 
 def clip_search(weight: torch.Tensor, x_sample: torch.Tensor, fmt: FormatSpec | str,
@@ -70,10 +76,10 @@ def clip_search(weight: torch.Tensor, x_sample: torch.Tensor, fmt: FormatSpec | 
     g = gran.group_size if gran.kind == "group" else k
     with torch.no_grad():
         hessians = block_hessian(x, g) / x.shape[0]  # [G, g, g]: errors are means over tokens
-        best_err = torch.full((n, k // g), float("inf"))
-        best_ratio = torch.ones(n, k // g)
+        best_err = torch.full((n, k // g), float("inf"), device=w.device)
+        best_ratio = torch.ones(n, k // g, device=w.device)
         for ratio in clip_ratios(max_shrink, grid):
-            r = torch.full((n, k // g), ratio)
+            r = torch.full((n, k // g), ratio, device=w.device)
             err = hessian_error(fake_quantize(clip_weight(w, r, gran), fmt, gran) - w, hessians)
             better = err < best_err  # strict: ties keep the larger ratio (1.0 first)
             best_err = torch.where(better, err, best_err)

@@ -11,8 +11,14 @@ import torch
 from qcompile.errors import CalibrationError
 from qcompile.formats import FormatSpec, Granularity, block_shape
 
-__all__ = ["as_format", "as_granularity", "check_weights", "flat_tokens", "block_hessian",
-           "hessian_error"]
+__all__ = [
+    "as_format",
+    "as_granularity",
+    "block_hessian",
+    "check_weights",
+    "flat_tokens",
+    "hessian_error",
+]
 
 
 def as_format(fmt: FormatSpec | str | None) -> FormatSpec | None:

@@ -56,10 +56,10 @@ def hessian_accumulate(hessian: torch.Tensor | None, x: torch.Tensor, n_seen: in
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` in float64 (raises the damping on failure)."""
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, float64; more damping if it fails."""
     h = hessian.double()
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(6):
         lam = damp * (10.0 ** attempt) * mean_diag
         chol, info = torch.linalg.cholesky_ex(h + lam * eye)
@@ -93,6 +93,21 @@ def _check(weight, hessian, fmt, gran, damp, block_size):
     return w.clone(), fmt, gran
 
 
+def _permuted_problem(w: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool):
+    """Dead columns zeroed, columns permuted (act_order), and the upper Cholesky factor of H^-1."""
+    h = hessian.detach().double().clone()
+    dead = torch.diagonal(h) == 0  # input channel always zero: any weight works, GPTQ sets it to 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    k = w.shape[1]
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=w.device)
+    hinv = _inverse_cholesky(h[perm][:, perm], damp).float()
+    return w[:, perm], hinv, perm
+
+
 def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec | str,
                   gran: Granularity | str, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False):
@@ -113,28 +128,25 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
     """
     w, fmt, gran = _check(weight, hessian, fmt, gran, damp, block_size)
     n, k = w.shape
+    dev = w.device
     gsize = gran.group_size if gran.kind == "group" else k
-    h = hessian.detach().double().clone()
     if gran.kind == "channel":  # GPTQ: per-channel qparams from the whole (original) W
         scale, zp = choose_qparams(w, fmt, gran)
     else:
-        scale = torch.zeros(n, k // gsize, 1)
-        zp = torch.zeros(n, k // gsize, 1)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_cholesky(h, damp).float()
-    position = torch.empty(k, dtype=torch.long)
-    position[perm] = torch.arange(k)  # original column -> processing position
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    group_ready = torch.zeros(k // gsize, dtype=torch.bool)
+        scale = torch.zeros(n, k // gsize, 1, device=dev)
+        zp = torch.zeros(n, k // gsize, 1, device=dev)
+    w, hinv, perm = _permuted_problem(w, hessian.to(dev), damp, act_order)
+    order = perm.tolist()  # processing position -> original column
+    position = torch.empty(k, dtype=torch.long, device=dev)
+    position[perm] = torch.arange(k, device=dev)  # original column -> processing position
+    codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
+    group_ready = [False] * (k // gsize)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        err = torch.zeros(n, i2 - i1)
+        err = torch.zeros(n, i2 - i1, device=dev)
         for i in range(i1, i2):
-            col, group = int(perm[i]), int(perm[i]) // gsize
+            col = order[i]
+            group = col // gsize
             if gran.kind == "group" and not group_ready[group]:
                 cols = position[group * gsize:(group + 1) * gsize]  # all still unquantized
                 pending = (err[:, :i - i1] @ hinv[i1:i, cols]) * (cols >= i2)  # lazy updates not yet applied

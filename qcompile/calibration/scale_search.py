@@ -27,8 +27,17 @@ from qcompile.calibration.objectives import as_format, as_granularity, check_wei
 from qcompile.errors import CalibrationError
 from qcompile.formats import FormatSpec, Granularity, fake_quantize
 
-__all__ = ["OBJECTIVES", "CRITERIA", "alpha_grid", "channel_statistic", "scales_from_statistic",
-           "scale_loss", "search_scales", "search_scales_attention", "attend_with_probs"]
+__all__ = [
+    "CRITERIA",
+    "OBJECTIVES",
+    "alpha_grid",
+    "attend_with_probs",
+    "channel_statistic",
+    "scale_loss",
+    "scales_from_statistic",
+    "search_scales",
+    "search_scales_attention",
+]
 
 OBJECTIVES = ("awq", "aqas")
 CRITERIA = ("mean", "max")
@@ -155,7 +164,8 @@ def _grid_search(loss_fn: Callable[[torch.Tensor], float], stat: torch.Tensor, g
         if losses[i] < best:  # strict: ties keep the smaller alpha (alpha = 0 first)
             best, best_s = float(losses[i]), s
     if best_s is None:
-        raise CalibrationError("every scale in the grid gave a non-finite loss; check weights and activations")
+        raise CalibrationError("every scale in the grid gave a non-finite loss; check the weights and "
+                               "activations for inf/NaN")
     return best_s, losses
 
 
@@ -187,7 +197,10 @@ def search_scales(x_sample: torch.Tensor, weights, weight_fmt: FormatSpec | str,
     """
     x, weights, wf, wg, af, ag = _prepare(x_sample, weights, weight_fmt, weight_gran, act_fmt, act_gran,
                                           objective, criterion)
-    stat = channel_statistic(x, criterion) if x_stat is None else x_stat.detach().float().reshape(-1)
+    if x_stat is None:
+        stat = channel_statistic(x, criterion)
+    else:
+        stat = x_stat.detach().float().reshape(-1).to(x.device)
     if stat.numel() != x.shape[1]:
         raise CalibrationError(f"x_stat has {stat.numel()} channels; the activations have {x.shape[1]}")
     lead = tuple(x_sample.shape[:-1])
@@ -272,11 +285,11 @@ def search_scales_attention(v: torch.Tensor, attend: Callable[[torch.Tensor], to
         a_q = attend(v_q)
     x, x_ref = flat_tokens(a_q), flat_tokens(a_fp)
     if max_tokens is not None and x.shape[0] > max_tokens:
-        rows = torch.linspace(0, x.shape[0] - 1, max_tokens).round().long()
+        rows = torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).round().long()
         x, x_ref = x[rows], x_ref[rows]
     x, weights, wf, wg, af, ag = _prepare(x, [w_o], weight_fmt, weight_gran, act_fmt, act_gran,
                                           objective, criterion)
-    index = _kv_expand(v.shape[-1], x.shape[1], head_dim)
+    index = _kv_expand(v.shape[-1], x.shape[1], head_dim).to(x.device)
     stat_o = channel_statistic(x, criterion)  # [K_o], reduced over the query heads sharing a KV channel
     stat = stat_o.view(-1, index.numel() // v.shape[-1], head_dim or v.shape[-1])  # [Hkv, rep, d]
     stat = (stat.amax(1) if criterion == "max" else stat.mean(1)).reshape(-1)

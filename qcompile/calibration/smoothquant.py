@@ -11,7 +11,7 @@ import torch
 
 from qcompile.errors import CalibrationError
 
-__all__ = ["smoothquant_scales", "SCALE_MIN", "SCALE_MAX"]
+__all__ = ["SCALE_MAX", "SCALE_MIN", "smoothquant_scales"]
 
 # Clamp bounds, as in the SmoothQuant repository (statistics and scales floored at 1e-5); we also cap s
 # at 1e5 so that neither x / s nor W * s can overflow FP16 through a degenerate channel.

@@ -10,7 +10,7 @@ OUTLIER_GAIN = 20.0
 
 
 def activations(t: int, k: int, seed: int = 0, n_outliers: int = 3) -> torch.Tensor:
-    """``[t, k]``: correlated Student-t (df 3) entries, log-normal channel spread, ``n_outliers`` channels x20."""
+    """``[t, k]``: correlated Student-t (df 3) entries, log-normal channel spread, outlier channels x20."""
     torch.manual_seed(seed)  # StudentT samples from the global generator
     g = torch.Generator().manual_seed(seed)
     heavy = torch.distributions.StudentT(3.0).sample((t, k))

@@ -7,8 +7,15 @@ from calib_data import activations, output_error, weight
 
 from qcompile.calibration.optq import hessian_accumulate, optq_quantize
 from qcompile.errors import CalibrationError
-from qcompile.formats import (FormatError, FormatSpec, Granularity, choose_qparams, dequantize, fake_quantize,
-                              quantize_with_qparams)
+from qcompile.formats import (
+    FormatError,
+    FormatSpec,
+    Granularity,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quantize_with_qparams,
+)
 
 N, K = 48, 128
 
@@ -49,7 +56,8 @@ def test_group_qparams_come_from_updated_weights(layer):
     f, g = FormatSpec.parse("int4"), Granularity.parse("group32")
     _, scale, zp = optq_quantize(w, hessian, f, g)
     rtn_scale, rtn_zp = choose_qparams(w, f, g)
-    assert torch.equal(scale[:, 0], rtn_scale[:, 0]) and torch.equal(zp[:, 0], rtn_zp[:, 0])  # first: unchanged W
+    # the first group sees the unchanged W
+    assert torch.equal(scale[:, 0], rtn_scale[:, 0]) and torch.equal(zp[:, 0], rtn_zp[:, 0])
     assert not torch.equal(scale[:, 1:], rtn_scale[:, 1:])  # later groups: updated W
 
 
