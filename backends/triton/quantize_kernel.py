@@ -1,0 +1,114 @@
+"""Fused per-token / per-group activation quantization kernel (min-max or abs-max -> signed int8 codes).
+
+One program quantizes ``ROWS`` rows of the contiguous ``[R, L]`` view of ``x`` (a row is a token,
+``L = K``, or one group of a token, ``L = g``): it reduces ``min(x, 0)`` / ``max(x, 0)``, computes the
+scale and zero-point exactly as ``qcompile.formats.choose_qparams`` does (same fp32 ops, IEEE
+division, round-half-even) and writes
+
+* ``codes``: int8, the ``formats`` code minus ``2^(b-1)`` (int8: ``q - 128``; int4: ``q - 8``), so they
+  feed ``tl.dot`` directly;
+* ``scale``: fp32 per row; ``zp``: int32 per row, also minus ``2^(b-1)``.
+
+Then ``x ~= (codes - zp) * scale`` per row. Codes are bit-exact with the reference on the same input
+(tests check it), because every fp32 operation is the same correctly rounded one.
+
+File order (Triton tutorial): configs -> kernel -> wrapper -> check vs torch (``python -m``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import act_qparams, act_quantize, recip_div
+
+__all__ = ["quantize_rows"]
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _config(n_rows: int, row_len: int) -> dict:
+    """Whole rows in registers up to 8K elements (one pass over x), else two passes; <= 32 per thread."""
+    block = min(triton.next_power_of_2(max(row_len, 16)), 8192)
+    rows = max(1, min(4096 // block, triton.next_power_of_2(n_rows)))
+    num_warps = max(4, min(8, rows * block // 512))
+    return dict(ROWS=rows, BLOCK=block, ONE_PASS=row_len <= block, num_warps=num_warps)
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _quantize_rows_kernel(
+        x_ptr, codes_ptr, scale_ptr, zp_ptr,  # x [R, L] (fp16/bf16/fp32), codes int8 [R, L], [R] fp32 / int32
+        n_rows, row_len,
+        QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,  # format: INT-b, QMAX = 2^b - 1
+        RECIP_DIV: tl.constexpr,  # divide by QMAX as torch does on this device (see _common.act_qparams)
+        ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    OFFSET: tl.constexpr = (QMAX + 1) // 2
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    base = rows.to(tl.int64)[:, None] * row_len
+    cols = tl.arange(0, BLOCK)[None, :]
+    # Pass 1: lo = min(x, 0), hi = max(x, 0). Masked elements read as 0: harmless, the range holds 0.
+    if ONE_PASS:
+        mask = row_ok[:, None] & (cols < row_len)
+        x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.minimum(tl.min(x, axis=1), 0.0)
+        hi = tl.maximum(tl.max(x, axis=1), 0.0)
+    else:
+        # Element-wise running min / max, one reduction after the loop (a reduction inside the loop
+        # crashes triton 3.6's OptimizeThreadLocality pass for fp32 inputs).
+        lo_t = tl.zeros([ROWS, BLOCK], tl.float32)
+        hi_t = tl.zeros([ROWS, BLOCK], tl.float32)
+        for k0 in range(0, row_len, BLOCK):
+            mask = row_ok[:, None] & (k0 + cols < row_len)
+            xk = tl.load(x_ptr + base + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            lo_t = tl.minimum(lo_t, xk)
+            hi_t = tl.maximum(hi_t, xk)
+        lo = tl.min(lo_t, axis=1)
+        hi = tl.max(hi_t, axis=1)
+    scale, zp = act_qparams(lo, hi, QMAX, SYMMETRIC, RECIP_DIV)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(zp_ptr + rows, zp.to(tl.int32) - OFFSET, mask=row_ok)
+    # Pass 2: codes (from registers when the row fitted, else a second read that hits L2).
+    if ONE_PASS:
+        q = act_quantize(x, scale[:, None], zp[:, None], QMAX) - OFFSET
+        tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
+    else:
+        for k0 in range(0, row_len, BLOCK):
+            mask = row_ok[:, None] & (k0 + cols < row_len)
+            xk = tl.load(x_ptr + base + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            q = act_quantize(xk, scale[:, None], zp[:, None], QMAX) - OFFSET
+            tl.store(codes_ptr + base + k0 + cols, q.to(tl.int8), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- wrapper
+def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0):
+    """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
+
+    Returns ``(codes int8 [M, K], scale fp32 [M, G], zp int32 [M, G])`` with the signed convention of
+    the module docstring (``G = 1`` per token). ``x`` must be 2-D and contiguous (callers check).
+    """
+    m, k = x.shape
+    row_len = group_size or k
+    n_rows = m * (k // row_len)
+    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, k // row_len), dtype=torch.float32, device=x.device)
+    zp = torch.empty((m, k // row_len), dtype=torch.int32, device=x.device)
+    if n_rows == 0:
+        return codes, scale, zp
+    cfg = _config(n_rows, row_len)
+    grid = (triton.cdiv(n_rows, cfg["ROWS"]),)
+    _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
+                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), **cfg)
+    return codes, scale, zp
+
+
+# ------------------------------------------------------------------------------------------ check vs torch
+if __name__ == "__main__":
+    from qcompile import formats as F
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(37, 4096 + 64, device=dev, dtype=torch.float16) * 3
+    codes, scale, zp = quantize_rows(x, 8, False)
+    ref, ref_s, ref_z = F.quantize(x.float(), F.FormatSpec.parse("int8"), F.Granularity.parse("token"))
+    print("codes equal:", torch.equal(codes.int() + 128, ref.int()), "scales equal:",
+          torch.equal(scale, ref_s[..., 0]), "zp equal:", torch.equal(zp + 128, ref_z[..., 0].int()))

@@ -1,0 +1,256 @@
+"""W4A8 / W4A4 GEMM kernel: int8 activation codes x 4-bit packed weights -> fp16/bf16/fp32 output.
+
+    y[m, n] = sum_g  sx[m, g] * u[n, g] * ( sum_{k in g} xq[m, k] * t[n, k]  -  zx[m, g] * T[n, g] )
+              `-- fp32 --'   `--------------- int32, int8 x int8 tl.dot ---------------'
+
+``xq`` signed activation codes, ``zx`` their zero-point (``quantize_kernel``); ``t`` integer weight
+values unpacked in registers from the chunk-halves layout (``packing.py``), ``u`` the weight unit
+scale and ``T`` the per-group code sums. Per-channel weights with per-token activations have one
+"group" (all of K): the whole K loop accumulates in int32 and scales are applied once in the
+epilogue. Per-group weights (and W4A4's per-group activations) close each group's int32 partial
+into an fp32 accumulator.
+
+Each loop step handles ``UNITS_PER_ITER`` units (a unit is one chunk of ``PACK_K`` codes per
+channel, or one group of ``CHUNKS_PER_UNIT`` chunks); each chunk is two ``tl.dot`` of K = PACK_K/2,
+one per nibble plane. Hopper: int8 ``tl.dot`` becomes wgmma when BLOCK_M % 64 == 0 and
+num_warps % 4 == 0 (prefill configs), mma.sync otherwise (decode configs with BLOCK_M = 16 —
+memory-bound, where the MMA flavour does not matter; swapping operands to put the weights on the
+wgmma M side would need BLOCK_N >= 64, i.e. 4x fewer programs at N = 4096, so it is not done).
+
+``FUSE_QUANT`` (decode, per-token activations): the kernel reads the fp16/bf16 ``x`` itself, reduces
+each row's min/max (from L2, every program) and quantizes its tiles in registers — one launch
+instead of two. ``W_KIND == 2`` reads a pre-expanded int8 ``[C, N, PACK_K]`` weight (see
+``expand_weight``) instead of unpacking: the large-M variant where the unpack cost is amortized.
+
+File order (Triton tutorial): configs -> kernels -> launch wrappers (``w4_linear.py`` dispatches).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import act_qparams, act_quantize, unpack
+
+__all__ = ["DECODE_CONFIGS", "FUSED_DECODE_CONFIGS", "PREFILL_CONFIGS", "w4_gemm_kernel", "expand_kernel"]
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _cfg(bm, bn, upi, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "UNITS_PER_ITER": upi, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# M <= 16: a GEMV in disguise. Small BLOCK_N gives >= 1 wave of programs at N = 4096; several
+# chunks per step keep >= 16 KB of weights in flight per SM (Little's law at ~3 TB/s).
+DECODE_CONFIGS = [
+    _cfg(16, bn, upi, warps, stages, 1)
+    for bn, upi, warps, stages in [
+        (16, 4, 4, 3), (16, 8, 4, 3), (16, 8, 2, 3), (32, 4, 4, 3), (32, 8, 4, 2), (64, 2, 4, 4),
+        (64, 4, 4, 3), (128, 2, 8, 3),
+    ]
+]
+# Decode with the activation quantization fused in: its in-register division per activation element
+# makes wide unrolls slow to compile (~30 s at UNITS_PER_ITER=4), so fewer, shallower configs.
+FUSED_DECODE_CONFIGS = [
+    _cfg(16, bn, upi, warps, stages, 1) for bn, upi, warps, stages in [(32, 2, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3)]
+]
+# M > 16: tiled GEMM; BLOCK_M % 64 == 0 and num_warps % 4 == 0 for wgmma. Narrow tiles (BLOCK_N 32,
+# 64) keep all SMs streaming weights while M is small (M = 64: one row of tiles).
+PREFILL_CONFIGS = [
+    _cfg(bm, bn, upi, warps, stages)
+    for bm, bn, upi, warps, stages in [
+        (64, 32, 2, 4, 3), (64, 64, 2, 4, 3), (64, 128, 1, 4, 4), (64, 256, 1, 8, 3), (128, 64, 1, 4, 4),
+        (128, 128, 1, 8, 3), (128, 128, 2, 8, 3), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3),
+    ]
+]
+
+
+def prune_configs(configs, named_args, **meta):
+    """Drop tiles much taller than M, and tiles whose accumulators would spill (two of them when grouped)."""
+    m_bucket = named_args["M_BUCKET"]
+    grouped = meta.get("GROUPED", False)
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm > max(64, m_bucket) or bm * bn // (32 * c.num_warps) > (64 if grouped else 128):
+            continue
+        if m_bucket >= 512 and bn < 64:  # compute-bound: narrow tiles only re-read activations
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _load_x_plane(x_ptr, offs_m, k, stride_xm, M, K, x_scale, x_zpf,
+                  FUSE_QUANT: tl.constexpr, X_QMAX: tl.constexpr):
+    """int8 activation codes [BLOCK_M, HALF] at columns ``k`` (zero outside [0, M) x [0, K))."""
+    mask = (offs_m[:, None] < M) & (k[None, :] < K)
+    ptrs = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
+    if FUSE_QUANT:
+        xv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        q = act_quantize(xv, x_scale[:, None], x_zpf[:, None], X_QMAX) - (X_QMAX + 1) // 2
+        xq = tl.where(mask, q, 0).to(tl.int8)
+    else:
+        xq = tl.load(ptrs, mask=mask, other=0)
+    return xq
+
+
+@triton.jit
+def _load_w_planes(w_ptr, chunk, n_chunks, offs_j, offs_n, N, zb,
+                   W_KIND: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """int8 weight values [HALF, BLOCK_N] for the chunk's first and second halves of K."""
+    HALF: tl.constexpr = PACK_K // 2
+    # Masks are built from full-shape index tensors: the interpreter mishandles 0-d comparisons.
+    mask = (chunk * PACK_K + offs_j[:, None] < n_chunks * PACK_K) & (offs_n[None, :] < N)
+    if W_KIND == 2:
+        ptrs = w_ptr + chunk * N * PACK_K + offs_n[None, :] * PACK_K + offs_j[:, None]
+        lo = tl.load(ptrs, mask=mask, other=0)
+        hi = tl.load(ptrs + HALF, mask=mask, other=0)
+    else:
+        b = tl.load(w_ptr + chunk * N * HALF + offs_n[None, :] * HALF + offs_j[:, None], mask=mask, other=0)
+        lo, hi = unpack(b, zb, W_KIND == 1, DINT_R, USE_ASM)
+    return lo, hi
+
+
+@triton.jit
+def _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr,
+                 X_RECIP_DIV: tl.constexpr, BLOCK_M: tl.constexpr, STAT_BLOCK: tl.constexpr):
+    """FUSE_QUANT prologue: per-token scale / zero-point of the program's rows (reads x over all of K)."""
+    # Element-wise running min / max, reduced once after the loop (fewer dependent L2 round trips).
+    lo_t = tl.zeros([BLOCK_M, STAT_BLOCK], tl.float32)
+    hi_t = tl.zeros([BLOCK_M, STAT_BLOCK], tl.float32)
+    cols = tl.arange(0, STAT_BLOCK)
+    for k0 in range(0, K, STAT_BLOCK):
+        mask = (offs_m[:, None] < M) & (k0 + cols[None, :] < K)
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + cols[None, :], mask=mask, other=0.0)
+        lo_t = tl.minimum(lo_t, xv.to(tl.float32))
+        hi_t = tl.maximum(hi_t, xv.to(tl.float32))
+    lo = tl.min(lo_t, axis=1)
+    hi = tl.max(hi_t, axis=1)
+    return act_qparams(lo, hi, X_QMAX, X_SYMMETRIC, X_RECIP_DIV)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # M = 1 needs no separate compile
+def w4_gemm_kernel(
+        # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); qparams [M, Gx]
+        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, stride_xg,
+        # weights: codes [C, N, PACK_K // 2] uint8 (int8 [C, N, PACK_K] if W_KIND == 2); tables [G, N]
+        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
+        bias_ptr, y_ptr, stride_ym,
+        M, N, K, n_units, M_BUCKET,
+        W_KIND: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, CHUNKS_PER_UNIT: tl.constexpr,
+        GROUPED: tl.constexpr, X_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr,
+        USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr,
+        X_RECIP_DIV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS_PER_ITER: tl.constexpr, GROUP_M: tl.constexpr):
+    HALF: tl.constexpr = PACK_K // 2
+    # Grouped launch order (tutorial 03): GROUP_M row-blocks share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    size_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_pid_n)) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    n_chunks = tl.cdiv(K, PACK_K)
+
+    # Per-token activation qparams (the per-group ones are read per unit below).
+    x_scale = tl.zeros([BLOCK_M], tl.float32)
+    x_zpf = tl.zeros([BLOCK_M], tl.float32)
+    x_zp = tl.zeros([BLOCK_M], tl.int32)
+    if FUSE_QUANT:
+        x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
+                                      BLOCK_M, 256)
+        x_zp = x_zpf.to(tl.int32) - (X_QMAX + 1) // 2
+    elif not X_GROUPED:
+        x_scale = tl.load(x_scale_ptr + offs_m * stride_xg, mask=m_ok, other=0.0)
+        x_zp = tl.load(x_zp_ptr + offs_m * stride_xg, mask=m_ok, other=0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    acc_f = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, :]
+    for it in range(0, tl.cdiv(n_units, UNITS_PER_ITER)):
+        for uu in tl.static_range(UNITS_PER_ITER):
+            unit = it * UNITS_PER_ITER + uu
+            unit_ok_n = offs_n * 0 + unit < n_units
+            unit_ok_m = offs_m * 0 + unit < n_units
+            if GROUPED:
+                zb = tl.load(w_zero_ptr + unit * N + offs_n, mask=n_ok & unit_ok_n, other=128)[None, :]
+            for cc in tl.static_range(CHUNKS_PER_UNIT):
+                chunk = unit * CHUNKS_PER_UNIT + cc
+                k_lo = chunk * PACK_K + offs_j
+                w_lo, w_hi = _load_w_planes(w_ptr, chunk, n_chunks, offs_j, offs_n, N, zb,
+                                            W_KIND, DINT_R, PACK_K, USE_ASM)
+                x_lo = _load_x_plane(x_ptr, offs_m, k_lo, stride_xm, M, K, x_scale, x_zpf, FUSE_QUANT, X_QMAX)
+                x_hi = _load_x_plane(x_ptr, offs_m, k_lo + HALF, stride_xm, M, K, x_scale, x_zpf,
+                                     FUSE_QUANT, X_QMAX)
+                acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
+                acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
+            if GROUPED:
+                # Close the group: integer zero-point correction, then into fp32 with its scales.
+                w_sum = tl.load(w_sum_ptr + unit * N + offs_n, mask=n_ok & unit_ok_n, other=0)
+                w_scale = tl.load(w_scale_ptr + unit * N + offs_n, mask=n_ok & unit_ok_n, other=0.0)
+                if X_GROUPED:
+                    x_zp = tl.load(x_zp_ptr + offs_m * stride_xg + unit, mask=m_ok & unit_ok_m, other=0)
+                    x_scale = tl.load(x_scale_ptr + offs_m * stride_xg + unit, mask=m_ok & unit_ok_m,
+                                      other=0.0)
+                corr = acc - x_zp[:, None] * w_sum[None, :]
+                if INT_OUT:
+                    acc_t += corr
+                if X_GROUPED:
+                    acc_f += corr.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
+                else:
+                    acc_f += corr.to(tl.float32) * w_scale[None, :]
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+
+    # Epilogue.
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if INT_OUT:
+        if GROUPED:
+            out_i = acc_t
+        else:
+            out_i = acc - x_zp[:, None] * tl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)[None, :]
+        tl.store(y_ptrs, out_i, mask=y_mask)
+    else:
+        if GROUPED:
+            y = acc_f
+            if not X_GROUPED:
+                y = y * x_scale[:, None]
+        else:
+            w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+            w_sum = tl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)
+            corr = acc - x_zp[:, None] * w_sum[None, :]
+            y = corr.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def expand_kernel(w_ptr, w_zero_ptr, out_ptr, N, GROUPED: tl.constexpr, CHUNKS_PER_UNIT: tl.constexpr,
+                  W_KIND: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, USE_ASM: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Unpack codes [C, N, HALF] to int8 values [C, N, PACK_K] (natural k order within a chunk)."""
+    HALF: tl.constexpr = PACK_K // 2
+    chunk = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF)
+    n_ok = offs_n < N
+    if GROUPED:
+        zb = tl.load(w_zero_ptr + (chunk // CHUNKS_PER_UNIT) * N + offs_n, mask=n_ok, other=128)[:, None]
+    else:
+        zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[:, None]
+    b = tl.load(w_ptr + chunk * N * HALF + offs_n[:, None] * HALF + offs_j[None, :], mask=n_ok[:, None])
+    lo, hi = unpack(b, zb, W_KIND == 1, DINT_R, USE_ASM)
+    out = out_ptr + chunk * N * PACK_K + offs_n[:, None] * PACK_K + offs_j[None, :]
+    tl.store(out, lo, mask=n_ok[:, None])
+    tl.store(out + HALF, hi, mask=n_ok[:, None])

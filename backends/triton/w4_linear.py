@@ -1,0 +1,184 @@
+"""Launch wrappers and M-dispatch for the W4 GEMM kernels (imports triton; use through ``ops.py``).
+
+Dispatch by M (rows of the flattened activation):
+
+* ``M <= 16`` (decode): GEMV-like configs (BLOCK_M = 16, small BLOCK_N, several chunks per step).
+  Paths: ``fused`` (the GEMM quantizes the activation itself: one launch) or ``unfused``
+  (``quantize_rows`` then the GEMM).
+* larger M (prefill): tiled wgmma configs. Paths: ``inloop`` (unpack in the K loop) or, from
+  ``expand_min_m`` rows on, ``expand`` (unpack the weight once to int8, then a plain int8 GEMM).
+
+Within a path, ``triton.autotune`` picks the tile config per (M bucket, N, K, variant). Between paths,
+``DISPATCH.decode_path`` / ``prefill_path`` = ``"auto"`` times the candidates once per
+(M bucket, N, K, format, dtypes) on first use — like the autotuner, but across launch sequences —
+and caches the winner. Set a path name to force it (the benchmark does, to report each).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import w4_gemm_kernel as kern
+from ._common import recip_div
+from .packing import PackedWeight
+from .quantize_kernel import quantize_rows
+
+__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "expand_weight", "w4_linear_2d", "interpreting"]
+
+
+@dataclass
+class Dispatch:
+    """Dispatch thresholds and path switches."""
+
+    decode_max_m: int = 16
+    decode_path: str = "auto"  # "auto" | "fused" | "unfused"
+    prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
+    expand_min_m: int = 256  # "expand" is a candidate from this M on
+    use_asm: bool = True  # PTX SIMD unpacker on GPU (never under the interpreter)
+
+
+DISPATCH = Dispatch()
+# Under TRITON_INTERPRET=1 the autotuner would interpret every config: use one small fixed config.
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, UNITS_PER_ITER=2, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fast_bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+_KEY = ["M_BUCKET", "N", "K", "n_units", "W_KIND", "GROUPED", "X_GROUPED", "USE_ASM", "FUSE_QUANT"]
+_PRUNE = {"early_config_prune": kern.prune_configs}
+_decode_kernel = triton.autotune(kern.DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                                 do_bench=_fast_bench)(kern.w4_gemm_kernel)
+_fused_decode_kernel = triton.autotune(kern.FUSED_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                                       do_bench=_fast_bench)(kern.w4_gemm_kernel)
+_prefill_kernel = triton.autotune(kern.PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                                  do_bench=_fast_bench)(kern.w4_gemm_kernel)
+
+
+def _use_asm(device: torch.device, use_asm: bool | None) -> bool:
+    on_gpu = device.type == "cuda" and not interpreting()
+    return on_gpu and (DISPATCH.use_asm if use_asm is None else use_asm)
+
+
+def expand_weight(pw: PackedWeight, use_asm: bool | None = None) -> torch.Tensor:
+    """int8 ``[C, N, PACK_K]`` weight values ``t`` (natural k order in each chunk), for ``W_KIND == 2``."""
+    c, n, half = pw.qweight.shape
+    out = torch.empty((c, n, 2 * half), dtype=torch.int8, device=pw.device)
+    block_n = 64
+    kern.expand_kernel[(c, triton.cdiv(n, block_n))](
+        pw.qweight, pw.zero_byte, out, n, GROUPED=pw.group_size > 0,
+        CHUNKS_PER_UNIT=max(1, pw.group_size // pw.pack_k), W_KIND=_w_kind(pw), DINT_R=pw.dint_r,
+        PACK_K=pw.pack_k, USE_ASM=_use_asm(pw.device, use_asm), BLOCK_N=block_n)
+    return out
+
+
+def _w_kind(pw: PackedWeight) -> int:
+    return 1 if pw.spec.kind == "dint" else 0
+
+
+def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
+                x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None):
+    """Run ``w4_gemm_kernel`` into ``y [M, N]``.
+
+    Args:
+        x: int8 codes ``[M, K]`` (signed convention), or the fp activation when ``fuse_quant``.
+        x_scale, x_zp: ``[M, Gx]`` fp32 / int32 activation qparams (ignored when ``fuse_quant``).
+        pw: packed weight; y: output (fp16/bf16/fp32, or int32 with ``int_out``).
+        int_out: store the exact int32 accumulator ``sum_k (xq - zx) t`` (scales ignored), for tests.
+        w_expanded: int8 weight from ``expand_weight`` (skips in-loop unpacking).
+        config: explicit tile config (dict of BLOCK_M, BLOCK_N, UNITS_PER_ITER, GROUP_M, num_warps,
+            num_stages) instead of the autotuner.
+    """
+    m, k = x.shape
+    n = pw.out_features
+    grouped = pw.group_size > 0
+    n_units = pw.n_groups if grouped else pw.qweight.shape[0]
+    if fuse_quant:
+        x_scale, x_zp = x, x  # unused by the kernel
+    meta = dict(
+        W_KIND=2 if w_expanded is not None else _w_kind(pw), DINT_R=pw.dint_r, PACK_K=pw.pack_k,
+        CHUNKS_PER_UNIT=pw.group_size // pw.pack_k if grouped else 1, GROUPED=grouped, X_GROUPED=x_grouped,
+        HAS_BIAS=bias is not None, INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm),
+        FUSE_QUANT=fuse_quant, X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device))
+    args = (x, x_scale, x_zp, x.stride(0), x_scale.stride(0) if x_scale.dim() == 2 else 1,
+            pw.qweight if w_expanded is None else w_expanded, pw.unit_scale, pw.code_sum, pw.zero_byte,
+            y if bias is None else bias, y, y.stride(0), m, n, k, n_units, min(triton.next_power_of_2(m), 4096))
+
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is not None:
+        kern.w4_gemm_kernel[grid](*args, **meta, **config)
+    elif m <= DISPATCH.decode_max_m:
+        (_fused_decode_kernel if fuse_quant else _decode_kernel)[grid](*args, **meta)
+    else:
+        _prefill_kernel[grid](*args, **meta)
+    return y
+
+
+def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand):
+    xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group)
+    w_exp = expand_weight(pw) if expand else None
+    return launch_gemm(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0,
+                       bias=bias, w_expanded=w_exp)
+
+
+_PATH_CACHE: dict = {}
+
+
+def _choose_path(key, candidates: dict, forced: str) -> str:
+    """``forced`` if set, else the fastest candidate for ``key`` (timed once, cached)."""
+    if forced != "auto":
+        if forced not in candidates:
+            raise ValueError(f"path {forced!r} is not available here; candidates: {sorted(candidates)}")
+        return forced
+    if key in _PATH_CACHE:
+        return _PATH_CACHE[key]
+    first = next(iter(candidates))
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if len(candidates) == 1 or interpreting() or capturing or torch.compiler.is_compiling():
+        return first
+    times = {}
+    for name, fn in candidates.items():
+        fn()  # compiles and autotunes this path's kernels first
+        times[name] = triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    _PATH_CACHE[key] = min(times, key=times.get)
+    return _PATH_CACHE[key]
+
+
+def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool, act_group: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``y = dequant(quant(x)) @ dequant(W).T (+ bias)`` for a contiguous ``x [M, K]`` on the Triton path."""
+    m = x.shape[0]
+    y = torch.empty((m, pw.out_features), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+
+    def gemm(expand):
+        return lambda: _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand)
+
+    if m <= DISPATCH.decode_max_m:
+        candidates = {"unfused": gemm(False)}
+        if act_group == 0:
+            candidates = {"fused": lambda: launch_gemm(x, None, None, pw, y, act_bits=act_bits,
+                                                       act_sym=act_sym, fuse_quant=True, bias=bias),
+                          **candidates}
+        forced = DISPATCH.decode_path
+    else:
+        candidates = {"inloop": gemm(False)}
+        if m >= DISPATCH.expand_min_m:
+            candidates["expand"] = gemm(True)
+        forced = DISPATCH.prefill_path
+    key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
+           pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
+    return candidates[_choose_path(key, candidates, forced)]()

@@ -1,0 +1,158 @@
+"""Benchmark the Triton W4A8 linear (dINT4 per-channel weights, int8 per-token activations) on a GPU.
+
+Checks correctness, then times (``triton.testing.do_bench``: L2 flushed before each call, median) for
+LLaMA-shaped linears N x K and tokens M, all in one run:
+  * FP16: cuBLAS ``F.linear`` with the fp16 weight;
+  * INT8: ``torch._int_mm`` (cuBLAS W8A8, M > 16 only), activations already int8;
+  * W4A8: ``w4a8_linear(x_fp16, packed)``, activation quantization included;
+  * W4A4: ``w4a4_linear`` (INT4 g128 weights and activations), quantization included.
+Prints a markdown table (and writes it to $OUT/bench_w4a8_linear.md when OUT is set).
+
+    python examples/bench_w4a8_linear.py            # the table
+    python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only
+"""
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F_nn
+import triton
+
+from qcompile import formats as F
+from qcompile.backends.triton import prepack, w4a4_linear, w4a8_linear
+from qcompile.backends.triton import w4_linear as W
+from qcompile.backends.triton.quantize_kernel import quantize_rows
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) = (out, in) features
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+W_FMT, W_GRAN = "dint4", "channel"
+W4A4_FMT, W4A4_GRAN = "int4", "group128"
+VARIANTS = "--variants" in sys.argv
+VARIANT_BUDGET_S = 300  # stop measuring variants after this many seconds (keep the main table)
+OUT = os.environ.get("OUT")
+t_start = time.time()
+torch.manual_seed(0)
+torch.backends.cuda.matmul.allow_tf32 = False
+dev = torch.device("cuda")
+print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+
+
+def bench(fn) -> float:
+    """Median microseconds; the L2 is flushed before each call (cold weights, as in decoding)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def rel_err(y, y_ref) -> float:
+    return ((y.float() - y_ref).norm() / y_ref.norm()).item()
+
+
+def quantized_weight(w, fmt, gran):
+    spec, g = F.FormatSpec.parse(fmt), F.Granularity.parse(gran)
+    codes, scale, zp = F.quantize(w, spec, g)
+    return prepack(codes, scale, zp, fmt, gran), F.dequantize(codes, scale, zp, spec, g)
+
+
+def variants(x, pw, m):
+    """Each dispatch path forced, plus the pieces of the time (same inputs as the main measurement)."""
+    d, v = W.DISPATCH, {}
+    v["auto"] = next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
+                      and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
+    if m <= 16:
+        for path in ("fused", "unfused"):
+            d.decode_path = path
+            v[path] = bench(lambda: w4a8_linear(x, pw))
+            v[f"cfg_{path}"] = str(getattr(W._fused_decode_kernel if path == "fused" else W._decode_kernel,
+                                           "best_config", ""))
+        d.decode_path = "auto"
+    else:
+        xq, xs, xz = quantize_rows(x, 8, False)
+        yb = torch.empty(m, pw.out_features, device=dev, dtype=torch.float16)
+        v["quant"] = bench(lambda: quantize_rows(x, 8, False))
+        v["gemm"] = bench(lambda: W.launch_gemm(xq, xs, xz, pw, yb))
+        v["cfg"] = str(getattr(W._prefill_kernel, "best_config", ""))
+        if m >= d.expand_min_m:
+            v["expand_weight"] = bench(lambda: W.expand_weight(pw))
+            for path in ("inloop", "expand"):
+                d.prefill_path = path
+                v[path] = bench(lambda: w4a8_linear(x, pw))
+            d.prefill_path = "auto"
+    if (pw.out_features, pw.in_features) == SHAPES[0] and m in (1, max(MS)):  # the portable unpacker
+        d.use_asm = False
+        v["pure_unpacker"] = bench(lambda: w4a8_linear(x, pw))
+        d.use_asm = True
+    return v
+
+
+rows, var_rows, worst_err = [], [], 0.0
+for n, k in SHAPES:
+    # 1. Weights: fp16, dINT4 per-channel (packed), INT4 g128 (packed), random int8 for the W8A8 baseline.
+    w16 = (torch.randn(n, k, device=dev) * 0.02).half()
+    pw, w_dq = quantized_weight(w16.float(), W_FMT, W_GRAN)
+    pw4, w4_dq = quantized_weight(w16.float(), W4A4_FMT, W4A4_GRAN)
+    w8 = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+    print(f"[{time.time() - t_start:5.0f}s] {n}x{k}: packed {pw.nbytes() / w16.nbytes:.3f} of fp16 bytes",
+          flush=True)
+    for m in MS:
+        try:
+            x = torch.randn(m, k, device=dev).half()
+            # 2. Correctness vs linear(fake_quantize(x), dequantize(W)) in fp32 (same codes as the kernels).
+            y = w4a8_linear(x, pw)
+            x_dq = F.fake_quantize(x.float(), F.FormatSpec.parse("int8"), F.Granularity.parse("token"))
+            err = rel_err(y, x_dq @ w_dq.t())
+            y4 = w4a4_linear(x, pw4)
+            x4_dq = F.fake_quantize(x.float(), F.FormatSpec.parse(W4A4_FMT), F.Granularity.parse(W4A4_GRAN))
+            err4 = rel_err(y4, x4_dq @ w4_dq.t())
+            worst_err = max(worst_err, err, err4)
+            # 3. Timings, all in this run.
+            t16 = bench(lambda: F_nn.linear(x, w16))
+            t_int = float("nan")
+            if m > 16:
+                x8 = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+                t_int = bench(lambda: torch._int_mm(x8, w8.t()))
+            t_ours = bench(lambda: w4a8_linear(x, pw))
+            t_w4a4 = bench(lambda: w4a4_linear(x, pw4))
+        except Exception as e:  # keep the rest of the table
+            print(f"M={m}: FAILED {type(e).__name__}: {str(e)[:500]}", flush=True)
+            continue
+        rows.append((n, k, m, t16, t_int, t_ours, t_w4a4, max(err, err4)))
+        print(f"[{time.time() - t_start:5.0f}s] M={m:5d} fp16 {t16:8.1f}us  int_mm {t_int:8.1f}us  w4a8 "
+              f"{t_ours:8.1f}us ({t16 / t_ours:4.2f}x fp16, {t_int / t_ours:4.2f}x int_mm)  w4a4 {t_w4a4:8.1f}us"
+              f"  weights GB/s fp16 {w16.nbytes / t16 / 1e3:5.0f} w4a8 {pw.nbytes() / t_ours / 1e3:5.0f}"
+              f"  err {err:.1e}/{err4:.1e}", flush=True)
+        if VARIANTS and time.time() - t_start < VARIANT_BUDGET_S:  # 4. Variants, same inputs.
+            try:
+                v = variants(x, pw, m)
+            except Exception as e:
+                v = {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+            var_rows.append((n, k, m, v))
+            print("      variants: " + ", ".join(f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}"
+                                             for a, b in v.items()), flush=True)
+    del w16, pw, w_dq, pw4, w4_dq, w8
+    torch.cuda.empty_cache()
+
+# 5. The table.
+lines = [f"W4A8 = dINT4 per-channel weights x int8 per-token activations (quantization included); "
+         f"W4A4 = INT4 g128 x INT4 g128. {torch.cuda.get_device_name()}, fp16 activations, "
+         "median of triton.testing.do_bench (L2 flushed), microseconds.", "",
+         "| N x K | M | FP16 | INT8 _int_mm | W4A8 | W4A8 vs FP16 | W4A8 vs _int_mm | W4A4 | W4A4 vs FP16 | rel. err |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for n, k, m, t16, t_int, t_ours, t_w4a4, err in rows:
+    int_cols = f"{t_int:.1f} | " if m > 16 else "- | "
+    ratio_int = f"{t_int / t_ours:.2f}x" if m > 16 else "-"
+    lines.append(f"| {n}x{k} | {m} | {t16:.1f} | {int_cols}{t_ours:.1f} | {t16 / t_ours:.2f}x | {ratio_int} | "
+                 f"{t_w4a4:.1f} | {t16 / t_w4a4:.2f}x | {err:.1e}{'' if err < 1e-3 else ' FAIL'} |")
+decode = [t16 / t for n, k, m, t16, _, t, _, _ in rows if m <= 16]
+big = [ti / t for n, k, m, _, ti, t, _, _ in rows if m == max(MS)]
+lines += ["", f"W4A8 speed-up vs FP16 at M <= 16: {min(decode, default=0):.2f}x..{max(decode, default=0):.2f}x "
+          f"(target >= 3.0x); W4A8 vs _int_mm at M = {max(MS)}: {min(big, default=0):.2f}x.."
+          f"{max(big, default=0):.2f}x (target >= 1.0x); worst relative error vs the fp32 reference "
+          f"(W4A8 and W4A4): {worst_err:.1e}"]
+table = "\n".join(lines)
+print(table)
+if OUT:
+    with open(os.path.join(OUT, "bench_w4a8_linear.md"), "w") as f:
+        f.write(table + "\n")
+        for n, k, m, v in var_rows:
+            f.write(f"\nvariants {n}x{k} M={m}: {v}")
+print(f"total {time.time() - t_start:.0f}s")

@@ -1,0 +1,103 @@
+"""Triton kernels on CUDA at model-like shapes (odd edges included), against the reference on the same codes.
+
+Covers what the interpreter cannot: compiled code, the PTX SIMD unpacker (``USE_ASM``), wgmma tiles,
+the autotuned dispatch. Skips cleanly without CUDA/triton, or in a TRITON_INTERPRET=1 process.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1: not compiled"),
+]
+triton = pytest.importorskip("triton")
+
+from qcompile.backends.triton import w4a4_linear, w4a8_linear  # noqa: E402
+from qcompile.backends.triton.quantize_kernel import quantize_rows  # noqa: E402
+from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm  # noqa: E402
+from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x  # noqa: E402
+
+DEV = "cuda"
+DECODE = dict(BLOCK_M=16, BLOCK_N=32, UNITS_PER_ITER=4, GROUP_M=1, num_warps=4, num_stages=3)
+PREFILL = dict(BLOCK_M=128, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=8, num_stages=3)
+FUSED = dict(BLOCK_M=16, BLOCK_N=64, UNITS_PER_ITER=2, GROUP_M=1, num_warps=4, num_stages=3)
+PREFILL_SMALL = dict(BLOCK_M=64, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+@pytest.mark.parametrize("m,k,bits,sym,group,dtype", [
+    (1, 4096, 8, False, 0, torch.float16), (33, 11008, 8, False, 0, torch.bfloat16),
+    (300, 4096, 8, True, 0, torch.float16), (5, 20000, 8, False, 0, torch.float32),
+    (64, 4096, 4, False, 128, torch.float16), (7, 1024, 4, True, 64, torch.bfloat16),
+])
+def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
+    check_quantize(make_x(m, k, DEV, dtype, seed=k + m), bits, sym, group, quantize_rows)
+
+
+def test_quantize_ties_and_flat_rows():
+    x = torch.zeros(3, 256, device=DEV)
+    x[1] = torch.arange(256.0, device=DEV) - 100.0 + 0.5
+    x[1, 0], x[1, -1] = -100.0, 155.0  # scale 1: every x / s is a .5 tie
+    x[2] = 1e-9
+    check_quantize(x, 8, False, 0, quantize_rows)
+
+
+CASES = [  # fmt, gran, M, N, K, config
+    ("dint4", "channel", 1, 4096, 4096, DECODE), ("dint4", "channel", 7, 1000, 4160, DECODE),
+    ("int4", "group128", 16, 11008, 4096, DECODE), ("dint4_c0.25", "group64", 3, 512, 1024, DECODE),
+    ("dint4", "channel", 77, 4096, 11008, PREFILL_SMALL), ("int4", "group128", 200, 1100, 4096, PREFILL),
+    ("dint4_sym", "channel", 513, 1024, 1000, PREFILL), ("dint4", "group192", 130, 256, 768, PREFILL),
+]
+
+
+@pytest.mark.parametrize("fmt,gran,m,n,k,config", CASES)
+def test_w4a8_gemm_exact(fmt, gran, m, n, k, config):
+    pw = make_weight(n, k, fmt, gran, DEV, seed=n + k)
+    x = make_x(m, k, DEV, seed=m)
+    check_gemm(x, pw, launch_gemm, config=config, use_asm=True)
+    if pw.group_size == 0 and config is DECODE:
+        check_gemm(x, pw, launch_gemm, config=FUSED, use_asm=True, fuse_quant=True)
+
+
+@pytest.mark.parametrize("fmt,gran,m,n,k,config", [CASES[1], CASES[3], CASES[5]])
+def test_w4a8_gemm_exact_portable_unpacker(fmt, gran, m, n, k, config):
+    """The plain-tl unpacker (the interpreter's) compiled, same numbers as the PTX one."""
+    pw = make_weight(n, k, fmt, gran, DEV, seed=n + k)
+    check_gemm(make_x(m, k, DEV, seed=m), pw, launch_gemm, config=config, use_asm=False)
+
+
+def test_w4a8_gemm_expanded_bf16_bias():
+    pw = make_weight(2048, 4096, "dint4", "channel", DEV)
+    x = make_x(300, 4096, DEV, torch.bfloat16)
+    bias = torch.randn(2048, device=DEV, dtype=torch.bfloat16)
+    check_gemm(x, pw, launch_gemm, config=PREFILL, w_expanded=expand_weight(pw), out_dtype=torch.bfloat16,
+               bias=bias)
+
+
+@pytest.mark.parametrize("m,config", [(5, DECODE), (257, PREFILL)])
+def test_w4a4_gemm_exact(m, config):
+    pw = make_weight(1024, 2048, "int4", "group128", DEV)
+    check_gemm(make_x(m, 2048, DEV), pw, launch_gemm, act_bits=4, act_group=128, config=config)
+
+
+@pytest.mark.parametrize("m", [16, 300])
+def test_public_ops_autotuned(m):
+    pw = make_weight(4096, 4096, "dint4", "channel", DEV)
+    check_linear(make_x(m, 4096, DEV), pw, w4a8_linear, "int8")
+    pw_g = make_weight(4096, 4096, "int4", "group128", DEV)
+    check_linear(make_x(m, 4096, DEV), pw_g, w4a4_linear, "int4", act_group=128)
+    if m > 16:
+        check_linear(make_x(m, 4096, DEV, torch.bfloat16), pw, w4a8_linear, "int8_sym")
+
+
+def test_opcheck_cuda():
+    pw = make_weight(256, 512, "dint4", "group128", DEV)
+    x = make_x(5, 512, DEV)
+    args = (x, pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, pw.fmt, pw.group_size, pw.in_features)
+    torch.library.opcheck(torch.ops.qcompile_triton.w4a8_linear.default, (*args, "int8", None))
+    torch.library.opcheck(torch.ops.qcompile_triton.w4a4_linear.default, (*args, "int4", None))
+    torch.library.opcheck(torch.ops.qcompile_triton.quantize_per_token.default, (x, "int8"))

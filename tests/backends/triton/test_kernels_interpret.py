@@ -1,0 +1,102 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU, small shapes, against the reference on the same codes.
+
+Triton decides interpreter vs compiled when a kernel is decorated, so these tests must run in a process
+where TRITON_INTERPRET=1 was set before the kernels were imported. In a normal pytest run the single
+``test_interpreter_suite`` re-runs this file in such a child process (keeping the variable out of the
+parent, where GPU tests and other engineers' code run); in the child the real tests run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    # 3.6's interpreter passes runtime ints as 1-element arrays that range() cannot take (numpy 2).
+    pytest.skip(f"the interpreter tests need triton >= 3.7 (3.9 tested); found {triton.__version__}",
+                allow_module_level=True)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+child_only = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the parent's driver")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+if INTERPRET:
+    import torch
+
+    from qcompile.backends.triton import w4a4_linear, w4a8_linear
+    from qcompile.backends.triton.quantize_kernel import quantize_rows
+    from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm
+    from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
+
+    torch.manual_seed(0)
+
+    @child_only
+    @pytest.mark.parametrize("m,k,bits,sym,group,dtype", [
+        (1, 7, 8, False, 0, torch.float16), (5, 300, 8, False, 0, torch.float16),
+        (4, 300, 8, True, 0, torch.bfloat16), (2, 20000, 8, False, 0, torch.float32),  # two-pass path
+        (6, 256, 4, False, 64, torch.float16), (3, 384, 4, True, 128, torch.float16),
+    ])
+    def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
+        check_quantize(make_x(m, k, "cpu", dtype, seed=k), bits, sym, group, quantize_rows)
+
+    @child_only
+    def test_quantize_edge_rows():
+        x = torch.zeros(4, 256)
+        x[1] = 3.0                                      # constant row: range [0, 3]
+        x[2] = torch.arange(256.0) - 100.0 + 0.5        # scale 1: every x/s is a .5 tie (round half even)
+        x[2, 0], x[2, -1] = -100.0, 155.0
+        x[3] = 1e-9                                      # scale clamps to 1e-8
+        check_quantize(x, 8, False, 0, quantize_rows)
+        check_quantize(x, 8, True, 0, quantize_rows)
+
+    GEMM_CASES = [  # fmt, granularity, M, N, K
+        ("dint4", "channel", 1, 16, 128), ("dint4", "channel", 17, 40, 300), ("int4", "channel", 5, 33, 200),
+        ("int4_sym", "group64", 3, 24, 192), ("dint4_c0.25", "group128", 20, 16, 256),
+        ("dint4_sym", "group192", 2, 20, 384), ("int4", "group64", 33, 17, 128), ("dint4_c0.125", "channel", 4, 8, 72),
+    ]
+
+    @child_only
+    @pytest.mark.parametrize("fmt,gran,m,n,k", GEMM_CASES)
+    def test_w4a8_gemm_exact(fmt, gran, m, n, k):
+        pw = make_weight(n, k, fmt, gran, "cpu", seed=m + n + k)
+        x = make_x(m, k, "cpu", seed=m)
+        check_gemm(x, pw, launch_gemm)
+        if pw.group_size == 0:
+            check_gemm(x, pw, launch_gemm, fuse_quant=True)
+
+    @child_only
+    def test_w4a8_gemm_variants():
+        pw = make_weight(40, 256, "dint4", "group128", "cpu")
+        x = make_x(9, 256, "cpu")
+        check_gemm(x, pw, launch_gemm, out_dtype=torch.bfloat16, act_sym=True)
+        check_gemm(x, pw, launch_gemm, w_expanded=expand_weight(pw), bias=torch.randn(40))
+        pw_c = make_weight(24, 160, "int4", "channel", "cpu")
+        check_gemm(make_x(3, 160, "cpu", torch.bfloat16), pw_c, launch_gemm, out_dtype=torch.bfloat16,
+                   fuse_quant=True, act_sym=True)
+        check_gemm(x[:, :160].contiguous(), pw_c, launch_gemm, w_expanded=expand_weight(pw_c),
+                   out_dtype=torch.float32)
+
+    @child_only
+    @pytest.mark.parametrize("fmt,gran,m", [("int4", "group64", 5), ("dint4", "group128", 18)])
+    def test_w4a4_gemm_exact(fmt, gran, m):
+        pw = make_weight(24, 256, fmt, gran, "cpu")
+        check_gemm(make_x(m, 256, "cpu"), pw, launch_gemm, act_bits=4, act_group=pw.group_size)
+
+    @child_only
+    @pytest.mark.parametrize("m", [1, 16, 21])
+    def test_public_ops_match_formats(m):
+        pw = make_weight(32, 256, "dint4", "channel", "cpu")
+        check_linear(make_x(m, 256, "cpu"), pw, w4a8_linear, "int8")
+        pw_g = make_weight(32, 256, "int4", "group64", "cpu")
+        check_linear(make_x(m, 256, "cpu"), pw_g, w4a4_linear, "int4", act_group=64)

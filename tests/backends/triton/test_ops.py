@@ -1,0 +1,103 @@
+"""backends/triton/ops.py: the qcompile_triton:: custom ops on CPU (reference fallback), opcheck, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile import formats as F
+from qcompile.backends.triton import (prepack, quantize_per_group, quantize_per_token, w4a4_linear,
+                                      w4a8_linear)
+
+pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1",
+                                reason="CPU reference fallback tests (the interpreter is tested elsewhere)")
+
+
+def _packed(n=24, k=256, fmt="dint4", gran="channel", seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return prepack(*F.quantize(w, F.FormatSpec.parse(fmt), F.Granularity.parse(gran)), fmt, gran), w
+
+
+def _op_args(x, pw, act_fmt, bias=None):
+    return (x, pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, pw.fmt, pw.group_size, pw.in_features,
+            act_fmt, bias)
+
+
+def _unpacked_weight_args(pw):
+    """Op arguments with the plain [N, K/2] pack_int4 bytes where the prepacked codes belong."""
+    args = list(_op_args(torch.randn(3, 256), pw, "int8"))
+    args[1] = torch.zeros(24, 128, dtype=torch.uint8)
+    return args
+
+
+@pytest.mark.parametrize("fmt,gran", [("dint4", "channel"), ("int4", "group64"), ("dint4_sym", "group128")])
+def test_w4a8_linear_matches_reference_graph(fmt, gran):
+    """Same numbers as linear(qcompile::qdq_activation(x), qcompile::dequantize_weight(...)) in fp64."""
+    pw, w = _packed(fmt=fmt, gran=gran)
+    x = torch.randn(2, 5, 256, dtype=torch.float16)
+    y = w4a8_linear(x, pw)
+    assert y.shape == (2, 5, 24) and y.dtype == torch.float16
+    x_dq = F.fake_quantize(x.float(), F.FormatSpec.parse("int8"), F.Granularity.parse("token")).double()
+    spec, g = F.FormatSpec.parse(fmt), F.Granularity.parse(gran)
+    w_dq = F.dequantize(*F.quantize(w, spec, g), spec, g).double()
+    y_ref = x_dq @ w_dq.t()
+    assert ((y.double() - y_ref).abs() <= 2 ** -11 * y_ref.abs() + 1e-5 * y_ref.abs().max()).all()
+
+
+def test_w4a4_and_quantize_ops():
+    pw, _ = _packed(fmt="int4", gran="group64")
+    x = torch.randn(7, 256)
+    assert w4a4_linear(x, pw).shape == (7, 24)
+    codes, scale, zp = quantize_per_group(x, 64)
+    ref_codes, ref_scale, ref_zp = F.quantize(x, F.FormatSpec.parse("int4"), F.Granularity.parse("group64"))
+    assert torch.equal(codes.int() + 8, ref_codes.int()) and torch.equal(scale, ref_scale[..., 0])
+    assert torch.equal(zp + 8, ref_zp[..., 0].int())
+    codes, scale, zp = quantize_per_token(x.half(), "int8_sym")
+    assert codes.dtype == torch.int8 and scale.shape == (7, 1) and zp.shape == (7, 1) and (zp == 0).all()
+
+
+def test_opcheck():
+    pw, _ = _packed(fmt="int4", gran="group64")
+    x = torch.randn(3, 256, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.qcompile_triton.w4a8_linear.default, _op_args(x, pw, "int8"))
+    torch.library.opcheck(torch.ops.qcompile_triton.w4a8_linear.default,
+                          _op_args(x, pw, "int8_sym", torch.randn(24, dtype=torch.float16)))
+    torch.library.opcheck(torch.ops.qcompile_triton.w4a4_linear.default, _op_args(x, pw, "int4"))
+    torch.library.opcheck(torch.ops.qcompile_triton.quantize_per_token.default, (x, "int8"))
+    torch.library.opcheck(torch.ops.qcompile_triton.quantize_per_group.default, (x, "int4", 64))
+
+
+def test_traces_through_export():
+    pw, _ = _packed()
+
+    class Lin(torch.nn.Module):
+        def forward(self, x):
+            return w4a8_linear(x, pw)
+
+    ep = torch.export.export(Lin(), (torch.randn(4, 256),))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert "qcompile_triton.w4a8_linear.default" in targets
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda pw: w4a8_linear(torch.randn(3, 256, dtype=torch.float64), pw), TypeError, "float16"),
+    (lambda pw: w4a8_linear(torch.randint(0, 5, (3, 256)), pw), TypeError, "float16"),
+    (lambda pw: w4a8_linear(torch.randn(3, 255), pw), ValueError, "in_features=256"),
+    (lambda pw: w4a8_linear(torch.randn(3, 256), torch.zeros(24, 128, dtype=torch.uint8)), TypeError,
+     "PackedWeight"),
+    (lambda pw: torch.ops.qcompile_triton.w4a8_linear(*_unpacked_weight_args(pw)), ValueError, "unpacked"),
+    (lambda pw: w4a8_linear(torch.randn(3, 256), pw, act_fmt="int4"), ValueError, "int8"),
+    (lambda pw: w4a8_linear(torch.randn(3, 256), pw, bias=torch.randn(7)), ValueError, "bias"),
+    (lambda pw: w4a4_linear(torch.randn(3, 256), pw), ValueError, "group"),
+    (lambda pw: quantize_per_group(torch.randn(3, 256), 100), ValueError, "divide"),
+])
+def test_bad_input_is_a_clear_error(call, err, match):
+    pw, _ = _packed()
+    with pytest.raises(err, match=match):
+        call(pw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for a device mismatch")
+def test_device_mismatch():
+    pw, _ = _packed()
+    with pytest.raises(ValueError, match="device"):
+        w4a8_linear(torch.randn(3, 256, device="cuda", dtype=torch.float16), pw)

@@ -1,0 +1,110 @@
+"""Shared checks for the Triton kernels, run under TRITON_INTERPRET=1 (CPU) and on CUDA.
+
+Every check compares a kernel with the reference on the *same* integer codes:
+* activation codes / scales / zero-points: bit-exact with ``qcompile.formats.quantize``;
+* the int32 accumulator ``sum_k (xq - zx) t``: bit-exact (``INT_OUT`` mode);
+* the fp output: within ``fp_tolerance`` of the exact (float64) value on the same codes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qcompile import formats as F
+from qcompile.backends.triton import prepack
+from qcompile.backends.triton.reference import gemm_reference, quantize_rows_reference
+
+__all__ = ["make_weight", "fp_tolerance", "check_quantize", "check_gemm", "check_linear"]
+
+# Output rounding, relative. The interpreter converts fp32 -> bf16 by truncation (a full ulp, 2^-7;
+# triton/runtime/interpreter.py _convert_float), the GPU rounds to nearest (half an ulp).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HALF_ULP = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** (-7 if _INTERPRET else -8), torch.float32: 2.0 ** -24}
+SUBNORMAL = {torch.float16: 2.0 ** -25, torch.bfloat16: 0.0, torch.float32: 0.0}
+
+
+def make_weight(n: int, k: int, fmt: str, gran: str, device, seed: int = 0):
+    """Random weight with a few outlier channels -> ``PackedWeight`` (from formats.quantize)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g).add(0.1)
+    w[:, : max(1, k // 50)] *= 4
+    codes, scale, zp = F.quantize(w, F.FormatSpec.parse(fmt), F.Granularity.parse(gran))
+    return prepack(codes, scale, zp, fmt, gran).to(device)
+
+
+def make_x(m: int, k: int, device, dtype=torch.float16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2 + torch.randn(m, 1, generator=g)  # asymmetric per token
+    return x.to(dtype).to(device)
+
+
+def _magnitude(xq, xs, xz, pw):
+    """``sum_g |sx u (sum_k xq t - zx T)|``: the size of what the fp32 group accumulation adds up."""
+    m, k = xq.shape
+    g_count = pw.n_groups
+    from qcompile.backends.triton.packing import unpack_values
+
+    t = unpack_values(pw).double().view(pw.out_features, g_count, -1)
+    acc = torch.einsum("mgk,ngk->mng", xq.double().view(m, g_count, -1), t)
+    corr = acc - xz.double()[:, None, :] * pw.code_sum.t().double()[None]
+    return (corr * pw.unit_scale.t().double()[None] * xs.double()[:, None, :]).abs().sum(-1)
+
+
+def fp_tolerance(y_exact, magnitude, n_groups, dtype):
+    """Per-element bound: output rounding (half an ulp: 2^-11 relative for fp16, 2^-8 bf16, plus half
+    the fp16 subnormal step) + fp32 scaling/accumulation ((G + 3) roundings of 2^-24 relative to the
+    summed magnitudes: int->fp32, sx*u, the product, one add per group)."""
+    return HALF_ULP[dtype] * y_exact.abs() + (n_groups + 3) * 2.0 ** -24 * magnitude + SUBNORMAL[dtype]
+
+
+def check_quantize(x, bits, symmetric, group_size, quantize_rows):
+    """Kernel codes, scales and zero-points equal the reference exactly."""
+    codes, scale, zp = quantize_rows(x, bits, symmetric, group_size)
+    r_codes, r_scale, r_zp = quantize_rows_reference(x, bits, symmetric, group_size)
+    assert torch.equal(codes, r_codes), (codes.int() - r_codes.int()).abs().max()
+    assert torch.equal(scale, r_scale)
+    assert torch.equal(zp, r_zp)
+
+
+def check_gemm(x, pw, launch_gemm, *, act_bits=8, act_sym=False, act_group=0, out_dtype=torch.float16,
+               fuse_quant=False, w_expanded=None, config=None, use_asm=None, bias=None):
+    """int32 accumulator bit-exact and fp output within ``fp_tolerance``; returns the max error / bound."""
+    m, n = x.shape[0], pw.out_features
+    xq, xs, xz = quantize_rows_reference(x, act_bits, act_sym, act_group)  # references run on x.device
+    dev = x.device
+    kw = dict(act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0, config=config, use_asm=use_asm,
+              w_expanded=w_expanded)
+    if not fuse_quant:  # the integer path (fused quantization has no separate codes to feed)
+        y_int = torch.full((m, n), -7, dtype=torch.int32, device=dev)  # poisoned: every element is written
+        launch_gemm(xq, xs, xz, pw, y_int, int_out=True, **kw)
+        ref_int = gemm_reference(xq, xs, xz, pw, int_out=True)
+        assert torch.equal(y_int, ref_int), (y_int - ref_int).abs().max()
+    y = torch.full((m, n), float("nan"), dtype=out_dtype, device=dev)
+    if fuse_quant:
+        launch_gemm(x, None, None, pw, y, fuse_quant=True, bias=bias, **kw)
+    else:
+        launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)
+    y_exact = gemm_reference(xq, xs, xz, pw, torch.float64, bias)
+    bound = fp_tolerance(y_exact, _magnitude(xq, xs, xz, pw), pw.n_groups, out_dtype)
+    err = (y.double() - y_exact).abs()
+    assert not torch.isnan(y).any()
+    ratio = (err / bound).max().item() if err.numel() else 0.0
+    assert ratio <= 1.0, f"max error / bound = {ratio:.3f}"
+    return ratio
+
+
+def check_linear(x, pw, linear_fn, act_fmt, act_group=0):
+    """The public op vs ``linear(fake_quantize(x), dequantize(W))`` computed in float64 from formats."""
+    spec = F.FormatSpec.parse(act_fmt)
+    gran = F.Granularity("group", act_group) if act_group else F.Granularity("token")
+    x_dq = F.fake_quantize(x.float(), spec, gran).double()
+    from qcompile.backends.triton.packing import unpack_values
+
+    g = pw.group_size or pw.in_features
+    w_dq = unpack_values(pw).double() * pw.unit_scale.t().double().repeat_interleave(g, dim=1)
+    y = linear_fn(x, pw, act_fmt=act_fmt)
+    y_ref = x_dq @ w_dq.t()
+    rel = ((y.double() - y_ref).norm() / y_ref.norm()).item()
+    assert rel < 1e-3, rel  # fp16 output rounding gives ~3e-4
+    return rel
