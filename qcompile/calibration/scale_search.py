@@ -3,11 +3,12 @@
     s = s_X^alpha / sqrt(max(s_X^alpha) * min(s_X^alpha)),   alpha in {0, 1/grid, ..., (grid-1)/grid}
 
 ``s_X`` is a per-channel activation statistic: mean ``|x|`` (AWQ) or max ``|x|`` (AQAS appendix A.4
-found max better; ``criterion`` selects). The normalisation is the AWQ repository's; it changes no
-loss (min-max quantizers are scale-equivariant) but keeps folded magnitudes balanced. The alpha that
+found max better; ``criterion`` selects). The normalisation is the AWQ repository's; it changes the
+loss only by float rounding (min-max quantizers are scale-equivariant) but keeps folded magnitudes
+balanced. The alpha that
 minimises the objective wins; alpha = 0 gives exactly ``s = 1`` (RTN), so the search never does worse
-than RTN on its own objective. Objectives (mean squared output error, summed over the linears that
-share the input):
+than RTN on its own objective. Objectives (reported as the mean squared output error over the tokens
+and the outputs of all the linears that share the input):
 
   * ``"awq"``  (AWQ):          ``||Q(W diag(s)) (diag(s)^-1 X) - W X||^2``   activations not quantized
   * ``"aqas"`` (AQAS eq. 1):   ``argmin_s ||Q(W diag(s)) Q(diag(s)^-1 X) - W X||_2^2``
