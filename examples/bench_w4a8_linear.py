@@ -1,33 +1,40 @@
 """Benchmark the Triton W4A8 linear (dINT4 per-channel weights, int8 per-token activations) on a GPU.
 
-Checks correctness, then times (``triton.testing.do_bench``: L2 flushed before each call, median) for
-LLaMA-shaped linears N x K and tokens M, all in one run:
+Checks correctness, then times, for LLaMA-shaped linears N x K and tokens M, all in one run:
   * FP16: cuBLAS ``F.linear`` with the fp16 weight;
   * INT8: ``torch._int_mm`` (cuBLAS W8A8, M > 16 only), activations already int8;
   * W4A8: ``w4a8_linear(x_fp16, packed)``, activation quantization included;
   * W4A4: ``w4a4_linear`` (INT4 g128 weights and activations), quantization included.
+Two clocks:
+  * GPU time: the calls captured in one CUDA graph, cycling through enough weight copies that the
+    weights stream from HBM (> 2x the L2), median of replays — what a CUDA-graphed model sees;
+  * eager: ``triton.testing.do_bench`` (L2 flushed before each call, median) of the Python call, which
+    includes the host-side launch overhead whenever that exceeds the ~90 us flush.
 Prints a markdown table (and writes it to $OUT/bench_w4a8_linear.md when OUT is set).
 
     python examples/bench_w4a8_linear.py            # the table
     python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only
 """
+import math
 import os
+import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F_nn
 import triton
-
-from qcompile import formats as F
-from qcompile.backends.triton import prepack, w4a4_linear, w4a8_linear
+from qcompile.backends.triton import PackedWeight, prepack, w4a4_linear, w4a8_linear
 from qcompile.backends.triton import w4_linear as W
 from qcompile.backends.triton.quantize_kernel import quantize_rows
+
+from qcompile import formats as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) = (out, in) features
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 W_FMT, W_GRAN = "dint4", "channel"
 W4A4_FMT, W4A4_GRAN = "int4", "group128"
+L2_BYTES = 50 * 2 ** 20  # H100
 VARIANTS = "--variants" in sys.argv
 VARIANT_BUDGET_S = 300  # stop measuring variants after this many seconds (keep the main table)
 OUT = os.environ.get("OUT")
@@ -39,8 +46,55 @@ print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, trito
 
 
 def bench(fn) -> float:
-    """Median microseconds; the L2 is flushed before each call (cold weights, as in decoding)."""
+    """Eager: median microseconds; the L2 is flushed before each call."""
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def bench_graph(fn, weights, reps: int = 4) -> float:
+    """GPU time: median microseconds per call of ``fn(w)`` over ``weights`` (copies), in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compiles, autotunes, picks the path
+        for w in weights:
+            fn(w)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for w in weights:
+                fn(w)
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(weights)))
+    del graph
+    return statistics.median(times)
+
+
+def copies(t, nbytes: int) -> list:
+    """``t`` plus clones, enough to stream > 2x the L2 per graph pass (at most 16)."""
+    n = min(16, max(1, math.ceil(2 * L2_BYTES / nbytes)))
+    if isinstance(t, PackedWeight):
+        clone = lambda: PackedWeight(t.qweight.clone(), t.unit_scale.clone(), t.code_sum.clone(),
+                                     t.zero_byte.clone(), t.fmt, t.group_size, t.in_features,
+                                     t.out_features, t.pack_k)
+    else:
+        clone = t.clone
+    return [t] + [clone() for _ in range(n - 1)]
+
+
+def graph_or_nan(fn, weights) -> float:
+    try:
+        return bench_graph(fn, weights)
+    except Exception as e:  # keep the eager numbers if capture fails
+        print(f"      CUDA graph timing failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return float("nan")
 
 
 def rel_err(y, y_ref) -> float:
@@ -53,44 +107,47 @@ def quantized_weight(w, fmt, gran):
     return prepack(codes, scale, zp, fmt, gran), F.dequantize(codes, scale, zp, spec, g)
 
 
-def variants(x, pw, m):
-    """Each dispatch path forced, plus the pieces of the time (same inputs as the main measurement)."""
-    d, v = W.DISPATCH, {}
+def variants(x, pws, m):
+    """GPU time of each dispatch path forced, and of the pieces (same inputs as the main measurement)."""
+    d, v, pw = W.DISPATCH, {}, pws[0]
     v["auto"] = next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
                       and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
     if m <= 16:
         for path in ("fused", "unfused"):
             d.decode_path = path
-            v[path] = bench(lambda: w4a8_linear(x, pw))
+            v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
             v[f"cfg_{path}"] = str(getattr(W._fused_decode_kernel if path == "fused" else W._decode_kernel,
                                            "best_config", ""))
         d.decode_path = "auto"
     else:
         xq, xs, xz = quantize_rows(x, 8, False)
         yb = torch.empty(m, pw.out_features, device=dev, dtype=torch.float16)
-        v["quant"] = bench(lambda: quantize_rows(x, 8, False))
-        v["gemm"] = bench(lambda: W.launch_gemm(xq, xs, xz, pw, yb))
+        v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
+        v["gemm"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
         v["cfg"] = str(getattr(W._prefill_kernel, "best_config", ""))
         if m >= d.expand_min_m:
-            v["expand_weight"] = bench(lambda: W.expand_weight(pw))
+            v["expand_weight"] = graph_or_nan(W.expand_weight, pws)
             for path in ("inloop", "expand"):
                 d.prefill_path = path
-                v[path] = bench(lambda: w4a8_linear(x, pw))
+                v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
             d.prefill_path = "auto"
     if (pw.out_features, pw.in_features) == SHAPES[0] and m in (1, max(MS)):  # the portable unpacker
         d.use_asm = False
-        v["pure_unpacker"] = bench(lambda: w4a8_linear(x, pw))
+        v["pure_unpacker"] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
         d.use_asm = True
     return v
 
 
 rows, var_rows, worst_err = [], [], 0.0
 for n, k in SHAPES:
-    # 1. Weights: fp16, dINT4 per-channel (packed), INT4 g128 (packed), random int8 for the W8A8 baseline.
+    # 1. Weights: fp16, dINT4 per-channel (packed), INT4 g128 (packed), random int8 for the W8A8 baseline;
+    #    copies of each so that graph-timed calls stream their weights from HBM.
     w16 = (torch.randn(n, k, device=dev) * 0.02).half()
     pw, w_dq = quantized_weight(w16.float(), W_FMT, W_GRAN)
     pw4, w4_dq = quantized_weight(w16.float(), W4A4_FMT, W4A4_GRAN)
     w8 = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
+    w16s, w8s = copies(w16, w16.nbytes), copies(w8, w8.nbytes)
+    pws, pw4s = copies(pw, pw.nbytes()), copies(pw4, pw4.nbytes())
     print(f"[{time.time() - t_start:5.0f}s] {n}x{k}: packed {pw.nbytes() / w16.nbytes:.3f} of fp16 bytes",
           flush=True)
     for m in MS:
@@ -104,46 +161,48 @@ for n, k in SHAPES:
             x4_dq = F.fake_quantize(x.float(), F.FormatSpec.parse(W4A4_FMT), F.Granularity.parse(W4A4_GRAN))
             err4 = rel_err(y4, x4_dq @ w4_dq.t())
             worst_err = max(worst_err, err, err4)
-            # 3. Timings, all in this run.
-            t16 = bench(lambda: F_nn.linear(x, w16))
-            t_int = float("nan")
-            if m > 16:
-                x8 = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
-                t_int = bench(lambda: torch._int_mm(x8, w8.t()))
-            t_ours = bench(lambda: w4a8_linear(x, pw))
-            t_w4a4 = bench(lambda: w4a4_linear(x, pw4))
+            # 3. Timings, all in this run: eager, then GPU time (CUDA graph).
+            x8 = torch.randint(-127, 128, (max(m, 17), k), device=dev, dtype=torch.int8)
+            t_eager = bench(lambda x=x, pw=pw: w4a8_linear(x, pw))
+            t16 = graph_or_nan(lambda w, x=x: F_nn.linear(x, w), w16s)
+            t_int = graph_or_nan(lambda w, x8=x8: torch._int_mm(x8, w.t()), w8s) if m > 16 else float("nan")
+            t_ours = graph_or_nan(lambda p, x=x: w4a8_linear(x, p), pws)
+            t_w4a4 = graph_or_nan(lambda p, x=x: w4a4_linear(x, p), pw4s)
         except Exception as e:  # keep the rest of the table
             print(f"M={m}: FAILED {type(e).__name__}: {str(e)[:500]}", flush=True)
             continue
-        rows.append((n, k, m, t16, t_int, t_ours, t_w4a4, max(err, err4)))
-        print(f"[{time.time() - t_start:5.0f}s] M={m:5d} fp16 {t16:8.1f}us  int_mm {t_int:8.1f}us  w4a8 "
-              f"{t_ours:8.1f}us ({t16 / t_ours:4.2f}x fp16, {t_int / t_ours:4.2f}x int_mm)  w4a4 {t_w4a4:8.1f}us"
-              f"  weights GB/s fp16 {w16.nbytes / t16 / 1e3:5.0f} w4a8 {pw.nbytes() / t_ours / 1e3:5.0f}"
-              f"  err {err:.1e}/{err4:.1e}", flush=True)
+        rows.append((n, k, m, t16, t_int, t_ours, t_w4a4, t_eager, max(err, err4)))
+        print(f"[{time.time() - t_start:5.0f}s] M={m:5d} GPU time: fp16 {t16:7.1f}us  int_mm {t_int:7.1f}us  "
+              f"w4a8 {t_ours:7.1f}us ({t16 / t_ours:4.2f}x fp16, {t_int / t_ours:4.2f}x int_mm)  w4a4 "
+              f"{t_w4a4:7.1f}us; weights GB/s fp16 {w16.nbytes / t16 / 1e3:5.0f} w4a8 "
+              f"{pw.nbytes() / t_ours / 1e3:5.0f}; w4a8 eager {t_eager:7.1f}us; err {err:.1e}/{err4:.1e}",
+              flush=True)
         if VARIANTS and time.time() - t_start < VARIANT_BUDGET_S:  # 4. Variants, same inputs.
             try:
-                v = variants(x, pw, m)
+                v = variants(x, pws, m)
             except Exception as e:
                 v = {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
             var_rows.append((n, k, m, v))
             print("      variants: " + ", ".join(f"{a}={b:.1f}" if isinstance(b, float) else f"{a}={b}"
                                              for a, b in v.items()), flush=True)
-    del w16, pw, w_dq, pw4, w4_dq, w8
+    del w16, pw, w_dq, pw4, w4_dq, w8, w16s, w8s, pws, pw4s
     torch.cuda.empty_cache()
 
-# 5. The table.
+# 5. The table (GPU time from CUDA graphs; the eager column includes host launch overhead).
 lines = [f"W4A8 = dINT4 per-channel weights x int8 per-token activations (quantization included); "
-         f"W4A4 = INT4 g128 x INT4 g128. {torch.cuda.get_device_name()}, fp16 activations, "
-         "median of triton.testing.do_bench (L2 flushed), microseconds.", "",
-         "| N x K | M | FP16 | INT8 _int_mm | W4A8 | W4A8 vs FP16 | W4A8 vs _int_mm | W4A4 | W4A4 vs FP16 | rel. err |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-for n, k, m, t16, t_int, t_ours, t_w4a4, err in rows:
+         f"W4A4 = INT4 g128 x INT4 g128. {torch.cuda.get_device_name()}, fp16 activations. GPU time: "
+         "calls in one CUDA graph cycling weight copies (> 2x L2), median, microseconds. Eager: "
+         "triton.testing.do_bench of the Python call (L2 flushed), median.", "",
+         "| N x K | M | FP16 | INT8 _int_mm | W4A8 | W4A8 vs FP16 | W4A8 vs _int_mm | W4A4 | W4A4 vs FP16 "
+         "| W4A8 eager | rel. err |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for n, k, m, t16, t_int, t_ours, t_w4a4, t_eager, err in rows:
     int_cols = f"{t_int:.1f} | " if m > 16 else "- | "
     ratio_int = f"{t_int / t_ours:.2f}x" if m > 16 else "-"
     lines.append(f"| {n}x{k} | {m} | {t16:.1f} | {int_cols}{t_ours:.1f} | {t16 / t_ours:.2f}x | {ratio_int} | "
-                 f"{t_w4a4:.1f} | {t16 / t_w4a4:.2f}x | {err:.1e}{'' if err < 1e-3 else ' FAIL'} |")
-decode = [t16 / t for n, k, m, t16, _, t, _, _ in rows if m <= 16]
-big = [ti / t for n, k, m, _, ti, t, _, _ in rows if m == max(MS)]
+                 f"{t_w4a4:.1f} | {t16 / t_w4a4:.2f}x | {t_eager:.1f} | {err:.1e}{'' if err < 1e-3 else ' FAIL'} |")
+decode = [r[3] / r[5] for r in rows if r[2] <= 16]
+big = [r[4] / r[5] for r in rows if r[2] == max(MS)]
 lines += ["", f"W4A8 speed-up vs FP16 at M <= 16: {min(decode, default=0):.2f}x..{max(decode, default=0):.2f}x "
           f"(target >= 3.0x); W4A8 vs _int_mm at M = {max(MS)}: {min(big, default=0):.2f}x.."
           f"{max(big, default=0):.2f}x (target >= 1.0x); worst relative error vs the fp32 reference "

@@ -14,6 +14,7 @@ Each has a fake implementation, so it traces through ``torch.export`` / ``torch.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -31,16 +32,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------- validation
+@functools.lru_cache(maxsize=1)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
+        if not _have_triton():
             raise RuntimeError("CUDA tensors need triton for qcompile_triton ops: pip install triton")
         return True
     if t.device.type != "cpu":
         raise ValueError(f"qcompile_triton ops run on CUDA (or CPU as reference); got device {t.device}")
-    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    return os.environ.get("TRITON_INTERPRET") == "1" and _have_triton()
 
 
+@functools.lru_cache(maxsize=64)
 def _act_spec(act_fmt: str, bits: int) -> F.FormatSpec:
     spec = F.FormatSpec.parse(act_fmt)
     if spec.kind != "int" or spec.bits != bits:
@@ -93,7 +100,7 @@ def _linear_impl(x, qweight, unit_scale, code_sum, zero_byte, fmt, group_size, i
     pw = _packed(qweight, unit_scale, code_sum, zero_byte, fmt, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     if _use_triton(x):
-        from .w4_linear import w4_linear_2d  # noqa: PLC0415
+        from .w4_linear import w4_linear_2d
 
         y = w4_linear_2d(x2, pw, act_spec.bits, act_spec.symmetric, act_group, bias)
     else:
@@ -135,7 +142,7 @@ def _quantize_impl(x: torch.Tensor, spec: F.FormatSpec, group_size: int, what: s
         raise ValueError(f"{what}: group size {group_size} must divide the last dim of x {tuple(x.shape)}")
     x2 = x.reshape(-1, k).contiguous()
     if _use_triton(x):
-        from .quantize_kernel import quantize_rows  # noqa: PLC0415
+        from .quantize_kernel import quantize_rows
 
         codes, scale, zp = quantize_rows(x2, spec.bits, spec.symmetric, group_size)
     else:

@@ -32,6 +32,7 @@ Tables, each ``[G, N]`` (G = K // g groups; G = 1 per channel), n fastest:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,11 @@ from qcompile import formats as F
 __all__ = ["PackedWeight", "prepack", "pack_k_for", "unpack_values", "weight_values"]
 
 DINT_SPECIAL_FIRST = 14  # codes 14 (+c) and 15 (-c) of dINT4 (p = 13 uniform steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_format(name: str) -> F.FormatSpec:
+    return F.FormatSpec.parse(name)  # cached: the ops read it on every call (host overhead)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,13 +77,13 @@ class PackedWeight:
 
     @property
     def spec(self) -> F.FormatSpec:
-        return F.FormatSpec.parse(self.fmt)
+        return _parse_format(self.fmt)
 
     @property
     def dint_r(self) -> int:
         """Integer multiplier R of the grid codes: 1/ratio for dINT, 1 for INT."""
         spec = self.spec
-        return int(round(1 / spec.dint_ratio)) if spec.kind == "dint" else 1
+        return round(1 / spec.dint_ratio) if spec.kind == "dint" else 1
 
     @property
     def n_groups(self) -> int:
@@ -176,7 +182,7 @@ def prepack(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, fmt, gra
 
     t = weight_values(codes, zp_t, spec)  # [N, K] int32
     unit = spec.dint_ratio if spec.kind == "dint" else 1.0
-    r = int(round(1 / unit))
+    r = round(1 / unit)
     code_sum = t.reshape(n, g_count, -1).sum(-1, dtype=torch.int32)  # [N, G]
     zero_byte = (128 - r * zp_t).to(torch.uint8)  # in [24, 128]
 

@@ -10,12 +10,13 @@ Dispatch by M (rows of the flattened activation):
 
 Within a path, ``triton.autotune`` picks the tile config per (M bucket, N, K, variant). Between paths,
 ``DISPATCH.decode_path`` / ``prefill_path`` = ``"auto"`` times the candidates once per
-(M bucket, N, K, format, dtypes) on first use — like the autotuner, but across launch sequences —
-and caches the winner. Set a path name to force it (the benchmark does, to report each).
+(M bucket, N, K, format, dtypes) on first use (GPU time, in a CUDA graph) — like the autotuner, but
+across launch sequences — and caches the winner. Set a path name to force it (the benchmark does, to report each).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,17 @@ def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand):
 _PATH_CACHE: dict = {}
 
 
+def _gpu_time(fn) -> float:
+    """Median GPU time of ``fn`` replayed in a CUDA graph (host launch overhead excluded: a single eager
+    timing is host-bound at small M); plain ``do_bench``, with a warning, if the capture fails."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception as e:  # noqa: BLE001  (any capture problem: say so, use the eager clock)
+        warnings.warn(f"w4a8 path selection: CUDA-graph timing failed ({type(e).__name__}: {e}); "
+                      "timing eagerly instead", RuntimeWarning, stacklevel=2)
+        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
 def _choose_path(key, candidates: dict, forced: str) -> str:
     """``forced`` if set, else the fastest candidate for ``key`` (timed once, cached)."""
     if forced != "auto":
@@ -151,7 +163,7 @@ def _choose_path(key, candidates: dict, forced: str) -> str:
     times = {}
     for name, fn in candidates.items():
         fn()  # compiles and autotunes this path's kernels first
-        times[name] = triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+        times[name] = _gpu_time(fn)
     _PATH_CACHE[key] = min(times, key=times.get)
     return _PATH_CACHE[key]
 

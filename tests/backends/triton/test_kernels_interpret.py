@@ -25,15 +25,14 @@ child_only = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERP
 
 @pytest.mark.skipif(INTERPRET, reason="this is the parent's driver")
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
 
 
 if INTERPRET:
     import torch
-
     from qcompile.backends.triton import w4a4_linear, w4a8_linear
     from qcompile.backends.triton.quantize_kernel import quantize_rows
     from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm

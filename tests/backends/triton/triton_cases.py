@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 
 import torch
-
-from qcompile import formats as F
 from qcompile.backends.triton import prepack
 from qcompile.backends.triton.reference import gemm_reference, quantize_rows_reference
+
+from qcompile import formats as F
 
 __all__ = ["make_weight", "fp_tolerance", "check_quantize", "check_gemm", "check_linear"]
 
@@ -41,7 +41,7 @@ def make_x(m: int, k: int, device, dtype=torch.float16, seed: int = 1):
 
 def _magnitude(xq, xs, xz, pw):
     """``sum_g |sx u (sum_k xq t - zx T)|``: the size of what the fp32 group accumulation adds up."""
-    m, k = xq.shape
+    m = xq.shape[0]
     g_count = pw.n_groups
     from qcompile.backends.triton.packing import unpack_values
 
@@ -106,5 +106,6 @@ def check_linear(x, pw, linear_fn, act_fmt, act_group=0):
     y = linear_fn(x, pw, act_fmt=act_fmt)
     y_ref = x_dq @ w_dq.t()
     rel = ((y.double() - y_ref).norm() / y_ref.norm()).item()
-    assert rel < 1e-3, rel  # fp16 output rounding gives ~3e-4
+    # Output rounding: measured ~2e-4 for fp16 (half ulp 2^-11); bf16's half ulp is 2^-8 (H100: 1.7e-3).
+    assert rel < (4e-3 if y.dtype == torch.bfloat16 else 1e-3), rel
     return rel
