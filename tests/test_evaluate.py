@@ -146,3 +146,19 @@ def test_flatten_and_table():
     assert lines[2].split() == ["wiki-ppl", "ppl", "17.5000"]
     assert lines[4].split() == ["piqa", "acc", "0.6500", "±", "0.0300"]
     assert len(lines[2]) == len(lines[3])                                     # values right-aligned
+
+
+@pytest.mark.assets
+def test_default_model_scores_wikipedia_sanely():
+    from qcompile import assets
+    from qcompile.errors import AssetError
+    from qcompile.models import load_model, load_tokenizer
+
+    try:
+        text = assets.read_text("wiki")
+    except AssetError:
+        pytest.skip("needs `qcompile assets fetch`")
+    model = load_model("default")
+    ids = evaluate.encode(load_tokenizer("default"), text[:20_000])
+    ppl = evaluate.perplexity(model, ids, window=256, max_windows=2, progress=False)
+    assert 5 < ppl["ppl"] < 60       # FP32, 4 windows of 2048: 17.53; short windows score worse

@@ -108,3 +108,27 @@ def test_default_without_assets_says_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path))
     with pytest.raises(AssetError, match="qcompile assets fetch"):
         models.load_model("default")
+
+
+def _assets_or_skip(*names):
+    from qcompile import assets
+
+    try:
+        for name in names:
+            assets.asset_path(name)
+    except AssetError:
+        pytest.skip("needs `qcompile assets fetch`")
+
+
+@pytest.mark.assets
+def test_default_model_is_the_converted_smollm2():
+    _assets_or_skip("smollm2")
+    model = models.load_model("default")
+    arch = models.architecture_of(model.config)
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads == 3
+    assert len(models.decoder_layers(model)) * len(arch.linears) == 210
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not hasattr(model.config, "quantization_config")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    tok = models.load_tokenizer("default")
+    assert tok.encode("Hello world", add_special_tokens=False) == tok("Hello world")["input_ids"]  # no BOS
