@@ -246,11 +246,18 @@ def code_values(fmt: FormatSpec, zp: torch.Tensor) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, fmt: FormatSpec,
                gran: Granularity, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Integer codes -> values (AQAS eq. 6 for dINT)."""
-    cb = _to_blocks(codes, gran).long()
-    table = code_values(fmt, zp)  # [..., G, n_codes] (broadcast of [..., G, 1] zero points)
-    table = table.expand(*cb.shape[:-1], fmt.n_codes)
-    vals = torch.gather(table, -1, cb) * scale
-    return _from_blocks(vals, codes.shape, gran).to(dtype)
+    cb = _to_blocks(codes, gran)
+    if fmt.kind == "fp4":
+        table = code_values(fmt, zp).expand(*cb.shape[:-1], fmt.n_codes)  # [..., G, 16]
+        units = torch.gather(table, -1, cb.long())
+    else:
+        # (q - z), exact in float32; dINT's two special codes decode to +-ratio (eq. 6)
+        q = cb.float()
+        units = q - zp
+        if fmt.kind == "dint":
+            p = fmt.n_steps
+            units = torch.where(q == p + 1, fmt.dint_ratio, torch.where(q == p + 2, -fmt.dint_ratio, units))
+    return _from_blocks(units * scale, codes.shape, gran).to(dtype)
 
 
 def quantize(x: torch.Tensor, fmt: FormatSpec, gran: Granularity):
