@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 from qcompile.errors import AssetError, QcompileError
 
-__all__ = ["COMMANDS", "Command", "add_threads_argument", "apply_threads", "build_parser", "main",
-           "register_command", "write_json"]
+__all__ = ["COMMANDS", "Command", "add_eval_arguments", "add_threads_argument", "apply_threads", "build_parser",
+           "check_writable", "format_rows", "main", "read_user_text", "register_command", "resolve_tasks", "write_json"]
 
 
 class Command(NamedTuple):
@@ -80,13 +80,13 @@ def write_json(path: str | Path, results: dict) -> None:
         raise QcompileError(f"cannot write the --json file {path}: {e.strerror or e}") from e
 
 
-def _check_writable(path: str | Path) -> None:
-    """Fail before a long run, not after it, when ``--json`` cannot be written."""
-    parent = Path(path).expanduser().parent
+def check_writable(path: str | Path, what: str = "the --json file") -> None:
+    """Fail before a long run, not after it, when ``path`` cannot be written."""
+    parent = Path(path).expanduser().absolute().parent
     if not parent.is_dir():
-        raise QcompileError(f"cannot write the --json file {path}: folder {parent} does not exist")
+        raise QcompileError(f"cannot write {what} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise QcompileError(f"cannot write the --json file {path}: folder {parent} is not writable")
+        raise QcompileError(f"cannot write {what} {path}: folder {parent} is not writable")
 
 
 def format_rows(rows: list[tuple]) -> str:
@@ -137,23 +137,55 @@ def _run_assets(args: argparse.Namespace) -> dict:
 PPL_TASKS = {"wiki-ppl": "wiki"}  # perplexity task -> text asset
 
 
-def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="'default' (SmolLM2-135M-Instruct), a local HF folder or a .gguf file")
+def add_eval_arguments(parser: argparse.ArgumentParser, default_tasks: str = "wiki-ppl") -> None:
+    """Evaluation options shared by ``eval``, ``quantize`` and ``export``."""
     parser.add_argument("--tasks", type=_csv, default=None, metavar="LIST",
                         help="comma-separated: wiki-ppl, piqa, arc-easy, arc-challenge, winogrande, hellaswag "
-                             "(default: wiki-ppl, or none when --ppl-text is given)")
+                             f"(default: {default_tasks}, or none when --ppl-text is given)")
     parser.add_argument("--max-windows", type=int, default=None, metavar="N", help="perplexity: first N windows")
     parser.add_argument("--window", type=int, default=2048, metavar="T", help="perplexity window in tokens")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="zero-shot: first N items per task")
     parser.add_argument("--ppl-text", default=None, metavar="FILE",
                         help="also report perplexity (key 'ppl') on this UTF-8 text file")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="zero-shot requests per batch")
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M-Instruct), a local HF folder or a .gguf file")
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    add_eval_arguments(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     add_threads_argument(parser)
 
 
-def _eval_tasks(args: argparse.Namespace) -> list[str]:
+def eval_texts(args: argparse.Namespace, tasks: list[str]) -> dict[str, str]:
+    """Perplexity texts by result name; read before any model loads so a missing asset fails fast."""
+    from qcompile.assets import read_text
+
+    texts = {t: read_text(PPL_TASKS[t]) for t in tasks if t in PPL_TASKS}
+    if args.ppl_text:
+        texts["ppl"] = read_user_text(args.ppl_text)
+    return texts
+
+
+def run_evaluation(model, tokenizer, args: argparse.Namespace, tasks: list[str], texts: dict[str, str]) -> dict:
+    """``{task: {metric: value}}`` for the perplexity texts and the zero-shot tasks."""
+    from qcompile import evaluate
+
+    results = {name: evaluate.perplexity(model, tokenizer, text, window=args.window, max_windows=args.max_windows)
+               for name, text in texts.items()}
+    zero_shot = [t for t in tasks if t in evaluate.TASKS]
+    if zero_shot:
+        results.update(evaluate.evaluate_tasks(model, tokenizer, zero_shot, limit=args.limit,
+                                               batch_size=args.batch_size))
+    return results
+
+
+def resolve_tasks(args: argparse.Namespace) -> list[str]:
     from qcompile.evaluate import TASKS, EvaluationError
 
     tasks = args.tasks if args.tasks is not None else ([] if args.ppl_text else ["wiki-ppl"])
@@ -165,7 +197,7 @@ def _eval_tasks(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
-def _read_user_text(path: str) -> str:
+def read_user_text(path: str) -> str:
     from qcompile.evaluate import EvaluationError
 
     try:
@@ -180,24 +212,15 @@ def _run_eval(args: argparse.Namespace) -> dict:
     import torch
 
     from qcompile import evaluate
-    from qcompile.assets import read_text
     from qcompile.models import load_model, load_tokenizer
 
     start = time.perf_counter()
-    tasks = _eval_tasks(args)
+    tasks = resolve_tasks(args)
     apply_threads(args)
-    # read every text before loading the model: a missing asset fails fast
-    texts = {t: read_text(PPL_TASKS[t]) for t in tasks if t in PPL_TASKS}
-    if args.ppl_text:
-        texts["ppl"] = _read_user_text(args.ppl_text)
+    texts = eval_texts(args, tasks)
     model = load_model(args.model, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(args.model)
-    results = {name: evaluate.perplexity(model, tokenizer, text, window=args.window, max_windows=args.max_windows)
-               for name, text in texts.items()}
-    zero_shot = [t for t in tasks if t in evaluate.TASKS]
-    if zero_shot:
-        results.update(evaluate.evaluate_tasks(model, tokenizer, zero_shot, limit=args.limit,
-                                               batch_size=args.batch_size))
+    results = run_evaluation(model, tokenizer, args, tasks, texts)
     print(evaluate.format_table(results))
     seconds = time.perf_counter() - start
     print(f"model {args.model} ({args.dtype}), {torch.get_num_threads()} threads: {seconds:.1f} s", file=sys.stderr)
@@ -208,6 +231,8 @@ def _run_eval(args: argparse.Namespace) -> dict:
 COMMANDS: dict[str, Command] = {
     "assets": Command(_assets_arguments, _run_assets, "fetch, list or verify the registry assets"),
     "eval": Command(_eval_arguments, _run_eval, "perplexity and zero-shot accuracy of a model"),
+    "quantize": Command("qcompile.commands.quantize:add_arguments", "qcompile.commands.quantize:run",
+                        "quantize a model with a recipe; evaluate FP and quantized; optionally save"),
 }
 
 
@@ -244,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.json:
-            _check_writable(args.json)
+            check_writable(args.json)
         results = _resolve(COMMANDS[args.command].run)(args)
         if args.json:
             write_json(args.json, results)

@@ -57,3 +57,30 @@ def model(family):
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (2, 16), generator=g)
+
+
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def word_tokenizer():
+    """An offline word-level HF tokenizer over WORDS (ids < 128, the tiny models' vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def word_text(n_words: int, seed: int = 3) -> str:
+    """Random text over WORDS (every word one token of ``word_tokenizer``)."""
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n_words,), generator=g))
+
+
+def save_tiny_model(folder, family: str = "llama", **overrides):
+    """A tiny model + word tokenizer saved as an HF folder (what `--model DIR` reads)."""
+    tiny_model(family, **overrides).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
