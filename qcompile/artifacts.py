@@ -34,6 +34,7 @@ __all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION"]
 FORMAT_NAME = "qcompile-artifact"
 FORMAT_VERSION = 1
 _FILES = ("config.json", "recipe.json", "structure.json", "tensors.safetensors")
+_SCALES = "calibration.scales."  # tensors.safetensors keys of the folded scales (the debugger's FP twin needs them)
 
 
 class ArtifactError(QcompileError):
@@ -81,6 +82,8 @@ def save(qm, path: str | Path) -> Path:
         raise ArtifactError(f"{str(path)!r} exists and is not a qcompile artifact; choose another folder")
     unique, aliases = _unique(_graph_tensors(qm.graph_module))
     cal = qm.calibration
+    scales = getattr(cal, "scales", None) or {}
+    unique.update({_SCALES + k: v.detach().float().contiguous().cpu() for k, v in scales.items()})
     structure = {
         "scales": {k: int(v.numel()) for k, v in (getattr(cal, "scales", None) or {}).items()},
         "aliases": aliases,
@@ -177,6 +180,7 @@ def load(path: str | Path):
         raise ArtifactError(f"artifact file tensors.safetensors is unreadable: {e}") from None
     for alias, target in structure["aliases"].items():
         tensors[alias] = tensors[target]
+    scales = {k[len(_SCALES):]: tensors.pop(k) for k in list(tensors) if k.startswith(_SCALES)}
     with torch.device("cpu"):
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
     skeleton = CalibrationResult(scales={k: torch.ones(n) for k, n in structure["scales"].items()},
@@ -184,7 +188,8 @@ def load(path: str | Path):
     gm = capture(model)
     log = run_pipeline_passes(gm, recipe, config, skeleton)
     _load_tensors(gm, tensors)
-    qm = QuantizedModel(gm, recipe, config, log, None, {"load": time.perf_counter() - t0})
+    calibration = CalibrationResult(scales=scales) if scales else None  # artifacts saved before scales: None
+    qm = QuantizedModel(gm, recipe, config, log, calibration, {"load": time.perf_counter() - t0})
     return qm
 
 

@@ -66,7 +66,7 @@ def run_pipeline_passes(gm, recipe, config, calibration=None, dump_dir=None, log
 
 
 def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, *, progress: bool = True,
-             dump_dir=None, log=None, device=None) -> QuantizedModel:
+             dump_dir=None, log=None, device=None, captured=None) -> QuantizedModel:
     """Quantize an HF OPT/LLaMA causal LM with a recipe.
 
     Args:
@@ -76,6 +76,7 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
             OPTQ, clipping or FP16 protection. Windows: ``recipe.calib_samples x recipe.calib_seq_len``.
         tokenizer: tokenizes text calibration data.
         dump_dir: write the graph after every pass and a diff per pass there.
+        captured: a fresh ``capture(model)`` graph to rewrite instead of capturing again (it is modified).
     """
     from qcompile.calibration.engine import calibrate, calibration_batches, needs_calibration
     from qcompile.capture import capture
@@ -92,7 +93,7 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
         result = calibrate(model, recipe, batches, progress=progress, device=device)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    gm = capture(model)
+    gm = capture(model) if captured is None else captured
     seconds["capture"] = time.perf_counter() - t
     t = time.perf_counter()
     log_entries = run_pipeline_passes(gm, recipe, model.config, result, dump_dir=dump_dir, log=log)
