@@ -1,7 +1,7 @@
 """Errors meant for people: each says what was wrong, what was expected and what to do next."""
 from __future__ import annotations
 
-__all__ = ["QcompileError", "AssetError", "ModelError", "CalibrationError", "ExportError"]
+__all__ = ["shown", "QcompileError", "AssetError", "ModelError", "CalibrationError", "ExportError"]
 
 
 class QcompileError(Exception):
@@ -22,3 +22,9 @@ class CalibrationError(QcompileError):
 
 class ExportError(QcompileError):
     """A quantized model cannot be exported as asked."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages that echo user input (it can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompile.errors import QcompileError
+from qcompile.errors import QcompileError, shown
 
 __all__ = [
     "FormatSpec", "Granularity", "FormatError", "FP4_GRIDS", "DINT_RATIOS",
@@ -99,10 +99,11 @@ class FormatSpec:
         m = re.fullmatch(r"fp4_(e1m2|e2m1|e3m0)", name)
         if m:
             return FormatSpec("fp4", 4, True, fp_variant=m.group(1))
-        m = re.fullmatch(r"(int|dint)(\d+)(_sym)?(?:_c([0-9.]+))?", name)
+        # ASCII digits only, bounded: int()/float() of what matches can never fail (no "_c.", no 5000 digits)
+        m = re.fullmatch(r"(int|dint)([0-9]{1,3})(_sym)?(?:_c([0-9]{1,3}(?:\.[0-9]{0,6})?|\.[0-9]{1,6}))?", name)
         if not m or (m.group(4) and m.group(1) != "dint"):
             raise FormatError(
-                f"format {name!r} is unknown; allowed: int<b>[_sym], dint<b>[_sym][_c0.25|_c0.125], "
+                f"format {shown(name)} is unknown; allowed: int<b>[_sym], dint<b>[_sym][_c0.25|_c0.125], "
                 "fp4_e1m2, fp4_e2m1, fp4_e3m0")
         ratio = float(m.group(4)) if m.group(4) else 0.5
         return FormatSpec(m.group(1), int(m.group(2)), bool(m.group(3)), dint_ratio=ratio)
@@ -130,7 +131,7 @@ class Granularity:
 
     def __post_init__(self):
         if self.kind not in ("tensor", "channel", "token", "group", "vchannel"):
-            raise FormatError(f"granularity {self.kind!r} is unknown; allowed: tensor, channel, token, "
+            raise FormatError(f"granularity {shown(self.kind)} is unknown; allowed: tensor, channel, token, "
                               "group<g>, vchannel")
         if self.kind == "group" and (not isinstance(self.group_size, int) or self.group_size < 2):
             raise FormatError(f"group size {self.group_size!r} is not allowed; use an integer >= 2")
@@ -142,8 +143,10 @@ class Granularity:
     @staticmethod
     def parse(name: str) -> "Granularity":
         """``"channel"``, ``"token"``, ``"tensor"``, ``"vchannel"``, ``"group64"`` -> Granularity."""
-        m = re.fullmatch(r"group(\d+)", str(name))
+        m = re.fullmatch(r"group([0-9]+)", str(name))
         if m:
+            if len(m.group(1)) > 9:  # also keeps int() under Python's digit limit
+                raise FormatError(f"group size {m.group(1)[:12]}... is not allowed; use an integer >= 2 that divides K")
             return Granularity("group", int(m.group(1)))
         return Granularity(str(name))
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qcompile.errors import QcompileError
+from qcompile.errors import QcompileError, shown
 from qcompile.formats import FormatError, FormatSpec, Granularity
 
 __all__ = ["Recipe", "RecipeError", "PRESETS", "resolve_recipe", "register_preset"]
@@ -29,7 +29,7 @@ class RecipeError(QcompileError, ValueError):
 
 def _check(cond: bool, name: str, value, allowed: str) -> None:
     if not cond:
-        raise RecipeError(f"recipe field '{name}' = {value!r} is not allowed; allowed: {allowed}")
+        raise RecipeError(f"recipe field '{name}' = {shown(value)} is not allowed; allowed: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Recipe:
             try:
                 FormatSpec.parse(value)
             except FormatError as e:
-                raise RecipeError(f"recipe field '{fname}' = {value!r} is not allowed: {e}") from None
+                raise RecipeError(f"recipe field '{fname}' = {shown(value)} is not allowed: {e}") from None
         self._check_granularity("weight_granularity", self.weight_granularity, ("channel", "group"))
         self._check_granularity("act_granularity", self.act_granularity, ("token", "group"))
         _check(self.scaling in SCALINGS, "scaling", self.scaling, f"one of {SCALINGS}")
@@ -94,7 +94,8 @@ class Recipe:
                self.calib_seq_len, "an integer in [2, 32768]")
         _check(_num(self.fp16_ratio) and 0.0 <= self.fp16_ratio < 1.0, "fp16_ratio", self.fp16_ratio,
                "a number in [0, 1)")
-        _check(_int(self.seed), "seed", self.seed, "an integer")
+        # torch generators take at most 64 bits and the engine seeds layer i with seed + i
+        _check(_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
         for fname in ("clip_search", "optq_act_order", "fuse_layernorm"):
             _check(isinstance(getattr(self, fname), bool), fname, getattr(self, fname), "true or false")
         skip = self.skip
@@ -110,7 +111,7 @@ class Recipe:
         try:
             gran = Granularity.parse(value)
         except FormatError as e:
-            raise RecipeError(f"recipe field '{fname}' = {value!r} is not allowed: {e}") from None
+            raise RecipeError(f"recipe field '{fname}' = {shown(value)} is not allowed: {e}") from None
         _check(gran.kind in kinds, fname, value, " or ".join(k if k != "group" else "group<g>" for k in kinds))
 
     # --- views -----------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ class Recipe:
         data = dict(data)
         base = cls.from_preset(data.pop("preset")).to_dict() if "preset" in data else {}
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)  # keys of a YAML file need not be strings
         if unknown:
             raise RecipeError(f"recipe has unknown field(s) {unknown}; known fields: {sorted(known)}")
         base.update(data)
@@ -165,8 +166,8 @@ class Recipe:
 
     @classmethod
     def from_preset(cls, name: str) -> "Recipe":
-        if name not in PRESETS:
-            raise RecipeError(f"unknown recipe preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise RecipeError(f"unknown recipe preset {shown(name)}; presets: {', '.join(sorted(PRESETS))}")
         return PRESETS[name]
 
     @classmethod
@@ -175,7 +176,10 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -183,7 +187,8 @@ class Recipe:
             else:
                 data = json.loads(text)
         except Exception as e:  # parse errors of either library
-            raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+            reason = " ".join(str(e).split())  # YAML errors span several lines
+            raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {reason}") from None
         data = data or {}
         if isinstance(data, dict):
             data.setdefault("name", path.stem)
