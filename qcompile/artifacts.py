@@ -100,7 +100,7 @@ def save(qm, path: str | Path) -> Path:
         import qcompile
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "qcompile": qcompile.__version__,
                     "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in _FILES}}
-        manifest["checksum"] = _files_checksum(manifest["files"])
+        manifest["checksum"] = _manifest_checksum(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         old = None
         if path.exists():
@@ -115,8 +115,14 @@ def save(qm, path: str | Path) -> Path:
     return path
 
 
+def _manifest_checksum(manifest: dict) -> str:
+    """Checksum of every manifest field but itself, so a changed manifest is told apart from a changed file."""
+    rest = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def _files_checksum(files: dict) -> str:
-    """Checksum of the manifest's own file table, so a changed manifest is told apart from a changed file."""
+    """The checksum of the first version-1 artifacts: the file table only (still accepted when loading)."""
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
@@ -127,7 +133,8 @@ def _read_manifest(path: Path) -> dict:
     if not mf.is_file():
         raise ArtifactError(f"{str(path)!r} has no manifest.json: not a qcompile artifact (or a partial copy)")
     try:
-        manifest = json.loads(mf.read_text())
+        text = mf.read_text(encoding="utf-8")
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"manifest.json in {str(path)!r} is corrupt: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -138,8 +145,10 @@ def _read_manifest(path: Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(_FILES):
         raise ArtifactError(f"manifest.json in {str(path)!r} does not list the expected files {list(_FILES)}")
-    if manifest.get("checksum") != _files_checksum(files):
+    if manifest.get("checksum") not in (_manifest_checksum(manifest), _files_checksum(files)):
         raise ArtifactError(f"manifest.json in {str(path)!r} is corrupt or was modified (checksum mismatch)")
+    if text != json.dumps(manifest, indent=1):  # save writes exactly this: a changed space or newline is caught too
+        raise ArtifactError(f"manifest.json in {str(path)!r} is corrupt or was modified (not as saved)")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
