@@ -233,6 +233,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(_eval_arguments, _run_eval, "perplexity and zero-shot accuracy of a model"),
     "quantize": Command("qcompile.commands.quantize:add_arguments", "qcompile.commands.quantize:run",
                         "quantize a model with a recipe; evaluate FP and quantized; optionally save"),
+    "report": Command("qcompile.commands.report:add_arguments", "qcompile.commands.report:run", "numerics report (HTML)"),
 }
 
 
