@@ -3,14 +3,16 @@
 * ``w4a8_linear(x, packed, bias=None, act_fmt="int8")``: per-token int8 activation quantization (inside)
   x 4-bit packed weight -> ``x.dtype``. Op ``qcompile_triton::w4a8_linear``.
 * ``w4a4_linear(x, packed, bias=None, act_fmt="int4")``: activations quantized to 4 bits per group of the
-  weight's group size. Op ``qcompile_triton::w4a4_linear``.
+  weight's group size (per token for a per-channel weight: one group of all of K). Op ``qcompile_triton::w4a4_linear``.
 * ``quantize_per_token(x, fmt="int8")`` / ``quantize_per_group(x, group_size, fmt="int4")``: the
   activation quantizer alone -> ``(codes int8, scale fp32, zp int32)``, codes and zero-points in the
   signed convention ``formats_code - 2^(b-1)``. Ops ``qcompile_triton::quantize_per_token|group``.
 
 Each op runs the Triton kernel for CUDA tensors, the Triton interpreter for CPU tensors under
 ``TRITON_INTERPRET=1``, and the pure-torch integer reference (``reference.py``) for other CPU tensors.
-Each has a fake implementation, so it traces through ``torch.export`` / ``torch.compile``.
+Each has a fake implementation, so it traces through ``torch.export`` / ``torch.compile``; the linears
+have a straight-through backward for ``x`` (as the reference ``qdq_activation``), so a graph that
+requires grad still compiles.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 from qcompile import formats as F
 
-from .packing import PackedWeight
+from .packing import PackedWeight, unpack_values
 from .reference import linear_reference, quantize_rows_reference
 
 __all__ = ["w4a8_linear", "w4a4_linear", "quantize_per_token", "quantize_per_group"]
@@ -121,17 +123,39 @@ def _w4a8_linear_op(x: torch.Tensor, qweight: torch.Tensor, unit_scale: torch.Te
 def _w4a4_linear_op(x: torch.Tensor, qweight: torch.Tensor, unit_scale: torch.Tensor, code_sum: torch.Tensor,
                     zero_byte: torch.Tensor, fmt: str, group_size: int, in_features: int, act_fmt: str,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if group_size <= 0:
-        raise ValueError("w4a4_linear quantizes activations per group of the weight's group size: pack the "
-                         "weight with a group granularity (e.g. 'group128')")
+    # Activations per group of the weight's group size; a per-channel weight is one group of all of K,
+    # so its activations are quantized per token (the same thing as one group of K).
     return _linear_impl(x, qweight, unit_scale, code_sum, zero_byte, fmt, group_size, in_features,
-                        _act_spec(act_fmt, 4), group_size, bias, "w4a4_linear")
+                        _act_spec(act_fmt, 4), max(group_size, 0), bias, "w4a4_linear")
 
 
 @_w4a8_linear_op.register_fake
 @_w4a4_linear_op.register_fake
 def _(x, qweight, unit_scale, code_sum, zero_byte, fmt, group_size, in_features, act_fmt, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, qweight, unit_scale, code_sum, zero_byte, fmt, group_size, in_features, act_fmt, bias = inputs
+    ctx.save_for_backward(qweight, unit_scale, zero_byte)
+    ctx.meta = (fmt, group_size, in_features, x.dtype, bias is not None)
+
+
+def _linear_backward(ctx, grad):
+    """Straight-through estimator for the activation quantizer (as ``qcompile::qdq_activation``):
+    ``dx = dy @ dequant(W)``; the weight codes get no gradient, the bias ``sum(dy)``."""
+    qweight, unit_scale, zero_byte = ctx.saved_tensors
+    fmt, group_size, in_features, dtype, has_bias = ctx.meta
+    pw = _packed(qweight, unit_scale, unit_scale, zero_byte, fmt, group_size, in_features)
+    g = group_size or in_features
+    w = unpack_values(pw).float() * unit_scale.t().repeat_interleave(g, dim=1)  # [N, K]
+    dx = (grad.float() @ w).to(dtype)
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias else None
+    return dx, None, None, None, None, None, None, None, None, db
+
+
+_w4a8_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_w4a4_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def _quantize_impl(x: torch.Tensor, spec: F.FormatSpec, group_size: int, what: str):

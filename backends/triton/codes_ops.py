@@ -1,0 +1,146 @@
+"""Kernel ops that take the graph's own weight tensors and find their prepacked form at run time.
+
+* ``qcompile_triton::w4_linear_codes(x, codes, scale, zero_point, fmt, granularity, in_features,
+  act_fmt, bias)``: the lowering of ``linear(qdq_activation(x), dequantize_weight(codes, ...))``;
+* ``qcompile_triton::w4_linear_rtn(x, weight, fmt, granularity, act_fmt, bias)``: a float weight,
+  quantized round-to-nearest (``formats.quantize``) on first use (``lowbit``'s ``options["recipe"]``).
+
+Both look the ``PackedWeight`` up in a cache keyed by the identity (and version counter) of the weight
+tensors they are given, packing on a miss. Why not bake the packed weights into the compiled graph
+as constants: dynamo reuses one compiled graph for every module instance with the same code (module
+parameters and buffers are unguarded graph inputs), e.g. two quantized models of one architecture,
+or a decoder layer compiled once for all layers; baked weights would then silently belong to the
+first instance. A lookup is a dict access on the host; under CUDA graphs it costs nothing. Packing
+needs a host sync, so the first call for a weight must not be inside a CUDA graph capture (warm up
+first; the error says so).
+
+The activation format picks the kernel: int8 -> ``w4a8_linear``, int4 -> ``w4a4_linear``
+(per group of the weight's group size, per token for per-channel weights). Backward: straight-through
+for ``x`` (``dx = dy @ dequant(W)``), as the reference ``qdq_activation``.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Optional
+
+import torch
+
+from qcompile import formats as F
+from qcompile import ops as _qops  # noqa: F401  (registers qcompile::dequantize_weight)
+
+from .ops import w4a4_linear, w4a8_linear
+from .packing import PackedWeight, prepack
+
+__all__ = ["packed_for_codes", "packed_for_weight", "cached_packed_weights"]
+
+# id(first tensor) -> (weak ref to it, key, PackedWeight); an entry is dropped with its tensor.
+_CACHE: dict[int, tuple] = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+        return 0
+
+
+def _lookup(anchor: torch.Tensor, key: tuple, make) -> PackedWeight:
+    hit = _CACHE.get(id(anchor))
+    if hit is not None and hit[0]() is anchor and hit[1] == key:
+        return hit[2]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("qcompile_triton: a weight is packed on its first use, which needs a host sync and "
+                           "cannot run inside a CUDA graph capture; run the compiled model once before capturing")
+    pw = make()
+    if hit is None or hit[0]() is not anchor:
+        weakref.finalize(anchor, _CACHE.pop, id(anchor), None)
+    _CACHE[id(anchor)] = (weakref.ref(anchor), key, pw)
+    return pw
+
+
+def packed_for_codes(codes, scale, zero_point, fmt: str, granularity: str, in_features: int) -> PackedWeight:
+    """The cached ``prepack`` of ``qcompile::dequantize_weight``'s inputs (codes two per byte for 4 bits)."""
+    key = ("codes", _version(codes), scale.data_ptr(), _version(scale), zero_point.data_ptr(),
+           _version(zero_point), fmt, granularity, in_features)
+    return _lookup(codes, key, lambda: prepack(codes, scale, zero_point, fmt, granularity, in_features=in_features))
+
+
+def packed_for_weight(weight: torch.Tensor, fmt: str, granularity: str) -> PackedWeight:
+    """The cached RTN quantization (``formats.quantize``) + ``prepack`` of a float weight ``[N, K]``."""
+    key = ("rtn", _version(weight), weight.data_ptr(), fmt, granularity)
+
+    def make():
+        spec, gran = F.FormatSpec.parse(fmt), F.Granularity.parse(granularity)
+        return prepack(*F.quantize(weight.detach(), spec, gran), spec, gran)
+
+    return _lookup(weight, key, make)
+
+
+def cached_packed_weights() -> list[PackedWeight]:
+    """Every packed weight alive in the cache (to count their bytes)."""
+    return [entry[2] for entry in _CACHE.values() if entry[0]() is not None]
+
+
+@functools.lru_cache(maxsize=16)
+def _act_bits(act_fmt: str) -> int:
+    return F.FormatSpec.parse(act_fmt).bits
+
+
+def _run(x, pw, act_fmt, bias):
+    fn = w4a8_linear if _act_bits(act_fmt) == 8 else w4a4_linear
+    return fn(x, pw, bias, act_fmt)
+
+
+@torch.library.custom_op("qcompile_triton::w4_linear_codes", mutates_args=())
+def w4_linear_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str,
+                    granularity: str, in_features: int, act_fmt: str, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run(x, packed_for_codes(codes, scale, zero_point, fmt, granularity, in_features), act_fmt, bias)
+
+
+@torch.library.custom_op("qcompile_triton::w4_linear_rtn", mutates_args=())
+def w4_linear_rtn(x: torch.Tensor, weight: torch.Tensor, fmt: str, granularity: str, act_fmt: str,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run(x, packed_for_weight(weight, fmt, granularity), act_fmt, bias)
+
+
+@w4_linear_codes.register_fake
+def _(x, codes, scale, zero_point, fmt, granularity, in_features, act_fmt, bias):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+@w4_linear_rtn.register_fake
+def _(x, weight, fmt, granularity, act_fmt, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_codes(ctx, inputs, output):
+    x, codes, scale, zp, fmt, gran, k, act_fmt, bias = inputs
+    ctx.save_for_backward(codes, scale, zp)
+    ctx.meta = (fmt, gran, k, x.dtype, bias is not None)
+
+
+def _backward_codes(ctx, grad):
+    codes, scale, zp = ctx.saved_tensors
+    fmt, gran, k, dtype, has_bias = ctx.meta
+    w = torch.ops.qcompile.dequantize_weight(codes, scale, zp, fmt, gran, k, "float32")
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias else None
+    return (grad.float() @ w).to(dtype), None, None, None, None, None, None, None, db
+
+
+def _setup_rtn(ctx, inputs, output):
+    x, weight, fmt, gran, act_fmt, bias = inputs
+    ctx.save_for_backward(weight)
+    ctx.meta = (fmt, gran, x.dtype, bias is not None)
+
+
+def _backward_rtn(ctx, grad):
+    (weight,) = ctx.saved_tensors
+    fmt, gran, dtype, has_bias = ctx.meta
+    w = F.fake_quantize(weight.float(), F.FormatSpec.parse(fmt), F.Granularity.parse(gran))
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias else None
+    return (grad.float() @ w).to(dtype), None, None, None, None, db
+
+
+w4_linear_codes.register_autograd(_backward_codes, setup_context=_setup_codes)
+w4_linear_rtn.register_autograd(_backward_rtn, setup_context=_setup_rtn)

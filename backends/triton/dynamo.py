@@ -1,0 +1,80 @@
+"""The ``lowbit`` torch.compile backend: Triton W4A8 / W4A4 kernels for the quantized linears, Inductor for the rest.
+
+    fast = torch.compile(qm, backend="lowbit")                 # qm from qcompile.quantize (or its module form)
+    fast = torch.compile(hf_model, backend="lowbit", options={"recipe": "w4a8-rtn-dint4"})  # RTN on the fly
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so the name works
+without importing qcompile first. For each graph dynamo hands over:
+
+1. with ``options["recipe"]``: float linears whose weight is a parameter are quantized round-to-nearest
+   (``rtn_graph.quantize_float_linears``; no calibration), to the kernel op where one applies;
+2. ``lower.lower_linears`` rewrites the QDQ linears into ``qcompile_triton::`` ops on prepacked weights
+   and records a ``LoweringReport`` (``last_report()``; printed with ``options["print_report"]``);
+3. Inductor compiles the graph (``options["inductor"] = False`` runs it as is, e.g. to debug). ``mode``
+   is Inductor's (``"reduce-overhead"`` turns on its CUDA graphs).
+
+Without CUDA the kernel ops run their pure-torch integer reference, so the backend also works on CPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from .lower import LoweringReport, lower_linears
+
+__all__ = ["lowbit_backend", "last_report", "reports", "OPTIONS"]
+
+OPTIONS = {"recipe": None, "inductor": True, "print_report": False}
+_REPORTS: list[LoweringReport] = []
+
+
+def reports() -> list[LoweringReport]:
+    """The lowering reports of every graph compiled by this backend in this process, oldest first."""
+    return list(_REPORTS)
+
+
+def last_report() -> LoweringReport | None:
+    """The report of the most recent graph compiled by ``lowbit`` (None before any)."""
+    return _REPORTS[-1] if _REPORTS else None
+
+
+def _check_options(options) -> dict:
+    from qcompile.errors import QcompileError
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise QcompileError(f"lowbit backend: unknown option(s) {unknown}; known options: {sorted(OPTIONS)}")
+    return {**OPTIONS, **options}
+
+
+def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """Dynamo backend: quantize (optional) -> lower the quantized linears -> Inductor.
+
+    Args:
+        gm: the graph dynamo captured.
+        example_inputs: its real inputs (parameters and buffers included).
+        mode: Inductor mode (``"reduce-overhead"``, ``"max-autotune"``...), from ``torch.compile(mode=)``.
+        options: ``{"recipe": <RTN recipe name / Recipe>, "inductor": bool, "print_report": bool}``.
+
+    Returns:
+        The compiled callable.
+    """
+    opts = _check_options(options)
+    rtn_sites = []
+    if opts["recipe"] is not None:
+        from .rtn_graph import quantize_float_linears
+
+        rtn_sites = quantize_float_linears(gm, example_inputs, opts["recipe"])
+    report = lower_linears(gm, example_inputs)
+    report.sites[:0] = rtn_sites
+    report.float_linears -= sum(not s.lowered for s in rtn_sites)  # their fake-quantized weights look float
+    _REPORTS.append(report)
+    if opts["print_report"]:
+        print(report.table())
+    if not opts["inductor"]:
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode) if mode else {}
+    return compile_fx(gm, example_inputs, config_patches=patches)
