@@ -184,16 +184,17 @@ def record_linears(gm, input_ids: torch.Tensor, keep_tokens: int | None = None, 
 
 
 # ---------------------------------------------------------------------------------------- error maths
-def error_split(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> dict:
+def error_split(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor, signal: float | None = None) -> dict:
     """AQAS eq. 4: ``E[(Δ_u X)²]`` (weights quantized to zero) and ``E[(Δ_r X)²]`` (the rest), with the
-    signal ``E[(W X)²]`` and the total ``E[(Δ X)²]``; expectations over output channels and tokens."""
+    signal ``E[(W X)²]`` and the total ``E[(Δ X)²]``; expectations over output channels and tokens.
+    Two GEMMs (``Δ_u X`` and ``Δ X``; ``Δ_r X`` is their difference); ``signal`` skips a third."""
     delta = w_hat - w
     under = (w_hat == 0) & (w != 0)
-    d_u = delta * under
-    e_u = (x @ d_u.T).pow(2).mean().item()
-    e_t = (x @ delta.T).pow(2).mean().item()
-    e_r = (x @ (delta - d_u).T).pow(2).mean().item()
-    return {"underflow": e_u, "rounding": e_r, "total": e_t, "signal": (x @ w.T).pow(2).mean().item(),
+    e_u_x = x @ (delta * under).T  # Δ_u X
+    e_x = x @ delta.T              # Δ X
+    return {"underflow": e_u_x.pow(2).mean().item(), "rounding": (e_x - e_u_x).pow(2).mean().item(),
+            "total": e_x.pow(2).mean().item(),
+            "signal": (x @ w.T).pow(2).mean().item() if signal is None else signal,
             "zero_frac": under.float().mean().item()}
 
 
@@ -202,8 +203,9 @@ def _stats(prefix: str, t: torch.Tensor) -> dict:
     return {f"{prefix}_min": t.min().item(), f"{prefix}_median": t.median().item(), f"{prefix}_max": t.max().item()}
 
 
-def _format_rows(w: torch.Tensor, x: torch.Tensor, gran: str | None) -> dict:
-    """INT4 vs dINT4 round-to-nearest of the same FP weight: the eq. 4 split of each, side by side."""
+def _format_rows(w: torch.Tensor, x: torch.Tensor, gran: str | None, signal: float, own=None) -> dict:
+    """INT4 vs dINT4 round-to-nearest of the same FP weight: the eq. 4 split of each, side by side.
+    ``own = (w_hat, split)`` of the recipe is reused where it is exactly that RTN weight."""
     from qcompile import formats as F
 
     gran = F.Granularity.parse(gran or "channel")
@@ -213,7 +215,7 @@ def _format_rows(w: torch.Tensor, x: torch.Tensor, gran: str | None) -> dict:
             w_hat = F.fake_quantize(w, F.FormatSpec.parse(name), gran)
         except F.FormatError:
             w_hat = F.fake_quantize(w, F.FormatSpec.parse(name), F.Granularity("channel"))
-        s = error_split(w, w_hat, x)
+        s = own[1] if own is not None and torch.equal(own[0], w_hat) else error_split(w, w_hat, x, signal)
         row.update({f"{name}_underflow": s["underflow"], f"{name}_rounding": s["rounding"],
                     f"{name}_total": s["total"], f"{name}_zero_frac": s["zero_frac"],
                     f"{name}_sqnr_db": 10 * math.log10(max(s["signal"], 1e-30) / max(s["total"], 1e-30))})
@@ -230,11 +232,12 @@ def linear_row(t: LinearRecord, q: LinearRecord, max_tokens: int = 512) -> dict 
         return None
     x = t.x[:max_tokens]
     xq = x if not info.act_format else torch.ops.qcompile.qdq_activation(x, info.act_format, info.act_granularity)
-    s = error_split(w, w_hat, x)
+    y_ref = x @ w.T
+    s = error_split(w, w_hat, x, y_ref.pow(2).mean().item())
     row = {"module": info.module, "weight": info.weight_format or "-", "w_gran": info.weight_granularity or "-",
            "act": info.act_format or "-", "a_gran": info.act_granularity or "-",
            "out_features": w.shape[0], "in_features": w.shape[1],
-           "sqnr_local_db": sqnr_db(x @ w.T, xq @ w_hat.T), "sqnr_e2e_db": sqnr_db(t.y, q.y),
+           "sqnr_local_db": sqnr_db(y_ref, xq @ w_hat.T), "sqnr_e2e_db": sqnr_db(t.y, q.y),
            "underflow_err": s["underflow"], "rounding_err": s["rounding"], "total_err": s["total"],
            "signal": s["signal"], "zero_frac": s["zero_frac"], "x_min": x.min().item(), "x_max": x.max().item()}
     qp = q.weight_qparams()
@@ -245,7 +248,7 @@ def linear_row(t: LinearRecord, q: LinearRecord, max_tokens: int = 512) -> dict 
         from qcompile import formats as F
         a_scale, _ = F.choose_qparams(x, F.FormatSpec.parse(info.act_format), F.Granularity.parse(info.act_granularity))
         row.update(_stats("a_scale", a_scale))
-    row.update(_format_rows(w, x, info.weight_granularity))
+    row.update(_format_rows(w, x, info.weight_granularity, s["signal"], (w_hat, s)))
     return row
 
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-text", default=None, metavar="FILE", help="calibration text (default: C4 sample)")
     parser.add_argument("--tokens", type=int, default=2048, metavar="T",
                         help="window for activation ranges (sequence lengths 32/128/512/2048 up to T)")
-    parser.add_argument("--err-tokens", type=int, default=512, metavar="T",
+    parser.add_argument("--err-tokens", type=int, default=256, metavar="T",
                         help="tokens for per-linear errors and backend comparisons")
     parser.add_argument("--tol", type=float, default=2e-2,
                         help="a backend diverges at a linear when ||y - y_ref|| / ||y_ref|| exceeds this")
@@ -60,7 +60,7 @@ def _check(args) -> None:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise QcompileError(f"--out {args.out} exists and is not a folder")
-    check_writable(out / "report.html", "the --out folder")
+    check_writable(out / "report.html" if out.is_dir() else out, "the --out folder")
 
 
 def _tokens(args, tokenizer):
