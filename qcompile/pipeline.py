@@ -11,9 +11,9 @@ import torch
 
 from qcompile.architectures import architecture_of
 from qcompile.errors import CalibrationError, ModelError
-from qcompile.recipes import Recipe, resolve_recipe
+from qcompile.recipes import Recipe, RecipeError, resolve_recipe
 
-__all__ = ["quantize", "QuantizedModel", "run_pipeline_passes"]
+__all__ = ["quantize", "QuantizedModel", "check_model", "run_pipeline_passes"]
 
 
 class QuantizedModel(torch.nn.Module):
@@ -44,7 +44,9 @@ class QuantizedModel(torch.nn.Module):
         return [i for i in infos if i is not None and (i.weight_format or i.act_format)]
 
 
-def _check_model(model) -> None:
+def check_model(model, recipe: Recipe | None = None) -> None:
+    """Refuse, before any slow work, what would fail later: an unsupported model, NaN/Inf weights and,
+    given a recipe, a group size that does not divide the input size K of a linear it quantizes."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise ModelError(f"qcompile.quantize needs a Hugging Face causal LM, got {type(model).__name__}")
@@ -52,6 +54,28 @@ def _check_model(model) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ModelError(f"model parameter {name} contains NaN or Inf values; the checkpoint is corrupt")
+    if recipe is not None:
+        _check_group_sizes(model, recipe)
+
+
+def _check_group_sizes(model, recipe: Recipe) -> None:
+    from qcompile.formats import _divisors_hint
+    from qcompile.passes.keep_salient_fp16 import salient_channels
+    from qcompile.passes.runner import in_scope
+
+    groups = [(f, gran.group_size) for f, gran, fmt in (("weight_granularity", recipe.weight_gran, recipe.weight_format),
+                                                        ("act_granularity", recipe.act_gran, recipe.act_format))
+              if fmt is not None and gran.kind == "group"]
+    for name, module in model.named_modules() if groups else ():
+        if not isinstance(module, torch.nn.Linear) or not in_scope(name, recipe):
+            continue
+        k = module.in_features  # minus the FP16-kept channels, which are cut out before quantization
+        k = salient_channels(torch.zeros(k), recipe.fp16_ratio)[1].numel() if recipe.fp16_ratio > 0 else k
+        for field, g in groups:
+            if k % g:
+                raise RecipeError(f"recipe field '{field}' = 'group{g}' does not fit {name}: {g} does not divide "
+                                  f"its quantized input size K={k}; use a group size that divides it "
+                                  f"(e.g. {_divisors_hint(k)}) or per-{'channel' if field[0] == 'w' else 'token'}")
 
 
 def _context(recipe, config, calibration=None):
@@ -82,7 +106,7 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
     from qcompile.capture import capture
 
     recipe = resolve_recipe(recipe)
-    _check_model(model)
+    check_model(model, recipe)
     seconds, result = {}, None
     if needs_calibration(recipe):
         if calibration is None:

@@ -8,6 +8,8 @@ mutated; non-contiguous inputs; the ``qcompile::`` ops equal the reference on ra
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -126,7 +128,7 @@ def test_error_bounds_of_the_other_grids(fmt, gran, seed, spread):
     y = F.dequantize(codes, s, z, fmt, gran)
     if fmt.kind == "fp4":
         grid = F.FP4_GRIDS[fmt.fp_variant]
-        half_gap = max(b - a for a, b in zip(grid, grid[1:])) / 2
+        half_gap = max(b - a for a, b in itertools.pairwise(grid)) / 2
     else:
         half_gap = 0.5    # INT_sym and dINT: uniform steps of s; dINT's specials only shrink the error
     bound = _blocks(s, x, gran) * half_gap

@@ -116,6 +116,8 @@ def _prepare_save(path: str) -> Path:
     check_writable(target, "the --save artifact")
     if target.exists() and not target.is_dir():
         raise QcompileError(f"--save {path} exists and is not a folder")
+    if target.is_dir() and not (target / "manifest.json").is_file():  # qcompile.save would refuse it, but late
+        raise QcompileError(f"--save {path} exists and is not a qcompile artifact; choose another folder")
     return target
 
 
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from qcompile.evaluate import flatten_results
     from qcompile.models import load_model, load_tokenizer
-    from qcompile.pipeline import quantize
+    from qcompile.pipeline import check_model, quantize
 
     if args.list_recipes:
         return _list_recipes()
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     recipe = resolve_cli_recipe(args.recipe, args.overrides)
     save_dir = _prepare_save(args.save) if args.save else None
     if args.dump_dir:
-        check_writable(Path(args.dump_dir) / "x", "the --dump-dir folder")
+        dump = Path(args.dump_dir).expanduser()  # created by the pass runner when missing: its parent must exist
+        check_writable(dump / "x" if dump.is_dir() else dump, "the --dump-dir folder")
     tasks = resolve_tasks(args)
     apply_threads(args)
     texts = eval_texts(args, tasks)
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
 
         calibration_batches(calib_text, tokenizer, 1, recipe.calib_seq_len, recipe.seed)
     model = load_model(args.model, dtype=torch.float32)
+    check_model(model, recipe)  # NaN weights, group sizes vs K: refused before the FP evaluation
     stages: dict[str, float] = {}
     fp = None
     if not args.no_fp:
