@@ -40,7 +40,8 @@ from qcompile import ops as _qops  # noqa: F401  (registers the qcompile:: ops)
 
 from .codes_ops import packed_for_codes
 
-__all__ = ["LINEAR_TARGETS", "SiteReport", "LoweringReport", "lower_linears", "site_name", "module_path", "act_plan"]
+__all__ = ["LINEAR_TARGETS", "SiteReport", "LoweringReport", "lower_linears", "site_name", "module_path", "act_plan",
+           "erase_if_unused"]
 
 LINEAR_TARGETS = (torch.ops.aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear)
 _DEQUANT = torch.ops.qcompile.dequantize_weight.default
@@ -217,6 +218,15 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, plan) -> None:
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    erase_if_unused(gm, w)
+
+
+def erase_if_unused(gm: fx.GraphModule, *nodes) -> None:
+    """Erase the given nodes once nothing reads them. (Not ``eliminate_dead_code``: dynamo graphs hold
+    in-place method calls, e.g. a KV cache's ``index_copy_``, that FX would wrongly drop as dead.)"""
+    for n in nodes:
+        if isinstance(n, fx.Node) and n.op == "call_function" and not n.users:
+            gm.graph.erase_node(n)
 
 
 def lower_linears(gm: fx.GraphModule, example_inputs=None) -> LoweringReport:
@@ -241,8 +251,9 @@ def lower_linears(gm: fx.GraphModule, example_inputs=None) -> LoweringReport:
         site, plan = _plan_site(node, consts)
         report.sites.append(site)
         if plan is not None:
+            qdq = _linear_args(node)[0]
             _rewrite(gm, node, plan)
-    gm.graph.eliminate_dead_code()
+            erase_if_unused(gm, qdq)
     gm.graph.lint()
     gm.recompile()
     return report

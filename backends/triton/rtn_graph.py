@@ -95,6 +95,6 @@ def quantize_float_linears(gm: fx.GraphModule, example_inputs, recipe) -> list[S
             new.replace_all_uses_with(v, delete_user_cb=lambda u: u is not v)
             v.meta.update(new.meta)
         sites.append(site)
-    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
     gm.recompile()
     return sites
