@@ -69,7 +69,8 @@ def plot_split(numbers: dict, path: Path) -> Path | None:
                label=f"{fmt} rounding", color=("C0", "C2")[j], alpha=0.7)
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("E[(ΔX)²] / E[(WX)²], summed over the layer's linears")
+    ax.set_ylabel("E[(ΔX)²] / E[(WX)²]")
+    ax.set_title("summed over each layer's linears (RTN of the same FP weights)", fontsize=9)
     ax.legend(ncol=4, fontsize=8)
     return _save(fig, path)
 
