@@ -117,3 +117,20 @@ def test_compare_unknown_backend(llama_qm):
 
     with pytest.raises(QcompileError, match="unknown backend"):
         debug.compare(llama_qm[1], IDS, backends=("tpu",))
+
+
+def test_layer_errors_of_a_loaded_calibrated_artifact(tmp_path):
+    """Artifacts keep the folded scales, so the FP twin of a loaded model is the same as of the original."""
+    from tests.conftest import word_text, word_tokenizer
+
+    model = tiny_model("llama")
+    recipe = qcompile.Recipe("sq", weight_format="int4", act_format="int8", scaling="smoothquant",
+                             calib_samples=4, calib_seq_len=32)
+    qm = qcompile.quantize(model, recipe, calibration=word_text(400), tokenizer=word_tokenizer(), progress=False)
+    loaded = qcompile.load(qcompile.save(qm, tmp_path / "a"))
+    assert set(loaded.calibration.scales) == set(qm.calibration.scales)
+    a, b = debug.layer_errors(model, qm, IDS), debug.layer_errors(model, loaded, IDS)
+    assert [r["module"] for r in a] == [r["module"] for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["sqnr_local_db"] == pytest.approx(ra["sqnr_local_db"], abs=1e-4)
+        assert rb["underflow_err"] == pytest.approx(ra["underflow_err"], rel=1e-4)
