@@ -233,6 +233,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(_eval_arguments, _run_eval, "perplexity and zero-shot accuracy of a model"),
     "quantize": Command("qcompile.commands.quantize:add_arguments", "qcompile.commands.quantize:run",
                         "quantize a model with a recipe; evaluate FP and quantized; optionally save"),
+    "passes": Command("qcompile.commands.passes:add_arguments", "qcompile.commands.passes:run",
+                      "run the passes with per-pass graph dumps and diffs, then per-linear SQNR vs FP"),
     "report": Command("qcompile.commands.report:add_arguments", "qcompile.commands.report:run", "numerics report (HTML)"),
 }
 

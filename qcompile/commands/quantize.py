@@ -147,15 +147,20 @@ def run(args: argparse.Namespace) -> dict:
         calibration_batches(calib_text, tokenizer, 1, recipe.calib_seq_len, recipe.seed)
     model = load_model(args.model, dtype=torch.float32)
     check_model(model, recipe)  # NaN weights, group sizes vs K: refused before the FP evaluation
+    from qcompile.calibration.distributed import init_from_env
+    placement = init_from_env()  # under torchrun: data-parallel calibration; rank 0 evaluates and saves
+    main_rank = placement is None or placement.is_main
     stages: dict[str, float] = {}
     fp = None
-    if not args.no_fp:
+    if not args.no_fp and main_rank:
         t = time.perf_counter()
         fp = run_evaluation(model, tokenizer, args, tasks, texts)
         stages["eval_fp"] = time.perf_counter() - t
     print(f"quantizing {args.model} with {recipe.name} ...", file=sys.stderr)
     qm = quantize(model, recipe, calibration=calib_text, tokenizer=tokenizer, dump_dir=args.dump_dir,
-                  device=args.device)
+                  device=args.device, placement=placement)
+    if not main_rank:
+        return {"recipe": recipe.name, "rank": placement.rank}
     stages.update(qm.seconds)
     quantize_seconds = sum(qm.seconds.values())
     t = time.perf_counter()
