@@ -283,13 +283,14 @@ def compare(qm, input_ids: torch.Tensor, backends=("onnx", "triton"), tol: float
         qm: the QuantizedModel (its graph is the reference).
         input_ids: ``[1, T]`` tokens.
         backends: any of ``"onnx"`` (fast form under onnxruntime), ``"onnx-exact"``, ``"triton"``.
-        tol: a linear diverges when ``‖y_backend − y_reference‖ / ‖y_reference‖ > tol``.
+        tol: a linear diverges when its ``rel_err = ‖y_backend − y_ref‖ / ‖y_ref‖`` exceeds the relative error
+            of its own input in that backend (``in_rel_err``, 0 for Triton's local check) by more than ``tol``.
         options: ``onnx_path`` (an exported file to check instead of exporting), ``device`` (Triton; default
             CUDA when present), ``reference_records`` (a ``record_linears`` run of ``qm`` to reuse).
 
     Returns:
-        A Table, one row per backend and linear (``backend, module, lowering, reason, rel_err, max_abs_err,
-        sqnr_db, diverged, first``); ``meta["first_divergence"][backend]`` is the first diverging linear
+        A Table, one row per backend and linear (``backend, module, lowering, reason, rel_err, in_rel_err,
+        excess_err, max_abs_err, sqnr_db, diverged, first``); ``meta["first_divergence"][backend]`` is the first diverging linear
         (or None), ``meta["status"][backend]`` says whether it ran ("ok") or why not.
     """
     from qcompile.report.backends import compare_backends

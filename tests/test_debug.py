@@ -134,3 +134,24 @@ def test_layer_errors_of_a_loaded_calibrated_artifact(tmp_path):
     for ra, rb in zip(a, b):
         assert rb["sqnr_local_db"] == pytest.approx(ra["sqnr_local_db"], abs=1e-4)
         assert rb["underflow_err"] == pytest.approx(ra["underflow_err"], rel=1e-4)
+
+
+def test_compare_triton_planted_scale_bug(llama_qm, monkeypatch):
+    """A wrong weight scale in one lowered kernel is flagged at exactly that linear (local check)."""
+    import qcompile.backends.triton.lower as lower
+    from qcompile.passes.graph_utils import annotation, get_tensor
+
+    target, orig = "model.layers.0.mlp.up_proj", lower.lower_linears
+
+    def planted(gm, *args):
+        report = orig(gm, *args)
+        node = next(n for n in gm.graph.nodes if "qcompile_triton" in str(n.target) and annotation(n).module == target)
+        gm.register_buffer("_planted_scale", get_tensor(gm, node.args[2].target) * 1.05)
+        with gm.graph.inserting_before(node):
+            node.replace_input_with(node.args[2], gm.graph.get_attr("_planted_scale"))
+        return report
+
+    monkeypatch.setattr(lower, "lower_linears", planted)
+    t = debug.compare(llama_qm[1], IDS, backends=("triton",), device="cpu")
+    assert t.meta["first_divergence"]["triton"] == target
+    assert [r["module"] for r in t if r["diverged"]] == [target]  # local: nothing downstream is blamed

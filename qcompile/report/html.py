@@ -141,7 +141,9 @@ def _backends(numbers: dict) -> str:
     comp = numbers.get("backends")
     if not comp:
         return '<p class="note">No backend asked for (use --backends reference,onnx,triton).</p>'
-    parts = []
+    parts = ['<p class="note">rel err = ‖y − y_ref‖ / ‖y_ref‖ of each quantized linear\'s output; a linear diverges '
+             'when its rel err exceeds the rel err of its own input by more than the tolerance (onnxruntime runs end to '
+             'end, so error that only propagates is not blamed on it; Triton kernels run on the reference input).</p>']
     for backend, status in comp["status"].items():
         rows = [r for r in comp["rows"] if r["backend"] == backend]
         first = comp["first_divergence"].get(backend)
@@ -153,7 +155,8 @@ def _backends(numbers: dict) -> str:
                                   if status.startswith("ok") else ""))
         parts.append(f'<h3 id="backend-{_e(backend)}">{_e(backend)}</h3><p>status: {_e(status)}. {verdict}<br>'
                      f'lowering: {_e(", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))}</p>')
-        cols = [("module", "module"), ("lowering", "lowering"), ("rel err", "rel_err"), ("max abs err", "max_abs_err"),
+        cols = [("module", "module"), ("lowering", "lowering"), ("rel err", "rel_err"), ("input rel err", "in_rel_err"),
+                ("excess", "excess_err"), ("max abs err", "max_abs_err"),
                 ("SQNR vs ref dB", "sqnr_db"), ("diverged", "diverged"), ("why / how", "reason")]
         parts.append(_table(cols, rows, f"backend-table-{backend}",
                             row_class=lambda r: "first" if r["first"] else ("diverged" if r["diverged"] else "")))
