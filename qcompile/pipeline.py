@@ -90,7 +90,7 @@ def run_pipeline_passes(gm, recipe, config, calibration=None, dump_dir=None, log
 
 
 def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, *, progress: bool = True,
-             dump_dir=None, log=None, device=None, captured=None) -> QuantizedModel:
+             dump_dir=None, log=None, device=None, captured=None, placement=None) -> QuantizedModel:
     """Quantize an HF OPT/LLaMA causal LM with a recipe.
 
     Args:
@@ -101,6 +101,8 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
         tokenizer: tokenizes text calibration data.
         dump_dir: write the graph after every pass and a diff per pass there.
         captured: a fresh ``capture(model)`` graph to rewrite instead of capturing again (it is modified).
+        placement: calibration placement (``qcompile.calibration.offload.Offload``, or
+            ``qcompile.calibration.distributed.init_from_env()`` under torchrun); None: in memory.
     """
     from qcompile.calibration.engine import calibrate, calibration_batches, needs_calibration
     from qcompile.capture import capture
@@ -114,7 +116,7 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
                                    f"fp16_ratio={recipe.fp16_ratio}) needs calibration data: pass calibration=")
         t = time.perf_counter()
         batches = calibration_batches(calibration, tokenizer, recipe.calib_samples, recipe.calib_seq_len, recipe.seed)
-        result = calibrate(model, recipe, batches, progress=progress, device=device)
+        result = calibrate(model, recipe, batches, progress=progress, device=device, placement=placement)
         seconds["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     gm = capture(model) if captured is None else captured

@@ -17,10 +17,10 @@ The result holds everything the graph passes need: scales (``fold_scales``), cod
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -104,23 +104,25 @@ def _layer_inputs(model, layers, batches, micro_batch, device):
 class _Stats:
     """Per-linear input statistics, accumulated over calibration batches."""
 
-    def __init__(self, k, want_hessian, sample_per_batch, gen):
-        self.absmax = torch.zeros(k)
-        self.abssum = torch.zeros(k)
+    def __init__(self, k, want_hessian, sample_per_batch, gen, device=None, dtype=torch.float32):
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.absmax = torch.zeros(k, device=self.device)
+        self.abssum = torch.zeros(k, dtype=dtype, device=self.device)  # sums (and H) in ``dtype``
         self.n = 0
-        self.hessian = torch.zeros(k, k) if want_hessian else None
+        self.hessian = torch.zeros(k, k, dtype=dtype, device=self.device) if want_hessian else None
         self.samples = []
         self.sample_per_batch = sample_per_batch
         self.gen = gen
 
     def add(self, x):
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        x = x.detach().reshape(-1, x.shape[-1]).float().to(self.device)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        self.abssum += x.abs().sum(0)
+        xa = x.to(self.abssum.dtype)
+        self.abssum += xa.abs().sum(0)
         n = x.shape[0]
         if self.hessian is not None:
             # running mean of 2 X Xᵀ / n (OPTQ eq. 3)
-            self.hessian.mul_(self.n / (self.n + n)).add_(x.T @ x, alpha=2.0 / (self.n + n))
+            self.hessian.mul_(self.n / (self.n + n)).add_(xa.T @ xa, alpha=2.0 / (self.n + n))
         self.n += n
         take = torch.randperm(n, generator=self.gen)[: self.sample_per_batch]
         self.samples.append(x[take])
@@ -140,18 +142,22 @@ class _Stats:
         return torch.cat(self.samples)
 
 
-def _collect(layer, arch, inputs, recipe, max_search_tokens, seed):
-    gen = torch.Generator().manual_seed(seed)
-    per_batch = max(1, -(-max_search_tokens // max(len(inputs), 1)))
+def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=None):
+    first, total = (0, len(inputs)) if placement is None else placement.batch_position(len(inputs))
+    gen = torch.Generator()
+    per_batch = max(1, -(-max_search_tokens // max(total, 1)))
     want_h = recipe.rounding == "optq"
+    where = {} if placement is None else {"device": placement.stats_device, "dtype": placement.stats_dtype}
     stats, handles = {}, []
     for name in arch.linears:
         lin = layer.get_submodule(name)
-        stats[name] = _Stats(lin.in_features, want_h, per_batch, gen)
+        stats[name] = _Stats(lin.in_features, want_h, per_batch, gen, **where)
         handles.append(lin.register_forward_pre_hook(lambda m, a, st=stats[name]: st.add(a[0])))
     try:
         with torch.no_grad():
-            for hidden, kwargs, extra in inputs:
+            for j, (hidden, kwargs, extra) in enumerate(inputs):
+                # seeded by the global micro-batch index: any data-parallel shard draws the same rows
+                gen.manual_seed((seed * 1_000_003 + first + j) % 2**63)
                 layer(hidden, *extra, **kwargs)
     finally:
         for h in handles:
@@ -229,51 +235,63 @@ def _search_group(layer, group, stats, recipe, head_dim):
 
 
 def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, device=None, micro_batch: int = 8,
-              max_search_tokens: int = 4096) -> CalibrationResult:
-    """Calibrate ``model`` for ``recipe`` on token windows ``batches [n, T]``, block by block."""
+              max_search_tokens: int = 4096, placement=None) -> CalibrationResult:
+    """Calibrate ``model`` for ``recipe`` on token windows ``batches [n, T]``, block by block.
+
+    ``placement`` (``qcompile.calibration.offload.Placement`` and subclasses) decides where weights,
+    activations and statistics live and how decisions are shared: ``Offload`` (weights on CPU, one
+    block on the GPU), ``qcompile.calibration.distributed.DataParallel`` (torch.distributed).
+    """
     from tqdm.auto import tqdm
 
+    from qcompile.calibration.offload import Placement
     from qcompile.passes.keep_salient_fp16 import salient_channels
+
+    hooks = placement if placement is not None else Placement()
 
     cfg = model.config
     arch = architecture_of(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = hooks.compute_device(model, device)
     res = CalibrationResult(n_samples=len(batches), seq_len=batches.shape[1])
     layers = model.get_submodule(arch.layers)
     t0 = time.perf_counter()
     with torch.no_grad():
-        inputs = _layer_inputs(model, layers, batches, micro_batch, device)
+        inputs = hooks.layer_inputs(model, layers, batches, micro_batch, device)
     res.seconds["embed"] += time.perf_counter() - t0
-    bar = tqdm(range(len(layers)), desc=f"calibrate {recipe.name}", disable=not progress, unit="layer")
+    bar = tqdm(range(len(layers)), desc=f"calibrate {recipe.name}", disable=not (progress and hooks.is_main),
+               unit="layer")
     for i in bar:
         prefix = f"{arch.layers}.{i}"
-        layer = copy.deepcopy(layers[i]).to(device)
+        t = time.perf_counter()
+        layer = hooks.load_layer(layers[i], device)
+        res.seconds["load"] += time.perf_counter() - t
         if recipe.fuse_layernorm:
             _fuse_norms(layer, arch)
         t = time.perf_counter()
-        stats = _collect(layer, arch, inputs, recipe, max_search_tokens, recipe.seed + i)
+        stats = _collect(layer, arch, inputs, recipe, max_search_tokens, recipe.seed + i, hooks)
+        stats = hooks.reduce_stats(stats)  # data-parallel: all-reduced over ranks
         res.seconds["stats"] += time.perf_counter() - t
         t = time.perf_counter()
         if recipe.scaling != "none":
             for g in arch.groups:
-                s = _search_group(layer, g, stats, recipe, head_dim)
-                s = s.float()
+                s = hooks.decide(partial(_search_group, layer, g, stats, recipe, head_dim)).float()
                 _fold(layer, g, s, head_dim)
-                res.scales[f"{prefix}.{g.producer}"] = s
+                res.scales[f"{prefix}.{g.producer}"] = hooks.keep(s)
                 for c in g.consumers:
                     stats[c].rescale(expand_kv_scales(s, stats[c].absmax.numel(), head_dim))
         res.seconds["scale_search"] += time.perf_counter() - t
         t = time.perf_counter()
-        codes, salient = _round_layer(layer, arch, stats, recipe, prefix, salient_channels)
+        codes, salient = hooks.round_layer(
+            partial(_round_layer, layer, arch, stats, recipe, prefix, salient_channels), layer, arch.linears)
         res.seconds["rounding"] += time.perf_counter() - t
         for name, st in stats.items():
-            res.act_stats[f"{prefix}.{name}"] = {"absmax": st.absmax, "absmean": st.absmean}
-        res.weights.update({f"{prefix}.{k}": v for k, v in codes.items()})
+            res.act_stats[f"{prefix}.{name}"] = hooks.keep({"absmax": st.absmax, "absmean": st.absmean})
+        res.weights.update({f"{prefix}.{k}": hooks.keep(v) for k, v in codes.items()})
         t = time.perf_counter()
         fake_quantize_layer(layer, arch, recipe, codes, salient, prefix=prefix)
         with torch.no_grad():
-            inputs = [(_first(layer(h, *extra, **kw)), kw, extra) for h, kw, extra in inputs]
+            inputs = hooks.propagate(layer, inputs)
         res.seconds["propagate"] += time.perf_counter() - t
         del layer
     return res
@@ -283,13 +301,13 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _round_layer(layer, arch, stats, recipe, prefix, salient_channels):
-    """OPTQ or clipped-RTN codes per linear (relative names), and salient splits."""
+def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=None):
+    """OPTQ or clipped-RTN codes per linear (relative names; ``names``: only those), and salient splits."""
     from qcompile.passes.runner import in_scope
 
     codes, salient = {}, {}
     fmt, gran = recipe.weight_spec, recipe.weight_gran
-    for name in arch.linears:
+    for name in arch.linears if names is None else names:
         if not in_scope(f"{prefix}.{name}", recipe):
             continue
         st = stats[name]
