@@ -80,6 +80,7 @@ def test_compare_onnx_clean_then_planted_bug(llama_qm, tmp_path):
     clean = debug.compare(qm, IDS, backends=("onnx",))
     assert clean.meta["status"]["onnx"] == "ok" and clean.meta["first_divergence"]["onnx"] is None
     assert {r["lowering"] for r in clean} == {"integer_gemm"}
+    assert all(r["in_rel_err"] is not None for r in clean)  # each linear's own ONNX input was found
     assert max(r["rel_err"] for r in clean) < 1e-5  # measured 3e-7: integer-exact, float order only
     path = qcompile.export_onnx(qm, tmp_path / "m.onnx", form="fast")
     target = "model.layers.1.self_attn.o_proj"

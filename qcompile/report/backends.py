@@ -35,19 +35,12 @@ def _quantized_linears(gm) -> dict[str, str]:
     return out
 
 
-def _input_names(gm) -> dict[str, str]:
-    """HF module -> FX name of the node feeding its linear (before the activation QDQ)."""
-    from qcompile.debug import _input_node
-
-    return {annotation(n).module: _input_node(n).name for n in gm.graph.nodes if n.name in _quantized_linears(gm)}
-
-
 # ------------------------------------------------------------------------------------------------ onnx
 _ONNX_KERNELS = {"MatMulInteger": "integer_gemm", "MatMulNBits": "matmul_nbits", "MatMul": "matmul", "Gemm": "matmul"}
 
 
-def _onnx_kernel(value, depth: int = 8) -> str:
-    """The first GEMM-like op above ``value`` (breadth first, a few hops): how the site was lowered."""
+def _onnx_gemm(value, depth: int = 8):
+    """The first GEMM-like node above ``value`` (breadth first, a few hops): the node the site lowered to."""
     frontier = [value]
     for _ in range(depth):
         nxt = []
@@ -56,10 +49,32 @@ def _onnx_kernel(value, depth: int = 8) -> str:
             if node is None:
                 continue
             if node.op_type in _ONNX_KERNELS:
-                return _ONNX_KERNELS[node.op_type]
+                return node
             nxt.extend(node.inputs)
         frontier = nxt
-    return "unknown"
+    return None
+
+
+def _onnx_kernel(value) -> str:
+    node = _onnx_gemm(value)
+    return _ONNX_KERNELS[node.op_type] if node is not None else "unknown"
+
+
+def _onnx_gemm_input(value):
+    """The float activation a site's GEMM consumes, before its quantization (``QuantizeLinear``'s input for
+    the integer forms; the GEMM's own float input for MatMulNBits / float MatMul), or None."""
+    gemm = _onnx_gemm(value)
+    if gemm is None:
+        return None
+    v = gemm.inputs[0]
+    for _ in range(4):
+        p = v.producer() if v is not None else None
+        if p is None or p.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast", "Reshape"):
+            return v if p is None or v is gemm.inputs[0] else None
+        if p.op_type == "QuantizeLinear":
+            return p.inputs[0]
+        v = p.inputs[0]
+    return None
 
 
 def _onnx_reason(kind: str, info, form: str) -> str:
@@ -79,7 +94,7 @@ def _onnx_reason(kind: str, info, form: str) -> str:
 
 def onnx_linear_outputs(qm, input_ids, form: str = "fast", onnx_path=None, threads: int | None = None):
     """``({module: output [T, N]}, {module: input [T, K]}, {module: (kernel, reason)})`` from onnxruntime
-    on ``input_ids`` (inputs where the ONNX graph keeps the FX value's name)."""
+    on ``input_ids``; a linear's input is the float activation its GEMM (or its activation quantizer) reads."""
     import numpy as np
     import onnx_ir as ir
 
@@ -94,19 +109,22 @@ def onnx_linear_outputs(qm, input_ids, form: str = "fast", onnx_path=None, threa
         values = {o.name: o for node in model.graph for o in node.outputs}
         found = [n for n in names if n in values]
         lowering = {names[n]: (k := _onnx_kernel(values[n]), _onnx_reason(k, infos[n], form)) for n in found}
-        inputs = {m: x for m, x in _input_names(qm.graph_module).items() if x in values}
-        in_names = list(dict.fromkeys(x for x in inputs.values() if x not in model.graph.inputs))
-        in_names = [x for x in in_names if values[x] not in model.graph.outputs]
+        probes = {names[n]: _onnx_gemm_input(values[n]) for n in found}
+        probes = {m: v for m, v in probes.items() if v is not None and v not in model.graph.inputs}
+        unique = list(dict.fromkeys(probes.values()))
+        for i, v in enumerate(unique):
+            v.name = v.name or f"qc_probe_input_{i}"
         model.graph.outputs.extend(values[n] for n in found)
-        model.graph.outputs.extend(values[x] for x in in_names)
+        model.graph.outputs.extend(v for v in unique if v not in model.graph.outputs)
+        out_values = list(model.graph.outputs)
         probe = Path(tmp) / "probe.onnx"
         ir.save(model, probe)
         session = ort_session(probe, threads or torch.get_num_threads())
         outs = session.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})
     flat = lambda y: torch.from_numpy(y).reshape(-1, y.shape[-1]).float()  # noqa: E731
-    ys = {names[n]: flat(y) for n, y in zip(found, outs[1:])}
-    by_name = dict(zip(in_names, outs[1 + len(found):]))
-    xs = {m: flat(by_name[x]) for m, x in inputs.items() if x in by_name}
+    by_value = dict(zip(out_values, outs))
+    ys = {names[n]: flat(by_value[values[n]]) for n in found}
+    xs = {m: flat(by_value[v]) for m, v in probes.items() if v in by_value}
     return ys, xs, lowering
 
 
