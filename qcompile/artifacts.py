@@ -102,6 +102,7 @@ def save(qm, path: str | Path) -> Path:
                     "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in _FILES}}
         manifest["checksum"] = _manifest_checksum(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _finish_files(tmp)
         old = None
         if path.exists():
             old = parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
@@ -113,6 +114,20 @@ def save(qm, path: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _finish_files(folder: Path) -> None:
+    """Usual permissions (mkdtemp and safetensors create owner-only ones) and data on disk before the
+    rename, so after a power loss the new name never points at files whose data was not yet written."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in [*folder.iterdir(), folder]:
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _manifest_checksum(manifest: dict) -> str:

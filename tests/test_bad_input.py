@@ -86,6 +86,18 @@ def env(tmp_path_factory) -> dict[str, Path]:
     e["broken_yaml"].write_text("weight_format: [int4\n")
     e["a_file"] = root / "a-file"
     e["a_file"].write_text("not a folder")
+    import shutil
+
+    import qcompile
+    from qcompile.artifacts import save
+
+    e["artifact"] = save(qcompile.quantize(tiny_model("llama"), "w4a8v4-rtn-int4", progress=False),
+                         root / "artifact")
+    e["tampered"] = root / "tampered"
+    shutil.copytree(e["artifact"], e["tampered"])
+    data = bytearray((e["tampered"] / "tensors.safetensors").read_bytes())
+    data[len(data) // 3] ^= 0x10
+    (e["tampered"] / "tensors.safetensors").write_bytes(bytes(data))
     e["user_dir"] = root / "user-dir"
     e["user_dir"].mkdir()
     (e["user_dir"] / "notes.txt").write_text("the user's own file")
@@ -167,6 +179,11 @@ CASES = {
     "dump-in-missing-folder": (lambda e: _quantize(e, "--dump-dir", "/nonexistent/dir/dump"), r"does not exist"),
     "save-onto-a-file": (lambda e: _quantize(e, "--save", str(e["a_file"])), r"exists and is not a folder"),
     "save-onto-user-folder": (lambda e: _quantize(e, "--save", str(e["user_dir"])), r"not a qcompile artifact"),
+    # saved artifacts given to `export --artifact`
+    "artifact-tampered": (lambda e: ["export", "--artifact", str(e["tampered"]), "--out", "{out}/m.onnx"],
+                          r"tensors\.safetensors in .*tampered.* is corrupt or was modified"),
+    "artifact-not-an-artifact": (lambda e: ["export", "--artifact", str(e["user_dir"]), "--out", "{out}/m.onnx"],
+                                 r"user-dir' has no manifest\.json"),
     "threads-negative": (lambda e: _quantize(e, "--threads", "-2"), r"--threads must be at least 1, got -2"),
 }
 
@@ -176,9 +193,10 @@ def test_bad_input_one_line_exit_2_nothing_written(env, tmp_path, capsys, case):
     build, message = CASES[case]
     out = tmp_path / "out"
     out.mkdir()
-    argv = build(env)
+    argv = [a.format(out=out) if "{out}" in a else a for a in build(env)]
     # outputs that must not appear (a case that aims one of them elsewhere keeps its own)
-    for flag, target in (("--json", out / "r.json"), ("--save", out / "art"), ("--dump-dir", out / "dump")):
+    outputs = (("--json", out / "r.json"), ("--save", out / "art"), ("--dump-dir", out / "dump"))
+    for flag, target in outputs if argv[0] == "quantize" else outputs[:1]:
         if flag not in argv:
             argv += [flag, str(target)]
     before = _tree_digest(env["model"].parent)

@@ -110,3 +110,14 @@ def test_manifest_edits_that_keep_valid_json_are_refused(artifacts, tmp_path_fac
     assert old in text
     (path / "manifest.json").write_text(text.replace(old, new, 1))
     _refused(path, "manifest.json")
+
+
+def test_saved_files_get_the_usual_permissions(artifacts):
+    """mkdtemp and safetensors create owner-only files; a saved artifact follows the umask instead."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    a = artifacts[0]
+    assert (a.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask for f in a.iterdir())

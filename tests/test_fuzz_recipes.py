@@ -67,6 +67,7 @@ _VALID = {
     "scale_grid": st.integers(2, 200), "calib_samples": st.integers(1, 512), "calib_seq_len": st.integers(2, 4096),
     "seed": st.integers(0, 2**63 - 1), "name": st.text(min_size=1, max_size=8),
 }
+_ANY_SCALAR = st.one_of(st.integers(-10, 2_000_000), st.floats(-1, 2), st.booleans(), st.text(max_size=8))
 _unknown_keys = st.one_of(st.sampled_from(["bits", "group", "group_size", "format", "Alpha", ""]),
                           st.integers(-3, 3), st.text(max_size=6).filter(lambda k: k not in FIELDS + ["preset"]))
 
@@ -77,7 +78,8 @@ def recipe_dicts(draw) -> dict:
     d = {}
     for name in draw(st.lists(st.sampled_from(FIELDS), max_size=8, unique=True)):
         kind = draw(st.integers(0, 9))   # 60% valid values, 30% near misses, 10% garbage
-        pool = _VALID.get(name, _VALID_OR_NEAR[name]) if kind < 6 else _VALID_OR_NEAR[name] if kind < 9 else _garbage
+        near = _VALID_OR_NEAR.get(name, _ANY_SCALAR)   # fields added later are fuzzed too
+        pool = _VALID.get(name, near) if kind < 6 else near if kind < 9 else _garbage
         d[name] = draw(pool)
     if draw(st.integers(0, 4)) == 0:
         d["preset"] = draw(st.one_of(st.sampled_from(sorted(PRESETS)), _garbage))
