@@ -26,12 +26,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile.passes.graph_utils import annotation, get_tensor
 
-__all__ = ["Table", "fp_twin", "record_linears", "layer_errors", "error_split", "compare", "format_rows",
-           "sqnr_db", "rel_error"]
+__all__ = [
+    "Table",
+    "compare",
+    "error_split",
+    "format_rows",
+    "fp_twin",
+    "layer_errors",
+    "record_linears",
+    "rel_error",
+    "sqnr_db",
+]
 
 _QDQ = "qcompile.qdq_activation"
 _DQ = "qcompile.dequantize_weight"

@@ -65,8 +65,8 @@ def test_recipe_split_matches_int4_column_for_rtn(llama_qm):
 
 
 def _perturb_onnx_scale(path, module: str, factor: float):
-    import onnx_ir as ir
     import numpy as np
+    import onnx_ir as ir
 
     model = ir.load(str(path))
     name = "_q_" + module.replace(".", "_") + "_int_scale"
@@ -139,7 +139,7 @@ def test_layer_errors_of_a_loaded_calibrated_artifact(tmp_path):
 
 def test_compare_triton_planted_scale_bug(llama_qm, monkeypatch):
     """A wrong weight scale in one lowered kernel is flagged at exactly that linear (local check)."""
-    import qcompile.backends.triton.lower as lower
+    from qcompile.backends.triton import lower
     from qcompile.passes.graph_utils import annotation, get_tensor
 
     target, orig = "model.layers.0.mlp.up_proj", lower.lower_linears

@@ -39,9 +39,9 @@ def test_files_and_numbers(built):
 
 def test_ranges_match_separate_short_runs():
     """The prefix trick: the range of the first 32 tokens of a long run is the range of a 32-token run."""
+    from qcompile.capture import capture
     from qcompile.debug import record_linears
     from qcompile.report.ranges import RangeCollector
-    from qcompile.capture import capture
 
     gm = capture(tiny_model("llama"))
     long_, short = RangeCollector((32, 128)), RangeCollector((32,))

@@ -78,7 +78,7 @@ def test_rendered_dom_has_the_per_layer_table_and_every_figure(report):
     n_plots = len(report["plots"])
     assert n_plots == 5
     assert f'data-images-ok="{n_plots}/{n_plots}"' in dom  # set by the page once every figure decoded
-    layers = re.search(r'<table id="layers".*?<tbody>(.*?)</tbody>', dom, re.S).group(1)
+    layers = re.search(r'<table id="layers".*?<tbody>(.*?)</tbody>', dom, re.DOTALL).group(1)
     assert layers.count("<tr") == 14
     assert "model.layers.1.mlp.down_proj" in layers
     for name in ("sqnr", "error_split", "ranges", "outliers", "backends"):

@@ -14,7 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from qcompile.cli import add_model_argument, add_threads_argument, apply_threads, check_writable, read_user_text
+from qcompile.cli import (
+    add_model_argument,
+    add_threads_argument,
+    apply_threads,
+    check_writable,
+    read_user_text,
+)
 
 __all__ = ["add_arguments", "run"]
 

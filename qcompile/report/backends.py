@@ -121,7 +121,7 @@ def onnx_linear_outputs(qm, input_ids, form: str = "fast", onnx_path=None, threa
         ir.save(model, probe)
         session = ort_session(probe, threads or torch.get_num_threads())
         outs = session.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})
-    flat = lambda y: torch.from_numpy(y).reshape(-1, y.shape[-1]).float()  # noqa: E731
+    flat = lambda y: torch.from_numpy(y).reshape(-1, y.shape[-1]).float()
     by_value = dict(zip(out_values, outs))
     ys = {names[n]: flat(by_value[values[n]]) for n in found}
     xs = {m: flat(by_value[v]) for m, v in probes.items() if v in by_value}
@@ -135,10 +135,10 @@ def triton_linear_outputs(qm, reference_records: dict, device=None):
     The lowering decisions come from ``lower_linears`` on a copy of the graph; every lowered kernel runs
     on the reference input of its linear on ``device`` (default CUDA; without it only decisions).
     """
+    from torch import fx
+
     from qcompile.backends.triton.lower import lower_linears
     from qcompile.debug import _evaluate
-
-    import torch.fx as fx
 
     # a new module over a copy of the graph: the lowering registers its packed buffers there, and the
     # tensors it shares with qm are never modified

@@ -168,7 +168,7 @@ def render(numbers: dict, plots: dict[str, Path], title: str, json_name: str | N
     s = numbers["seconds"]
     figs = {name: _img(p, name) for name, p in plots.items()}
     recipe = numbers["recipe"]
-    low = lambda key, r: "bad" if isinstance(r.get(key), float) and key.startswith("sqnr") and r[key] < 10 else ""  # noqa: E731
+    low = lambda key, r: "bad" if isinstance(r.get(key), float) and key.startswith("sqnr") and r[key] < 10 else ""
     sections = [
         f"<h1>{_e(title)}</h1>",
         f'<p>recipe <b>{_e(recipe["name"])}</b>: weights {_e(recipe["weight_format"])} {_e(recipe["weight_granularity"])}, '

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_all", "plot_sqnr", "plot_split", "plot_ranges", "plot_outliers", "plot_backends"]
+__all__ = ["plot_all", "plot_backends", "plot_outliers", "plot_ranges", "plot_split", "plot_sqnr"]
 
 
 def _plt():
