@@ -15,6 +15,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
 """
 import argparse
 import inspect
+import types
 import os
 import statistics
 import time
@@ -31,6 +32,7 @@ SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
 SHAPE_TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 PROMPT, STEPS = 128, 64  # prompt length (prefill, eager), timed decode steps per replay round
+CACHE_LEN = PROMPT + STEPS + 8  # each timing round restarts at position PROMPT + 3
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
@@ -55,13 +57,30 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(model.forward).parameters el
 
 
 def new_cache(batch):
-    return transformers.StaticCache(config=config, max_cache_len=PROMPT + 4 * STEPS + 16, max_batch_size=batch,
-                                    device=dev, dtype=dtype)
+    return transformers.StaticCache(config=config, max_cache_len=CACHE_LEN, max_batch_size=batch, device=dev,
+                                    dtype=dtype)
+
+
+def pin_positions(cache, pos):
+    """Make the (prefilled) static cache write each step's K/V at ``pos``, our own static position tensor,
+    instead of its internal running counter, so replaying a captured step at reset positions stays in
+    bounds and the decode step's inputs are only (ids, pos)."""
+    def update(layer, key_states, value_states, *args, **kwargs):
+        layer.keys.index_copy_(2, pos.view(-1), key_states)
+        layer.values.index_copy_(2, pos.view(-1), value_states)
+        return layer.keys, layer.values
+
+    for layer in cache.layers:
+        layer.update = types.MethodType(update, layer)
 
 
 def make_step(m, cache):
+    kv_pos = torch.arange(CACHE_LEN, device=dev)
+
     def step(ids, pos):  # ids [B, 1], pos [1, 1] -> next ids [B, 1] (greedy), logits [B, V]
-        logits = m(input_ids=ids, position_ids=pos, use_cache=True, **{CACHE_ARG: cache}).logits[:, -1]
+        mask = (kv_pos <= pos.view(-1, 1))[None, None]  # [1, 1, 1, L]: causal over the static cache
+        logits = m(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                   **{CACHE_ARG: cache}).logits[:, -1]
         return logits.argmax(-1, keepdim=True), logits
     return step
 
@@ -72,6 +91,7 @@ def eager_step_logits(m, batch, prompt):
     with torch.no_grad():
         m(input_ids=prompt, use_cache=True, **{CACHE_ARG: cache})
         pos = torch.full((1, 1), PROMPT, device=dev, dtype=torch.long)
+        pin_positions(cache, pos)
         return make_step(m, cache)(prompt[:, -1:].clone(), pos)[1].float()
 
 
@@ -86,6 +106,7 @@ def decode_run(m, batch, backend):
         m(input_ids=prompt, use_cache=True, **{CACHE_ARG: cache})  # prefill (eager, not timed)
         ids = prompt[:, -1:].clone()
         pos = torch.full((1, 1), PROMPT, device=dev, dtype=torch.long)
+        pin_positions(cache, pos)
         torch._dynamo.reset()
         step = torch.compile(make_step(m, cache), backend=backend, dynamic=False)
         t0 = time.time()
@@ -104,6 +125,7 @@ def decode_run(m, batch, backend):
             pos.add_(1)
         times = []
         for _ in range(5):
+            pos.fill_(PROMPT + 3)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(STEPS):

@@ -31,13 +31,14 @@ import triton.language as tl
 
 from ._common import act_qparams, act_quantize, unpack
 
-__all__ = ["DECODE_CONFIGS", "FUSED_DECODE_CONFIGS", "PREFILL_CONFIGS", "w4_gemm_kernel", "expand_kernel"]
+__all__ = ["DECODE_CONFIGS", "FUSED_DECODE_CONFIGS", "SPLITK_DECODE_CONFIGS", "PREFILL_CONFIGS", "w4_gemm_kernel",
+           "expand_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def _cfg(bm, bn, upi, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "UNITS_PER_ITER": upi, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, upi, warps, stages, group_m=8, split_k=1):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "UNITS_PER_ITER": upi, "GROUP_M": group_m,
+                          "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
 
 
 # M <= 16: a GEMV in disguise. Small BLOCK_N gives >= 1 wave of programs at N = 4096; several
@@ -53,6 +54,17 @@ DECODE_CONFIGS = [
 # makes wide unrolls slow to compile (~30 s at UNITS_PER_ITER=4), so fewer, shallower configs.
 FUSED_DECODE_CONFIGS = [
     _cfg(16, bn, upi, warps, stages, 1) for bn, upi, warps, stages in [(32, 2, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3)]
+]
+# Decode, split-K (per-channel weights, activations quantized by quantize_rows first): N / BLOCK_N tiles
+# leave most SMs idle and each program's K loop long (at N = K = 4096, BLOCK_N = 32: 128 programs on 132
+# SMs, 32 serial steps); SPLIT_K programs per tile each take a slice of K and add their int32 partial
+# sums into a workspace, the last one applies the epilogue (exact: integer adds commute).
+SPLITK_DECODE_CONFIGS = [
+    _cfg(16, bn, upi, warps, stages, 1, sk)
+    for bn, upi, warps, stages, sk in [
+        (32, 2, 4, 3, 4), (32, 2, 4, 3, 8), (64, 2, 4, 3, 4), (64, 2, 4, 3, 8), (64, 2, 4, 3, 16),
+        (128, 1, 4, 3, 8), (128, 2, 8, 3, 8), (128, 1, 4, 3, 16),
+    ]
 ]
 # M > 16: tiled GEMM; BLOCK_M % 64 == 0 and num_warps % 4 == 0 for wgmma. Narrow tiles (BLOCK_N 32,
 # 64) keep all SMs streaming weights while M is small (M = 64: one row of tiles).
@@ -138,15 +150,25 @@ def w4_gemm_kernel(
         # weights: codes [C, N, PACK_K // 2] uint8 (int8 [C, N, PACK_K] if W_KIND == 2); tables [G, N]
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
         bias_ptr, y_ptr, stride_ym,
+        ws_ptr, lock_ptr,  # split-K: int32 [16, N] partial sums and int32 [tiles] arrival counters, both kept zero
         M, N, K, n_units, M_BUCKET,
         W_KIND: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, CHUNKS_PER_UNIT: tl.constexpr,
         GROUPED: tl.constexpr, X_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr,
         USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr,
         X_RECIP_DIV: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS_PER_ITER: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS_PER_ITER: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr):
     HALF: tl.constexpr = PACK_K // 2
     # Grouped launch order (tutorial 03): GROUP_M row-blocks share each weight tile while it is in L2.
+    # Split-K: program ids [k_slice * tiles, (k_slice + 1) * tiles) take slice k_slice of the K units.
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
+    k_slice = pid // tiles
+    pid = pid % tiles
+    units_per_slice = tl.cdiv(n_units, SPLIT_K)
+    unit_lo = k_slice * units_per_slice
+    unit_hi = min(n_units, unit_lo + units_per_slice)
+    k_end = min(K, unit_hi * (CHUNKS_PER_UNIT * PACK_K))
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group_id = pid // (GROUP_M * num_pid_n)
@@ -177,11 +199,11 @@ def w4_gemm_kernel(
     acc_f = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, :]
-    for it in range(0, tl.cdiv(n_units, UNITS_PER_ITER)):
+    for it in range(0, tl.cdiv(unit_hi - unit_lo, UNITS_PER_ITER)):
         for uu in tl.static_range(UNITS_PER_ITER):
-            unit = it * UNITS_PER_ITER + uu
-            unit_ok_n = offs_n * 0 + unit < n_units
-            unit_ok_m = offs_m * 0 + unit < n_units
+            unit = unit_lo + it * UNITS_PER_ITER + uu
+            unit_ok_n = offs_n * 0 + unit < unit_hi
+            unit_ok_m = offs_m * 0 + unit < unit_hi
             if GROUPED:
                 zb = tl.load(w_zero_ptr + unit * N + offs_n, mask=n_ok & unit_ok_n, other=128)[None, :]
             for cc in tl.static_range(CHUNKS_PER_UNIT):
@@ -189,8 +211,10 @@ def w4_gemm_kernel(
                 k_lo = chunk * PACK_K + offs_j
                 w_lo, w_hi = _load_w_planes(w_ptr, chunk, n_chunks, offs_j, offs_n, N, zb,
                                             W_KIND, DINT_R, PACK_K, USE_ASM)
-                x_lo = _load_x_plane(x_ptr, offs_m, k_lo, stride_xm, M, K, x_scale, x_zpf, FUSE_QUANT, X_QMAX)
-                x_hi = _load_x_plane(x_ptr, offs_m, k_lo + HALF, stride_xm, M, K, x_scale, x_zpf,
+                # Activations are zero past the slice's (and the matrix's) last unit: masked weight bytes
+                # unpack to -z, not 0, so the x side is what keeps padding out of the sums.
+                x_lo = _load_x_plane(x_ptr, offs_m, k_lo, stride_xm, M, k_end, x_scale, x_zpf, FUSE_QUANT, X_QMAX)
+                x_hi = _load_x_plane(x_ptr, offs_m, k_lo + HALF, stride_xm, M, k_end, x_scale, x_zpf,
                                      FUSE_QUANT, X_QMAX)
                 acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
                 acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
@@ -214,6 +238,25 @@ def w4_gemm_kernel(
     # Epilogue.
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:  # (per-channel weights only) add the partial sums; the last slice to arrive finishes
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=y_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before this tile's arrival is counted
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.atomic_xchg(ws_ptrs, tl.zeros_like(acc), mask=y_mask, sem="acquire")  # read + re-zero
+            tl.atomic_xchg(lock_ptr + pid, 0)
+            _epilogue(acc, acc_f, acc_t, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr, y_ptrs, y_mask, offs_n,
+                      n_ok, GROUPED, X_GROUPED, HAS_BIAS, INT_OUT)
+    else:
+        _epilogue(acc, acc_f, acc_t, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr, y_ptrs, y_mask, offs_n, n_ok,
+                  GROUPED, X_GROUPED, HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _epilogue(acc, acc_f, acc_t, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr, y_ptrs, y_mask, offs_n, n_ok,
+              GROUPED: tl.constexpr, X_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    """Zero-point correction, scales, bias, store (int32 accumulator when INT_OUT)."""
     if INT_OUT:
         if GROUPED:
             out_i = acc_t
@@ -232,7 +275,7 @@ def w4_gemm_kernel(
             y = corr.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit

@@ -3,8 +3,9 @@
 Dispatch by M (rows of the flattened activation):
 
 * ``M <= 16`` (decode): GEMV-like configs (BLOCK_M = 16, small BLOCK_N, several chunks per step).
-  Paths: ``fused`` (the GEMM quantizes the activation itself: one launch) or ``unfused``
-  (``quantize_rows`` then the GEMM).
+  Paths: ``fused`` (the GEMM quantizes the activation itself: one launch), ``unfused``
+  (``quantize_rows`` then the GEMM) or ``splitk`` (``quantize_rows`` then a split-K GEMM: per-channel
+  weights; more programs and shorter K loops when N / BLOCK_N tiles cannot fill the GPU).
 * larger M (prefill): tiled wgmma configs. Paths: ``inloop`` (unpack in the K loop) or, from
   ``expand_min_m`` rows on, ``expand`` (unpack the weight once to int8, then a plain int8 GEMM).
 
@@ -27,7 +28,7 @@ from ._common import recip_div
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
-__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "expand_weight", "w4_linear_2d", "interpreting"]
+__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "expand_weight", "w4_linear_2d", "interpreting", "splitk_workspace"]
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Dispatch:
     """Dispatch thresholds and path switches."""
 
     decode_max_m: int = 16
-    decode_path: str = "auto"  # "auto" | "fused" | "unfused"
+    decode_path: str = "auto"  # "auto" | "fused" | "unfused" | "splitk"
     prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
     expand_min_m: int = 256  # "expand" is a candidate from this M on
     use_asm: bool = True  # PTX SIMD unpacker on GPU (never under the interpreter)
@@ -43,7 +44,20 @@ class Dispatch:
 
 DISPATCH = Dispatch()
 # Under TRITON_INTERPRET=1 the autotuner would interpret every config: use one small fixed config.
-INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, UNITS_PER_ITER=2, GROUP_M=2, num_warps=4, num_stages=1)
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, UNITS_PER_ITER=2, GROUP_M=2, SPLIT_K=1, num_warps=4, num_stages=1)
+SPLITK_MAX_M = 16  # the split-K workspace holds 16 rows
+_WORKSPACES: dict = {}
+
+
+def splitk_workspace(device, n: int):
+    """Zeroed int32 ``[16, N]`` partial sums and ``[ceil(N / 16)]`` arrival counters for split-K decode, one
+    pair per (device, N); every split-K launch leaves them zero again (the last slice re-zeroes its tile).
+    Kernels on one stream run in order, so linears of the same N can share them."""
+    key = (str(device), n)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros((SPLITK_MAX_M, n), dtype=torch.int32, device=device),
+                            torch.zeros((triton.cdiv(n, 16),), dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
 
 def interpreting() -> bool:
@@ -58,6 +72,8 @@ _KEY = ["M_BUCKET", "N", "K", "n_units", "W_KIND", "GROUPED", "X_GROUPED", "USE_
 _PRUNE = {"early_config_prune": kern.prune_configs}
 _decode_kernel = triton.autotune(kern.DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                  do_bench=_fast_bench)(kern.w4_gemm_kernel)
+_splitk_decode_kernel = triton.autotune(kern.SPLITK_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                                        do_bench=_fast_bench)(kern.w4_gemm_kernel)
 _fused_decode_kernel = triton.autotune(kern.FUSED_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                        do_bench=_fast_bench)(kern.w4_gemm_kernel)
 _prefill_kernel = triton.autotune(kern.PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
@@ -86,7 +102,8 @@ def _w_kind(pw: PackedWeight) -> int:
 
 
 def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
-                x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None):
+                x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
+                split_k=False):
     """Run ``w4_gemm_kernel`` into ``y [M, N]``.
 
     Args:
@@ -95,8 +112,9 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         pw: packed weight; y: output (fp16/bf16/fp32, or int32 with ``int_out``).
         int_out: store the exact int32 accumulator ``sum_k (xq - zx) t`` (scales ignored), for tests.
         w_expanded: int8 weight from ``expand_weight`` (skips in-loop unpacking).
-        config: explicit tile config (dict of BLOCK_M, BLOCK_N, UNITS_PER_ITER, GROUP_M, num_warps,
+        config: explicit tile config (dict of BLOCK_M, BLOCK_N, UNITS_PER_ITER, GROUP_M, SPLIT_K, num_warps,
             num_stages) instead of the autotuner.
+        split_k: the split-K decode kernel (per-channel weights, quantized activations, M <= 16).
     """
     m, k = x.shape
     n = pw.out_features
@@ -109,17 +127,24 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         CHUNKS_PER_UNIT=pw.group_size // pw.pack_k if grouped else 1, GROUPED=grouped, X_GROUPED=x_grouped,
         HAS_BIAS=bias is not None, INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm),
         FUSE_QUANT=fuse_quant, X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device))
+    splitting = split_k or (config is not None and config.get("SPLIT_K", 1) > 1)
+    if splitting and (grouped or fuse_quant or m > SPLITK_MAX_M):
+        raise ValueError("split-K takes per-channel weights, pre-quantized activations and M <= 16")
+    ws, locks = splitk_workspace(x.device, n) if splitting else (y, y)
     args = (x, x_scale, x_zp, x.stride(0), x_scale.stride(0) if x_scale.dim() == 2 else 1,
             pw.qweight if w_expanded is None else w_expanded, pw.unit_scale, pw.code_sum, pw.zero_byte,
-            y if bias is None else bias, y, y.stride(0), m, n, k, n_units, min(triton.next_power_of_2(m), 4096))
+            y if bias is None else bias, y, y.stride(0), ws, locks, m, n, k, n_units,
+            min(triton.next_power_of_2(m), 4096))
 
     def grid(meta_):
-        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]) * meta_["SPLIT_K"],)
 
     if config is None and interpreting():
-        config = INTERPRET_CONFIG
+        config = dict(INTERPRET_CONFIG, SPLIT_K=3 if split_k else 1)
     if config is not None:
-        kern.w4_gemm_kernel[grid](*args, **meta, **config)
+        kern.w4_gemm_kernel[grid](*args, **meta, **{"SPLIT_K": 1, **config})
+    elif split_k:
+        _splitk_decode_kernel[grid](*args, **meta)
     elif m <= DISPATCH.decode_max_m:
         (_fused_decode_kernel if fuse_quant else _decode_kernel)[grid](*args, **meta)
     else:
@@ -127,11 +152,11 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     return y
 
 
-def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand):
+def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k=False):
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group)
     w_exp = expand_weight(pw) if expand else None
     return launch_gemm(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0,
-                       bias=bias, w_expanded=w_exp)
+                       bias=bias, w_expanded=w_exp, split_k=split_k)
 
 
 _PATH_CACHE: dict = {}
@@ -176,11 +201,13 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
     if m == 0:
         return y
 
-    def gemm(expand):
-        return lambda: _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand)
+    def gemm(expand, split_k=False):
+        return lambda: _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k)
 
     if m <= DISPATCH.decode_max_m:
         candidates = {"unfused": gemm(False)}
+        if pw.group_size == 0 and m <= SPLITK_MAX_M:
+            candidates["splitk"] = gemm(False, split_k=True)
         if act_group == 0:
             candidates = {"fused": lambda: launch_gemm(x, None, None, pw, y, act_bits=act_bits,
                                                        act_sym=act_sym, fuse_quant=True, bias=bias),

@@ -26,6 +26,7 @@ DEV = "cuda"
 DECODE = dict(BLOCK_M=16, BLOCK_N=32, UNITS_PER_ITER=4, GROUP_M=1, num_warps=4, num_stages=3)
 PREFILL = dict(BLOCK_M=128, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=8, num_stages=3)
 FUSED = dict(BLOCK_M=16, BLOCK_N=64, UNITS_PER_ITER=2, GROUP_M=1, num_warps=4, num_stages=3)
+SPLITK = dict(BLOCK_M=16, BLOCK_N=64, UNITS_PER_ITER=2, GROUP_M=1, SPLIT_K=8, num_warps=4, num_stages=3)
 PREFILL_SMALL = dict(BLOCK_M=64, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=4, num_stages=4)
 
 
@@ -68,6 +69,20 @@ def test_w4a8_gemm_exact_portable_unpacker(fmt, gran, m, n, k, config):
     """The plain-tl unpacker (the interpreter's) compiled, same numbers as the PTX one."""
     pw = make_weight(n, k, fmt, gran, DEV, seed=n + k)
     check_gemm(make_x(m, k, DEV, seed=m), pw, launch_gemm, config=config, use_asm=False)
+
+
+@pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 4096, 4096), ("dint4", 16, 4096, 11008), ("int4", 7, 1000, 4160),
+                                       ("dint4_sym", 3, 11008, 4096)])
+def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
+    from qcompile.backends.triton.w4_linear import splitk_workspace
+
+    pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+    x = make_x(m, k, DEV, seed=m)
+    for _ in range(2):  # the second launch relies on the first leaving the workspace zero
+        check_gemm(x, pw, launch_gemm, config=SPLITK, use_asm=True)
+    check_gemm(x, pw, launch_gemm, split_k=True, use_asm=True, bias=torch.randn(n, device=DEV))  # autotuned
+    ws, locks = splitk_workspace(DEV, n)
+    assert not ws.any() and not locks.any()
 
 
 def test_w4a8_gemm_expanded_bf16_bias():

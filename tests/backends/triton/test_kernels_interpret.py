@@ -87,6 +87,21 @@ if INTERPRET:
                    out_dtype=torch.float32)
 
     @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
+                                           ("dint4_c0.25", 5, 40, 384), ("dint4", 2, 24, 256)])
+    def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
+        """Split-K (3 slices here; some empty, some one unit): exact int32 sums, and the workspace and
+        arrival counters are left zero for the next launch."""
+        from qcompile.backends.triton.w4_linear import splitk_workspace
+
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n)
+        x = make_x(m, k, "cpu", seed=m)
+        check_gemm(x, pw, launch_gemm, split_k=True)
+        check_gemm(x, pw, launch_gemm, split_k=True, bias=torch.randn(n), out_dtype=torch.bfloat16)
+        ws, locks = splitk_workspace("cpu", n)
+        assert not ws.any() and not locks.any()
+
+    @child_only
     @pytest.mark.parametrize("fmt,gran,m", [("int4", "group64", 5), ("dint4", "group128", 18)])
     def test_w4a4_gemm_exact(fmt, gran, m):
         pw = make_weight(24, 256, fmt, gran, "cpu")
@@ -99,3 +114,4 @@ if INTERPRET:
         check_linear(make_x(m, 256, "cpu"), pw, w4a8_linear, "int8")
         pw_g = make_weight(32, 256, "int4", "group64", "cpu")
         check_linear(make_x(m, 256, "cpu"), pw_g, w4a4_linear, "int4", act_group=64)
+        check_linear(make_x(m, 256, "cpu"), pw, w4a4_linear, "int4")  # per-channel: int4 per token

@@ -86,7 +86,7 @@ def test_traces_through_export():
     (lambda pw: torch.ops.qcompile_triton.w4a8_linear(*_unpacked_weight_args(pw)), ValueError, "unpacked"),
     (lambda pw: w4a8_linear(torch.randn(3, 256), pw, act_fmt="int4"), ValueError, "int8"),
     (lambda pw: w4a8_linear(torch.randn(3, 256), pw, bias=torch.randn(7)), ValueError, "bias"),
-    (lambda pw: w4a4_linear(torch.randn(3, 256), pw), ValueError, "group"),
+    (lambda pw: w4a4_linear(torch.randn(3, 256), pw, act_fmt="int8"), ValueError, "int4"),
     (lambda pw: quantize_per_group(torch.randn(3, 256), 100), ValueError, "divide"),
 ])
 def test_bad_input_is_a_clear_error(call, err, match):

@@ -68,13 +68,13 @@ def check_quantize(x, bits, symmetric, group_size, quantize_rows):
 
 
 def check_gemm(x, pw, launch_gemm, *, act_bits=8, act_sym=False, act_group=0, out_dtype=torch.float16,
-               fuse_quant=False, w_expanded=None, config=None, use_asm=None, bias=None):
+               fuse_quant=False, w_expanded=None, config=None, use_asm=None, bias=None, split_k=False):
     """int32 accumulator bit-exact and fp output within ``fp_tolerance``; returns the max error / bound."""
     m, n = x.shape[0], pw.out_features
     xq, xs, xz = quantize_rows_reference(x, act_bits, act_sym, act_group)  # references run on x.device
     dev = x.device
     kw = dict(act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0, config=config, use_asm=use_asm,
-              w_expanded=w_expanded)
+              w_expanded=w_expanded, split_k=split_k)
     if not fuse_quant:  # the integer path (fused quantization has no separate codes to feed)
         y_int = torch.full((m, n), -7, dtype=torch.int32, device=dev)  # poisoned: every element is written
         launch_gemm(xq, xs, xz, pw, y_int, int_out=True, **kw)
