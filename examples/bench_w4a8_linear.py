@@ -31,7 +31,7 @@ from qcompile.backends.triton.quantize_kernel import quantize_rows
 from qcompile import formats as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) = (out, in) features
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [int(m) for m in os.environ.get("BENCH_MS", "1,4,16,64,256,1024,4096").split(",")]
 W_FMT, W_GRAN = "dint4", "channel"
 W4A4_FMT, W4A4_GRAN = "int4", "group128"
 VARIANTS = "--variants" in sys.argv
