@@ -6,6 +6,7 @@ The model is wrapped so the graph takes ``input_ids [B, T]`` and returns ``logit
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -54,8 +55,16 @@ def capture(model: torch.nn.Module, example_inputs: torch.Tensor | None = None,
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            ep = torch.export.export(LogitsOnly(model), (example_inputs,),
-                                     dynamic_shapes=({0: batch, 1: seq},), strict=False)
+            try:
+                ep = _export(model, example_inputs, batch, seq)
+            except Exception:
+                # Fused SDPA kernels (CUDA's memory-efficient attention, GQA head broadcasting on
+                # torch 2.11) add shape guards that a dynamic sequence length violates; the eager
+                # attention (matmul + softmax) traces for every length and gives the same logits.
+                if getattr(config, "_attn_implementation", "eager") == "eager":
+                    raise
+                with _attention(model, "eager"):
+                    ep = _export(model, example_inputs, batch, seq)
     except Exception as e:
         raise ModelError(f"torch.export could not capture this {arch.family} model: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -66,6 +75,22 @@ def capture(model: torch.nn.Module, example_inputs: torch.Tensor | None = None,
     gm.meta["qcompile"] = {"family": arch.family, "config": config, "capture_seconds": time.perf_counter() - t0,
                            "max_seq_len": max_seq}
     return gm
+
+
+def _export(model, example_inputs, batch, seq):
+    return torch.export.export(LogitsOnly(model), (example_inputs,), dynamic_shapes=({0: batch, 1: seq},),
+                               strict=False)
+
+
+@contextlib.contextmanager
+def _attention(model, implementation: str):
+    """Trace ``model`` with another attention implementation, then put the user's back."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _annotate_linears(gm) -> None:

@@ -59,6 +59,7 @@ class Recipe:
     calib_source: str = "c4"
     calib_samples: int = 128
     calib_seq_len: int = 2048
+    calib_search_tokens: int = 4096
     fuse_layernorm: bool = False
     fp16_ratio: float = 0.0
     skip: tuple[str, ...] = ("lm_head",)
@@ -92,6 +93,8 @@ class Recipe:
                self.calib_samples, "an integer in [1, 100000]")
         _check(_int(self.calib_seq_len) and 2 <= self.calib_seq_len <= 32768, "calib_seq_len",
                self.calib_seq_len, "an integer in [2, 32768]")
+        _check(_int(self.calib_search_tokens) and 16 <= self.calib_search_tokens <= 1_000_000,
+               "calib_search_tokens", self.calib_search_tokens, "an integer in [16, 1000000]")
         _check(_num(self.fp16_ratio) and 0.0 <= self.fp16_ratio < 1.0, "fp16_ratio", self.fp16_ratio,
                "a number in [0, 1)")
         # torch generators take at most 64 bits and the engine seeds layer i with seed + i
@@ -106,6 +109,14 @@ class Recipe:
             raise RecipeError("recipe quantizes nothing: set at least one of weight_format, act_format, v_format")
         if self.rounding == "optq" and self.weight_format is None:
             raise RecipeError("recipe field 'rounding' = 'optq' needs a weight_format")
+        if self.scaling in ("awq", "aqas") and self.weight_format is None:
+            raise RecipeError(f"recipe field 'scaling' = {self.scaling!r} searches Q(W s) and needs a weight_format")
+        if self.clip_search and self.weight_format is None:
+            raise RecipeError("recipe field 'clip_search' = True needs a weight_format")
+        if self.fp16_ratio > 0 and (self.rounding != "rtn" or self.clip_search):
+            # the salient split keeps FP columns; OPTQ / clipping of the remaining columns is not built
+            raise RecipeError(f"recipe field 'fp16_ratio' = {self.fp16_ratio!r} (FP16 salient channels) works "
+                              "with rounding 'rtn' and clip_search false only")
 
     def _check_granularity(self, fname: str, value, kinds: tuple[str, ...]) -> None:
         try:
@@ -239,8 +250,51 @@ for _r in (
     Recipe("w4a4-g64-rtn", weight_format="int4", weight_granularity="group64", act_format="int4",
            act_granularity="group64"),
     Recipe("w4a4-rtn", weight_format="int4", act_format="int4"),
-    Recipe("w4a4-mixed1-rtn", weight_format="int4", act_format="int4", fp16_ratio=0.01),
-    Recipe("w4a4-mixed10-rtn", weight_format="int4", act_format="int4", fp16_ratio=0.10),
+    # channel saliency (mean |x|) needs few tokens: 16 C4 windows, not the 128 of OPTQ
+    Recipe("w4a4-mixed1-rtn", weight_format="int4", act_format="int4", fp16_ratio=0.01, calib_samples=16),
+    Recipe("w4a4-mixed10-rtn", weight_format="int4", act_format="int4", fp16_ratio=0.10, calib_samples=16),
+):
+    register_preset(_r)
+
+# --- calibrated presets: the papers' configurations (examples/reproduce_papers.py measures them) ---------
+# Calibration budget shared by all of them (C4 sample, SLAC: 2048-token windows for 2048-token
+# perplexity); see README "Calibrated recipes" for what each knob bought on the default model.
+_CAL = dict(calib_source="c4", calib_samples=16, calib_seq_len=2048, calib_search_tokens=4096)
+_SQ = dict(scaling="smoothquant", alpha=0.5)
+_AWQ = dict(scaling="awq", scale_criterion="mean")          # AWQ: mean |x|, activations not quantized
+_AQAS = dict(scaling="aqas", scale_criterion="max")         # AQAS: max |x| (its Table 8), A quantized
+_OPTQ = dict(rounding="optq", optq_damp=0.01, optq_act_order=True)
+_W4A4G64 = dict(weight_format="int4", weight_granularity="group64", act_format="int4", act_granularity="group64")
+for _r in (
+    # AQAS paper Table 3 analogue (W4A8V4: INT4 weights per channel, INT8 tokens, V INT4 per channel)
+    Recipe("w4a8v4-optq-int4", **_W4A8V4, **_OPTQ, **_CAL),
+    Recipe("w4a8v4-sq-int4", **_W4A8V4, **_SQ, **_CAL),
+    Recipe("w4a8v4-sq-optq-int4", **_W4A8V4, **_SQ, **_OPTQ, **_CAL),
+    Recipe("w4a8v4-awq-int4", **_W4A8V4, **_AWQ, **_CAL),
+    Recipe("w4a8v4-awq-optq-int4", **_W4A8V4, **_AWQ, **_OPTQ, **_CAL),
+    Recipe("w4a8v4-aqas-int4", **_W4A8V4, **_AQAS, **_CAL),
+    Recipe("w4a8v4-aqas-optq-int4", **_W4A8V4, **_AQAS, **_OPTQ, **_CAL),
+    Recipe("w4a8v4-aqas-optq-dint4", **{**_W4A8V4, "weight_format": "dint4"}, **_AQAS, **_OPTQ, **_CAL),
+    # DESIGN.md names (W4A8 without V quantization; W8A8)
+    Recipe("w4a8-smoothquant-optq", weight_format="int4", act_format="int8", **_SQ, **_OPTQ, **_CAL),
+    Recipe("w4a8-awq-optq", weight_format="int4", act_format="int8", **_AWQ, **_OPTQ, **_CAL),
+    Recipe("w4a8-aqas-optq-dint4", weight_format="dint4", act_format="int8", **_AQAS, **_OPTQ, **_CAL),
+    Recipe("w8a8-smoothquant", weight_format="int8", act_format="int8", **_SQ, **_CAL),
+    # W4A4 paper §2.1: group quantization of weights and activations + AWQ (RTN rounding, as the paper);
+    # g64 and g192 divide SmolLM2's K = 576 and 1536, g128 (the paper's) only models with K % 128 == 0
+    Recipe("w4a4-g64-awq", **_W4A4G64, **_AWQ, **_CAL),
+    Recipe("w4a4-g128-awq", **{**_W4A4G64, "weight_granularity": "group128", "act_granularity": "group128"},
+           **_AWQ, **_CAL),
+    Recipe("w4a4-awq", weight_format="int4", act_format="int4", **_AWQ, **_CAL),
+    # AWQ weight-only (W4A16 g64/g128 with its clipping search)
+    Recipe("w4a16-g64-awq", weight_format="int4", weight_granularity="group64", act_format=None, **_AWQ,
+           clip_search=True, **_CAL),
+    Recipe("w4a16-g128-awq", weight_format="int4", weight_granularity="group128", act_format=None, **_AWQ,
+           clip_search=True, **_CAL),
+    # W4A4 paper §2.2: FP16 salient channels after SmoothQuant (RTN on the rest)
+    Recipe("w4a4-sq", weight_format="int4", act_format="int4", **_SQ, **_CAL),
+    Recipe("w4a4-mixed1-sq", weight_format="int4", act_format="int4", fp16_ratio=0.01, **_SQ, **_CAL),
+    Recipe("w4a4-mixed10-sq", weight_format="int4", act_format="int4", fp16_ratio=0.10, **_SQ, **_CAL),
 ):
     register_preset(_r)
 del _r

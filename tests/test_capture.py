@@ -5,6 +5,8 @@ import torch
 from qcompile.capture import capture
 from qcompile.errors import ModelError
 
+from conftest import tiny_model
+
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 7), (2, 40)])
 def test_capture_equals_eager(model, shape):
@@ -29,3 +31,27 @@ def test_unsupported_family_is_a_clear_error():
     m = transformers.GPT2LMHeadModel(cfg).eval()
     with pytest.raises(ModelError, match="'gpt2' is not supported; supported: opt, llama"):
         capture(m)
+
+
+def test_capture_falls_back_to_eager_attention_when_sdpa_guards_fail(monkeypatch):
+    """On CUDA (torch 2.11) fused SDPA adds sequence-length guards that fail a dynamic export; capture
+    then traces the eager attention, gives the same logits and leaves the user's setting alone."""
+    import qcompile.capture as cap
+
+    model = tiny_model("gqa")
+    assert model.config._attn_implementation == "sdpa"
+    real, tried = cap._export, []
+
+    def sdpa_fails(m, *args):
+        tried.append(m.config._attn_implementation)
+        if m.config._attn_implementation == "sdpa":
+            raise RuntimeError("Constraints violated (seq)")
+        return real(m, *args)
+
+    monkeypatch.setattr(cap, "_export", sdpa_fails)
+    gm = cap.capture(model)
+    assert tried == ["sdpa", "eager"]
+    assert model.config._attn_implementation == "sdpa"
+    x = torch.randint(0, 100, (2, 29))
+    with torch.no_grad():
+        assert (gm(x) - model(x).logits).abs().max() <= 1e-5

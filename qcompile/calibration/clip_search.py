@@ -53,7 +53,7 @@ def clip_ratios(max_shrink: float = 0.5, grid: int = 20) -> list[float]:
 
 def clip_search(weight: torch.Tensor, x_sample: torch.Tensor, fmt: FormatSpec | str,
                 gran: Granularity | str, max_shrink: float = 0.5, grid: int = 20,
-                return_ratios: bool = False):
+                return_ratios: bool = False, hessian: torch.Tensor | None = None):
     """Search per-block clipping ratios for ``weight [N, K]`` on activations ``x_sample [T, K]``.
 
     Args:
@@ -62,6 +62,8 @@ def clip_search(weight: torch.Tensor, x_sample: torch.Tensor, fmt: FormatSpec | 
         fmt, gran: the weight quantizer (INT, dINT or FP4; ``channel`` or ``group<g>``).
         max_shrink, grid: ratios ``1 - i / grid`` for ``i < max_shrink * grid``.
         return_ratios: also return the chosen ratios ``[N, G]``.
+        hessian: optional ``[K, K]`` ``X^T X`` (any positive normalisation) over *all* calibration tokens,
+            e.g. the OPTQ Hessian; its diagonal blocks replace the ones of ``x_sample``.
 
     Returns:
         The clipped weight ``[N, K]`` float32 (quantize it with the same ``fmt, gran``), or
@@ -75,7 +77,13 @@ def clip_search(weight: torch.Tensor, x_sample: torch.Tensor, fmt: FormatSpec | 
     n, k = w.shape
     g = gran.group_size if gran.kind == "group" else k
     with torch.no_grad():
-        hessians = block_hessian(x, g) / x.shape[0]  # [G, g, g]: errors are means over tokens
+        if hessian is None:
+            hessians = block_hessian(x, g) / x.shape[0]  # [G, g, g]: errors are means over tokens
+        else:
+            if tuple(hessian.shape) != (k, k):
+                raise CalibrationError(f"hessian shape {tuple(hessian.shape)} does not match K={k}")
+            hb = hessian.detach().float().to(w.device).reshape(k // g, g, k // g, g)
+            hessians = torch.diagonal(hb, dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # [G, g, g]
         best_err = torch.full((n, k // g), float("inf"), device=w.device)
         best_ratio = torch.ones(n, k // g, device=w.device)
         for ratio in clip_ratios(max_shrink, grid):

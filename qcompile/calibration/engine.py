@@ -134,6 +134,15 @@ class _Stats:
         if self.hessian is not None:
             self.hessian = self.hessian / (sc[:, None] * sc[None, :])
 
+    def copy(self) -> "_Stats":
+        """An independent copy (own tensors): the statistics of another linear reading the same input."""
+        out = _Stats.__new__(_Stats)
+        out.__dict__.update(self.__dict__)
+        out.absmax, out.abssum = self.absmax.clone(), self.abssum.clone()
+        out.hessian = None if self.hessian is None else self.hessian.clone()
+        out.samples = list(self.samples)
+        return out
+
     @property
     def absmean(self):
         return self.abssum / max(self.n, 1)
@@ -146,13 +155,14 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     first, total = (0, len(inputs)) if placement is None else placement.batch_position(len(inputs))
     gen = torch.Generator()
     per_batch = max(1, -(-max_search_tokens // max(total, 1)))
-    want_h = recipe.rounding == "optq"
+    want_h = recipe.rounding == "optq" or recipe.clip_search
     where = {} if placement is None else {"device": placement.stats_device, "dtype": placement.stats_dtype}
-    stats, handles = {}, []
-    for name in arch.linears:
-        lin = layer.get_submodule(name)
-        stats[name] = _Stats(lin.in_features, want_h, per_batch, gen, **where)
-        handles.append(lin.register_forward_pre_hook(lambda m, a, st=stats[name]: st.add(a[0])))
+    # linears of one group read the same input (q/k/v, gate/up): accumulate once, copy afterwards
+    shared, handles = {}, []
+    for g in arch.groups:
+        lin = layer.get_submodule(g.consumers[0])
+        shared[g.consumers[0]] = st = _Stats(lin.in_features, want_h, per_batch, gen, **where)
+        handles.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
     try:
         with torch.no_grad():
             for j, (hidden, kwargs, extra) in enumerate(inputs):
@@ -162,7 +172,8 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     finally:
         for h in handles:
             h.remove()
-    return stats
+    first_of = {c: g.consumers[0] for g in arch.groups for c in g.consumers}
+    return {name: shared[name] if name in shared else shared[first_of[name]].copy() for name in arch.linears}
 
 
 def _fuse_norms(layer, arch):
@@ -235,7 +246,7 @@ def _search_group(layer, group, stats, recipe, head_dim):
 
 
 def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, device=None, micro_batch: int = 8,
-              max_search_tokens: int = 4096, placement=None) -> CalibrationResult:
+              max_search_tokens: int | None = None, placement=None) -> CalibrationResult:
     """Calibrate ``model`` for ``recipe`` on token windows ``batches [n, T]``, block by block.
 
     ``placement`` (``qcompile.calibration.offload.Placement`` and subclasses) decides where weights,
@@ -248,6 +259,8 @@ def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, devic
     from qcompile.passes.keep_salient_fp16 import salient_channels
 
     hooks = placement if placement is not None else Placement()
+    if max_search_tokens is None:  # tokens kept per linear for the scale and clip searches
+        max_search_tokens = recipe.calib_search_tokens
 
     cfg = model.config
     arch = architecture_of(cfg)
@@ -302,28 +315,50 @@ def _first(out):
 
 
 def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=None):
-    """OPTQ or clipped-RTN codes per linear (relative names; ``names``: only those), and salient splits."""
+    """OPTQ or clipped-RTN codes per linear (relative names; ``names``: only those), and salient splits.
+
+    Linears that read one input (q/k/v, gate/up) have the same Hessian, and both clipping and OPTQ treat
+    weight rows independently given it: their weights are stacked and rounded in one call (same codes
+    as one call each, fewer column steps).
+    """
     from qcompile.passes.runner import in_scope
 
     codes, salient = {}, {}
     fmt, gran = recipe.weight_spec, recipe.weight_gran
+    todo = []
     for name in arch.linears if names is None else names:
         if not in_scope(f"{prefix}.{name}", recipe):
             continue
-        st = stats[name]
         if recipe.fp16_ratio > 0:
-            salient[name] = salient_channels(st.absmean, recipe.fp16_ratio)
+            salient[name] = salient_channels(stats[name].absmean, recipe.fp16_ratio)
             continue  # salient layers: RTN on the rest, done in fake_quantize_layer and the graph pass
-        if fmt is None:
-            continue
-        w = layer.get_submodule(name).weight.detach().float()
-        if recipe.clip_search:
+        if fmt is not None and (recipe.rounding == "optq" or recipe.clip_search):
+            todo.append(name)
+    batches = []
+    for name in todo:  # group names whose statistics are equal (copies of one input's)
+        for b in batches:
+            h0, h1 = stats[b[0]].hessian, stats[name].hessian
+            if h0 is not None and h1 is not None and h0.shape == h1.shape and torch.equal(h0, h1):
+                b.append(name)
+                break
+        else:
+            batches.append([name])
+    for batch in batches:
+        st = stats[batch[0]]
+        ws = [layer.get_submodule(n).weight.detach().float() for n in batch]
+        w = torch.cat(ws)
+        ratios = None
+        if recipe.clip_search:  # per-block range shrink, judged on the block's output error
             from qcompile.calibration.clip_search import clip_search
-            w = clip_search(w, st.sample(), fmt, gran)
-        if recipe.rounding == "optq":
+            clipped, ratios = clip_search(w, st.sample(), fmt, gran, return_ratios=True, hessian=st.hessian)
+        if recipe.rounding == "optq":  # OPTQ on the unclipped weights, on the clipped grid
             from qcompile.calibration.optq import optq_quantize
-            codes[name] = optq_quantize(w, st.hessian, fmt, gran, damp=recipe.optq_damp,
-                                        block_size=recipe.optq_block_size, act_order=recipe.optq_act_order)
-        elif recipe.clip_search:
-            codes[name] = F.quantize(w, fmt, gran)
+            out = optq_quantize(w, st.hessian, fmt, gran, damp=recipe.optq_damp,
+                                block_size=recipe.optq_block_size, act_order=recipe.optq_act_order,
+                                clip_ratios=ratios)
+        else:
+            out = F.quantize(clipped, fmt, gran)
+        rows = [x.shape[0] for x in ws]
+        for n, c, sc, zp in zip(batch, *(torch.split(t, rows) for t in out)):
+            codes[n] = (c.contiguous(), sc.contiguous(), zp.contiguous())
     return codes, salient

@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from qcompile.calibration.clip_search import clip_weight
 from qcompile.calibration.objectives import as_format, as_granularity, check_weights
 from qcompile.errors import CalibrationError
 from qcompile.formats import FormatSpec, Granularity, choose_qparams, dequantize, quantize_with_qparams
@@ -110,7 +111,7 @@ def _permuted_problem(w: torch.Tensor, hessian: torch.Tensor, damp: float, act_o
 
 def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec | str,
                   gran: Granularity | str, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False):
+                  act_order: bool = False, clip_ratios: torch.Tensor | None = None):
     """GPTQ/OPTQ-round ``weight [N, K]`` given the Hessian ``H [K, K]`` of its input.
 
     Args:
@@ -120,6 +121,10 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
         damp: diagonal damping as a fraction of ``mean(diag H)``.
         block_size: lazy-batch width.
         act_order: quantize columns in decreasing ``diag(H)`` order (groups stay by original column).
+        clip_ratios: optional ``[N, G]`` range shrink per block (``clip_search(..., return_ratios=True)``):
+            each block's qparams come from its range clamped to ``ratio * [min, max]`` (the grid), while
+            OPTQ still rounds and compensates the *unclipped* weights (the GPTQ repository's ``mse``
+            grid option works the same way: a shrunk grid, original weights).
 
     Returns:
         ``(codes uint8 [N, K], scale [N, G, 1], zp [N, G, 1])``, as ``qcompile.formats.quantize``.
@@ -130,8 +135,11 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
     n, k = w.shape
     dev = w.device
     gsize = gran.group_size if gran.kind == "group" else k
+    if clip_ratios is not None and tuple(clip_ratios.shape) != (n, k // gsize):
+        raise CalibrationError(f"clip_ratios shape {tuple(clip_ratios.shape)} does not match the weight's "
+                               f"blocks ({n}, {k // gsize})")
     if gran.kind == "channel":  # GPTQ: per-channel qparams from the whole (original) W
-        scale, zp = choose_qparams(w, fmt, gran)
+        scale, zp = choose_qparams(w if clip_ratios is None else clip_weight(w, clip_ratios, gran), fmt, gran)
     else:
         scale = torch.zeros(n, k // gsize, 1, device=dev)
         zp = torch.zeros(n, k // gsize, 1, device=dev)
@@ -151,6 +159,8 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
                 cols = position[group * gsize:(group + 1) * gsize]  # all still unquantized
                 pending = (err[:, :i - i1] @ hinv[i1:i, cols]) * (cols >= i2)  # lazy updates not yet applied
                 current = w[:, cols] - pending
+                if clip_ratios is not None:
+                    current = clip_weight(current, clip_ratios[:, group:group + 1], _COLUMN)
                 scale[:, group:group + 1], zp[:, group:group + 1] = choose_qparams(current, fmt, gran)
                 group_ready[group] = True
             sc, z = scale[:, group:group + 1], zp[:, group:group + 1]  # [N, 1, 1]

@@ -39,3 +39,15 @@ def test_no_shrink_is_identity_and_clip_weight_clamps_per_block():
     c = clip_weight(w, r, "group16").view(8, 2, 16)
     wb = w.view(8, 2, 16)
     assert torch.allclose(c.amax(-1), 0.5 * wb.amax(-1)) and torch.allclose(c.amin(-1), 0.5 * wb.amin(-1))
+
+
+def test_full_hessian_replaces_the_sample_blocks():
+    """hessian=: the diagonal blocks of a given X^T X are used (any positive normalisation)."""
+    x = activations(300, 64, seed=3)
+    w = weight(16, 64, seed=4)
+    for gran in ("channel", "group16"):
+        a = clip_search(w, x, "int4", gran, return_ratios=True)[1]
+        b = clip_search(w, x[:20], "int4", gran, return_ratios=True, hessian=7.0 * x.T @ x)[1]
+        assert torch.equal(a, b)  # the 20-token sample is ignored for the blocks
+        c = clip_search(w, x[:20], "int4", gran, return_ratios=True)[1]
+        assert not torch.equal(a, c)

@@ -119,3 +119,34 @@ def test_bad_inputs_are_explained(layer):
         optq_quantize(w, hessian, "int4", "channel", damp=0.0)
     with pytest.raises(CalibrationError, match="NaN"):
         optq_quantize(w, hessian * float("nan"), "int4", "channel")
+
+
+@pytest.mark.parametrize("gran", ["channel", "group32"])
+def test_clip_ratios_shrink_the_grid_not_the_weights(layer, gran):
+    """clip_ratios: qparams from the clipped range; ratio 1 is exactly no clipping; clipped OPTQ with
+    the ratios clip_search picks beats OPTQ on the full range (on this heavy-tailed weight)."""
+    from qcompile.calibration.clip_search import clip_search, clip_weight
+
+    x, w, hessian = layer
+    g = Granularity.parse(gran)
+    n_blocks = K // (g.group_size or K)
+    plain = optq_quantize(w, hessian, "int4", gran)
+    ones = optq_quantize(w, hessian, "int4", gran, clip_ratios=torch.ones(N, n_blocks))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones))
+    half = torch.full((N, n_blocks), 0.5)
+    codes, scale, zp = optq_quantize(w, hessian, "int4", gran, clip_ratios=half)
+    if g.kind == "channel":  # per-channel qparams are chosen up front from the clipped weight
+        ref_scale, ref_zp = choose_qparams(clip_weight(w, half, g), FormatSpec.parse("int4"), g)
+        torch.testing.assert_close(scale, ref_scale)
+        torch.testing.assert_close(zp, ref_zp)
+    else:  # a group's range is the clipped range of the weights OPTQ has updated by then
+        assert (scale < plain[1]).float().mean() > 0.9
+    _, ratios = clip_search(w, x, "int4", gran, return_ratios=True, hessian=hessian)
+    assert (ratios < 1).any()
+    clipped = optq_quantize(w, hessian, "int4", gran, clip_ratios=ratios)
+    spec = FormatSpec.parse("int4")
+    err_plain = output_error(dequantize(*plain, spec, g), w, x)
+    err_clip = output_error(dequantize(*clipped, spec, g), w, x)
+    assert err_clip < err_plain
+    with pytest.raises(CalibrationError, match="clip_ratios shape"):
+        optq_quantize(w, hessian, "int4", gran, clip_ratios=torch.ones(N + 1, n_blocks))
