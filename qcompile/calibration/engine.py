@@ -156,7 +156,10 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     gen = torch.Generator()
     per_batch = max(1, -(-max_search_tokens // max(total, 1)))
     want_h = recipe.rounding == "optq" or recipe.clip_search
-    where = {} if placement is None else {"device": placement.stats_device, "dtype": placement.stats_dtype}
+    if placement is None:  # statistics live with the block's weights (CPU or one GPU)
+        where = {"device": next(layer.parameters()).device}
+    else:
+        where = {"device": placement.stats_device, "dtype": placement.stats_dtype}
     # linears of one group read the same input (q/k/v, gate/up): accumulate once, copy afterwards
     shared, handles = {}, []
     for g in arch.groups:
