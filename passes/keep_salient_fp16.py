@@ -45,6 +45,7 @@ def keep_salient_fp16(gm: fx.GraphModule, ctx) -> PassResult:
         sal, rest = salient_channels(stats[site.module]["absmean"], ratio)
         node, x = site.node, site.node.args[0]
         w = get_tensor(gm, site.weight.target)
+        sal, rest = sal.to(w.device), rest.to(w.device)  # statistics may come back on the CPU
         bias = node.args[2] if len(node.args) > 2 else None
         g = gm.graph
         idx_r, idx_s = (get_attr_node(gm, new_attr(gm, site.module + n, t), node) for n, t in (

@@ -156,10 +156,11 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     gen = torch.Generator()
     per_batch = max(1, -(-max_search_tokens // max(total, 1)))
     want_h = recipe.rounding == "optq" or recipe.clip_search
-    if placement is None:  # statistics live with the block's weights (CPU or one GPU)
-        where = {"device": next(layer.parameters()).device}
-    else:
-        where = {"device": placement.stats_device, "dtype": placement.stats_dtype}
+    # statistics live where the placement says, else with the block's weights (CPU or one GPU)
+    dev = None if placement is None else placement.stats_device
+    where = {"device": dev if dev is not None else next(layer.parameters()).device}
+    if placement is not None:
+        where["dtype"] = placement.stats_dtype
     # linears of one group read the same input (q/k/v, gate/up): accumulate once, copy afterwards
     shared, handles = {}, []
     for g in arch.groups:
