@@ -224,28 +224,44 @@ def _ppl(data, label, windows):
 
 def render_tables(data, tables, windows, meta) -> str:
     fp = _ppl(data, "fp32", windows)
-    if fp is None:
+    if fp is None or not tables:
         return ""
     out = [f"SmolLM2-135M-Instruct, Wikipedia sample, {windows} windows x 2048 tokens (FP32 {fp:.2f}); "
            f"calibration on the C4 sample. `python examples/reproduce_papers.py --tables {','.join(tables)} "
            f"--max-windows {windows}` on {meta['machine']}. Gap closed = share of the first row's "
-           "(RTN) gap to FP32; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."]
+           "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."]
     for t in tables:
         title, rows, claims = TABLES[t]
-        ref = _ppl(data, rows[0][0], windows)
         body = []
-        for label, desc, recipe in rows:
+        for i, (label, desc, recipe) in enumerate(rows):
             e = data.get(label)
             if e is None or e.get("windows") != windows:
                 body.append([desc, f"`{recipe.name}`", "not run", None, None, None])
                 continue
-            gap = None if label == rows[0][0] else C.gap_closed(e["ppl"], ref, fp)
+            ref_label = _rtn_reference(rows, i)
+            ref = _ppl(data, ref_label, windows) if ref_label else None
+            gap = None if ref_label is None else C.gap_closed(e["ppl"], ref, fp)
             body.append([desc, f"`{recipe.name}`", e["ppl"], f"{e['ppl'] - fp:+.2f}",
                          None if gap is None else f"{gap:.0f} %", e.get("calibrate_s")])
         out.append(f"\n**{t}. {title}**\n")
         out.append(C.markdown_table(["method", "recipe", "ppl", "vs FP32", "gap closed", "calibration s"], body))
         out.append("\n" + PAPER_SAYS[t] + " " + _claims(data, claims, windows))
     return "\n".join(out)
+
+
+_GRID = ("weight_format", "weight_granularity", "act_format", "act_granularity", "v_format", "fp16_ratio")
+
+
+def _rtn_reference(rows, i):
+    """The label a calibrated row's gap is measured against: the nearest earlier RTN row on the same
+    grid (formats and granularities), else the table's first row; None for an RTN row itself."""
+    recipe = rows[i][2]
+    if recipe.scaling == "none" and recipe.rounding == "rtn" and not recipe.clip_search:
+        return None
+    for label, _, r in reversed(rows[:i]):
+        if r.scaling == "none" and r.rounding == "rtn" and all(getattr(r, f) == getattr(recipe, f) for f in _GRID):
+            return label
+    return rows[0][0]
 
 
 def _claims(data, claims, windows) -> str:
