@@ -176,8 +176,13 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     finally:
         for h in handles:
             h.remove()
-    first_of = {c: g.consumers[0] for g in arch.groups for c in g.consumers}
-    return {name: shared[name] if name in shared else shared[first_of[name]].copy() for name in arch.linears}
+    owner = _input_owner(arch)
+    return {name: shared[name] if name in shared else shared[owner[name]].copy() for name in arch.linears}
+
+
+def _input_owner(arch) -> dict[str, str]:
+    """Linear name -> the first linear of its group (the one whose input statistics it shares)."""
+    return {c: g.consumers[0] for g in arch.groups for c in g.consumers}
 
 
 def _fuse_norms(layer, arch):
@@ -338,16 +343,10 @@ def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=Non
             continue  # salient layers: RTN on the rest, done in fake_quantize_layer and the graph pass
         if fmt is not None and (recipe.rounding == "optq" or recipe.clip_search):
             todo.append(name)
-    batches = []
-    for name in todo:  # group names whose statistics are equal (copies of one input's)
-        for b in batches:
-            h0, h1 = stats[b[0]].hessian, stats[name].hessian
-            if h0 is not None and h1 is not None and h0.shape == h1.shape and torch.equal(h0, h1):
-                b.append(name)
-                break
-        else:
-            batches.append([name])
-    for batch in batches:
+    owner, batches = _input_owner(arch), {}
+    for name in todo:  # linears sharing one input's statistics are rounded together
+        batches.setdefault(owner.get(name, name), []).append(name)
+    for batch in batches.values():
         st = stats[batch[0]]
         ws = [layer.get_submodule(n).weight.detach().float() for n in batch]
         w = torch.cat(ws)
