@@ -39,6 +39,11 @@ class Recipe:
     Formats are ``qcompile.formats`` names (``int4``, ``dint4``, ``fp4_e2m1``, ``int8``...);
     ``None`` leaves that tensor in floating point. Granularities: ``channel``/``group<g>`` for
     weights, ``token``/``group<g>`` for activations; V is always per channel (``vchannel``).
+
+    ``sink_weight``: weight of each calibration window's first token in the Hessian ``X Xᵀ`` that OPTQ and
+    the clip search minimise against (1 = an ordinary token). That token becomes the attention sink: its
+    input lies in channels ordinary tokens hardly use, so an unweighted Hessian lets OPTQ push rounding
+    error there, wrecking the sink's key/value that every later token reads (README "Attention sink").
     """
 
     name: str = "custom"
@@ -56,6 +61,7 @@ class Recipe:
     optq_damp: float = 0.01
     optq_block_size: int = 128
     optq_act_order: bool = False
+    sink_weight: float = 1.0
     calib_source: str = "c4"
     calib_samples: int = 128
     calib_seq_len: int = 2048
@@ -88,6 +94,8 @@ class Recipe:
                "a number in (0, 1]")
         _check(_int(self.optq_block_size) and self.optq_block_size >= 1, "optq_block_size",
                self.optq_block_size, "an integer >= 1")
+        _check(_num(self.sink_weight) and 1.0 <= self.sink_weight <= 1e6, "sink_weight", self.sink_weight,
+               "a number in [1, 1e6]")
         _check(self.calib_source in CALIB_SOURCES, "calib_source", self.calib_source, f"one of {CALIB_SOURCES}")
         _check(_int(self.calib_samples) and 1 <= self.calib_samples <= 100_000, "calib_samples",
                self.calib_samples, "an integer in [1, 100000]")
@@ -263,7 +271,7 @@ _CAL = dict(calib_source="c4", calib_samples=16, calib_seq_len=2048, calib_searc
 _SQ = dict(scaling="smoothquant", alpha=0.5)
 _AWQ = dict(scaling="awq", scale_criterion="mean")          # AWQ: mean |x|, activations not quantized
 _AQAS = dict(scaling="aqas", scale_criterion="max")         # AQAS: max |x| (its Table 8), A quantized
-_OPTQ = dict(rounding="optq", optq_damp=0.01, optq_act_order=True)
+_OPTQ = dict(rounding="optq", optq_damp=0.01, optq_act_order=True, sink_weight=128.0)  # README "Attention sink"
 _W4A4G64 = dict(weight_format="int4", weight_granularity="group64", act_format="int4", act_granularity="group64")
 for _r in (
     # AQAS paper Table 3 analogue (W4A8V4: INT4 weights per channel, INT8 tokens, V INT4 per channel)
@@ -274,7 +282,9 @@ for _r in (
     Recipe("w4a8v4-awq-optq-int4", **_W4A8V4, **_AWQ, **_OPTQ, **_CAL),
     Recipe("w4a8v4-aqas-int4", **_W4A8V4, **_AQAS, **_CAL),
     Recipe("w4a8v4-aqas-optq-int4", **_W4A8V4, **_AQAS, **_OPTQ, **_CAL),
-    Recipe("w4a8v4-aqas-optq-dint4", **{**_W4A8V4, "weight_format": "dint4"}, **_AQAS, **_OPTQ, **_CAL),
+    # the main recipe: + the clip search on the (sink-weighted) OPTQ Hessian (README "Attention sink")
+    Recipe("w4a8v4-aqas-optq-dint4", **{**_W4A8V4, "weight_format": "dint4"}, **_AQAS, **_OPTQ, **_CAL,
+           clip_search=True),
     # DESIGN.md names (W4A8 without V quantization; W8A8)
     Recipe("w4a8-smoothquant-optq", weight_format="int4", act_format="int8", **_SQ, **_OPTQ, **_CAL),
     Recipe("w4a8-awq-optq", weight_format="int4", act_format="int8", **_AWQ, **_OPTQ, **_CAL),

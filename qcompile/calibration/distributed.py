@@ -187,9 +187,11 @@ class DataParallel:
             st.n = int(self._all_reduce(torch.tensor([n_local], dtype=torch.float64), dist.ReduceOp.SUM))
             st.absmax = self._all_reduce(st.absmax, dist.ReduceOp.MAX)
             st.abssum = self._all_reduce(st.abssum, dist.ReduceOp.SUM)
-            if st.hessian is not None:  # running means -> token-weighted mean
-                h = self._all_reduce(st.hessian * n_local, dist.ReduceOp.SUM)
-                st.hessian = h / st.n if st.n else h
+            if st.hessian is not None:  # running means -> weighted mean (weights: tokens, sinks count more)
+                hn_local = st.hn
+                st.hn = float(self._all_reduce(torch.tensor([hn_local], dtype=torch.float64), dist.ReduceOp.SUM))
+                h = self._all_reduce(st.hessian * hn_local, dist.ReduceOp.SUM)
+                st.hessian = h / st.hn if st.hn else h
             local = torch.cat(st.samples) if st.samples else st.absmax.new_zeros(0, st.absmax.numel())
             st.samples = [self._all_gather_rows(local)]
         return self.inner.reduce_stats(stats)

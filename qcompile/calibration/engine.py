@@ -102,27 +102,45 @@ def _layer_inputs(model, layers, batches, micro_batch, device):
 
 
 class _Stats:
-    """Per-linear input statistics, accumulated over calibration batches."""
+    """Per-linear input statistics, accumulated over calibration batches.
 
-    def __init__(self, k, want_hessian, sample_per_batch, gen, device=None, dtype=torch.float32):
+    The Hessian is a weighted running mean ``2 sum_t w_t x_t x_tᵀ / sum_t w_t`` with ``w_t = sink_weight``
+    at position 0 of each ``[B, T, K]`` input (the attention sink, see ``Recipe.sink_weight``), else 1;
+    ``hn`` is the weight total (what a data-parallel reduction averages by), ``n`` the token count.
+    """
+
+    def __init__(self, k, want_hessian, sample_per_batch, gen, device=None, dtype=torch.float32,
+                 sink_weight: float = 1.0):
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.absmax = torch.zeros(k, device=self.device)
         self.abssum = torch.zeros(k, dtype=dtype, device=self.device)  # sums (and H) in ``dtype``
         self.n = 0
+        self.hn = 0.0
         self.hessian = torch.zeros(k, k, dtype=dtype, device=self.device) if want_hessian else None
+        self.sink_weight = float(sink_weight)
         self.samples = []
         self.sample_per_batch = sample_per_batch
         self.gen = gen
 
     def add(self, x):
-        x = x.detach().reshape(-1, x.shape[-1]).float().to(self.device)
+        x = x.detach()
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).float().to(self.device)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         xa = x.to(self.abssum.dtype)
         self.abssum += xa.abs().sum(0)
         n = x.shape[0]
         if self.hessian is not None:
-            # running mean of 2 X Xᵀ / n (OPTQ eq. 3)
-            self.hessian.mul_(self.n / (self.n + n)).add_(xa.T @ xa, alpha=2.0 / (self.n + n))
+            if self.sink_weight != 1.0 and len(lead) >= 2 and lead[-1] > 1:
+                w = torch.ones(lead, dtype=xa.dtype, device=self.device)
+                w[..., 0] = self.sink_weight
+                w = w.reshape(-1)
+                total, xw = float(w.sum()), xa * w[:, None]
+            else:
+                total, xw = float(n), xa
+            # running weighted mean of 2 X Xᵀ (OPTQ eq. 3)
+            self.hessian.mul_(self.hn / (self.hn + total)).add_(xw.T @ xa, alpha=2.0 / (self.hn + total))
+            self.hn += total
         self.n += n
         take = torch.randperm(n, generator=self.gen)[: self.sample_per_batch]
         self.samples.append(x[take])
@@ -165,7 +183,8 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     shared, handles = {}, []
     for g in arch.groups:
         lin = layer.get_submodule(g.consumers[0])
-        shared[g.consumers[0]] = st = _Stats(lin.in_features, want_h, per_batch, gen, **where)
+        shared[g.consumers[0]] = st = _Stats(lin.in_features, want_h, per_batch, gen,
+                                             sink_weight=recipe.sink_weight, **where)
         handles.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
     try:
         with torch.no_grad():

@@ -22,7 +22,7 @@ from qcompile.calibration.offload import Placement
 from qcompile.recipes import Recipe
 
 RECIPE = Recipe(name="w4a8v4-aqas-optq-dint4-test", weight_format="dint4", act_format="int8", v_format="int4",
-                scaling="aqas", rounding="optq", scale_grid=8)
+                scaling="aqas", rounding="optq", scale_grid=8, sink_weight=64.0)
 N_SAMPLES, SEQ, MICRO = 10, 24, 4  # 3 micro-batches: shards of 1 and 2 (uneven on purpose)
 CASES = [("gqa", torch.float64), ("opt", torch.float64), ("llama", torch.float32)]
 
