@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from qcompile.recipes import Recipe
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "examples" / "results"
 README = ROOT / "README.md"
@@ -69,9 +71,13 @@ class Results:
 
     def __init__(self, path: str | Path, fresh: bool = False):
         self.path = Path(path)
-        self.data = {}
+        self.data, self.meta = {}, {}
         if self.path.is_file() and not fresh:
-            self.data = json.loads(self.path.read_text()).get("rows", {})
+            stored = json.loads(self.path.read_text())
+            self.data, self.meta = stored.get("rows", {}), stored.get("meta", {})
+        for e in self.data.values():  # rows written before a recipe field existed: fill in its default
+            if e.get("recipe") is not None:
+                e["recipe"] = Recipe.from_dict(e["recipe"]).to_dict()
 
     def get(self, label: str, recipe: dict | None, windows: int, tasks=(), task_limit=None):
         e = self.data.get(label)

@@ -35,7 +35,7 @@ P = PRESETS
 MAIN = P["w4a8v4-aqas-optq-dint4"]
 W4A16G64 = dict(weight_format="int4", weight_granularity="group64", act_format=None, v_format=None)
 # OPTQ settings and calibration budget of the main recipe, for the OPTQ rows of table D
-_OPTQ_OF_MAIN = {k: getattr(MAIN, k) for k in ("rounding", "optq_damp", "optq_act_order", "calib_samples",
+_OPTQ_OF_MAIN = {k: getattr(MAIN, k) for k in ("rounding", "optq_damp", "optq_act_order", "sink_weight", "calib_samples",
                                                "calib_seq_len", "calib_search_tokens")}
 SLAC_TOKENS = 16 * 1024  # one budget for every calibration length in table G
 
@@ -55,7 +55,7 @@ TABLES = {
         ("a-awq-optq", "AWQ + OPTQ", P["w4a8v4-awq-optq-int4"]),
         ("a-aqas", "AQAS", P["w4a8v4-aqas-int4"]),
         ("a-aqas-optq", "AQAS + OPTQ", P["w4a8v4-aqas-optq-int4"]),
-        ("a-aqas-optq-dint4", "AQAS + OPTQ + dINT4 (main)", MAIN),
+        ("a-aqas-optq-dint4", "AQAS + OPTQ + dINT4 + clip (main)", MAIN),
     ], [
         ("AQAS beats AWQ (no OPTQ)", "a-aqas", "a-awq"),
         ("AQAS beats SmoothQuant (no OPTQ)", "a-aqas", "a-sq"),
@@ -167,13 +167,29 @@ def main(argv=None) -> dict:
     p.add_argument("--tables", default="A,B,C,D,E,F,G", help="tables to run (default all: A,B,C,D,E,F,G)")
     p.add_argument("--task-limit", type=int, default=300, help="zero-shot items per task in table G")
     p.add_argument("--no-tasks", action="store_true", help="table G without zero-shot tasks")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: render the tables from the JSON (its own machine line)")
+    p.add_argument("--block", default="papers-table", help="README block the tables A-F go to")
     args = p.parse_args(argv)
     tables = [t.strip().upper() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in tables if t not in TABLES and t != "G"]
+    if unknown:
+        p.error(f"unknown table(s) {unknown}; tables: {', '.join(TABLES)}, G")
+    command = f"python examples/reproduce_papers.py --tables {','.join(tables)} --max-windows {args.max_windows}"
+    if args.device:
+        command += f" --device {args.device}"
+    if args.json != p.get_default("json"):
+        path = Path(args.json).resolve()
+        command += f" --json {path.relative_to(C.ROOT) if path.is_relative_to(C.ROOT) else path}"
+    if args.render_only:
+        res = C.Results(args.json)
+        meta = dict(res.meta, command=command)
+        return _render(res, tables, args, meta, SLAC_TASKS if not args.no_tasks else ())
     model, tok, wiki, c4 = C.setup(args.threads, args.device)
     res = C.Results(args.json, args.fresh)
     rtn = C.Results(C.RESULTS / "rtn.json")
     meta = {"model": "SmolLM2-135M-Instruct (default)", "text": "Wikipedia sample", "window": 2048,
-            "windows": args.max_windows, "calibration": "C4 sample", "machine": C.machine()}
+            "windows": args.max_windows, "calibration": "C4 sample", "machine": C.machine(), "command": command}
     only = {s for s in args.only.split(",") if s}
     tasks = () if args.no_tasks else SLAC_TASKS
 
@@ -205,11 +221,17 @@ def main(argv=None) -> dict:
         entry.update(desc=desc, total_s=round(time.perf_counter() - t, 1), measured=time.strftime("%Y-%m-%d %H:%M"))
         res.put(label, entry, meta)
 
+    meta["machine"] = C.machine()  # CUDA is initialised now when the run used it
+    return _render(res, tables, args, meta, tasks)
+
+
+def _render(res, tables, args, meta, tasks) -> dict:
     papers_md = render_tables(res.data, [t for t in tables if t != "G"], args.max_windows, meta)
     if papers_md:
         print(papers_md)
-        print("->", C.write_block("papers-table", papers_md, args.no_readme))
-        plot_a(res.data)
+        print("->", C.write_block(args.block, papers_md, args.no_readme))
+        if "A" in tables:
+            plot_a(res.data)
     if "G" in tables:
         slac_md = render_slac(res.data, args.max_windows, args.task_limit, tasks, meta)
         print(slac_md)
@@ -222,21 +244,26 @@ def _ppl(data, label, windows):
     return e["ppl"] if e and e.get("windows") == windows else None
 
 
+def _command(tables, windows) -> str:
+    return f"python examples/reproduce_papers.py --tables {','.join(tables)} --max-windows {windows}"
+
+
 def render_tables(data, tables, windows, meta) -> str:
     fp = _ppl(data, "fp32", windows)
     if fp is None or not tables:
         return ""
     out = [f"SmolLM2-135M-Instruct, Wikipedia sample, {windows} windows x 2048 tokens (FP32 {fp:.2f}); "
-           f"calibration on the C4 sample. `python examples/reproduce_papers.py --tables {','.join(tables)} "
-           f"--max-windows {windows}` on {meta['machine']}. Gap closed = share of the first row's "
+           f"calibration on the C4 sample. `{meta.get('command') or _command(tables, windows)}` on "
+           f"{meta['machine']}. Gap closed = share of the first row's "
            "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."]
     for t in tables:
         title, rows, claims = TABLES[t]
         body = []
         for i, (label, desc, recipe) in enumerate(rows):
             e = data.get(label)
-            if e is None or e.get("windows") != windows:
-                body.append([desc, f"`{recipe.name}`", "not run", None, None, None])
+            if e is None or e.get("windows") != windows or e.get("recipe") != recipe.to_dict():
+                status = "not run" if e is None or e.get("windows") != windows else "not re-run (recipe changed)"
+                body.append([desc, f"`{recipe.name}`", status, None, None, None])
                 continue
             ref_label = _rtn_reference(rows, i)
             ref = _ppl(data, ref_label, windows) if ref_label else None
@@ -281,11 +308,14 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
     ref = _ppl(data, rows[0][0], windows)
     head = ["calibration (W4A8V4 AQAS+OPTQ+dINT4)", "ppl @2048", "gap closed"] + [f"{t} acc" for t in tasks] + \
         (["zero-shot avg"] if tasks else [])
-    body = []
+    body, stale = [], False
     for label, desc, recipe in [("fp32-tasks", "FP32", None)] + rows:
         e = data.get(label) or {}
         if not e or e.get("windows") != windows:
             continue
+        if recipe is not None and e.get("recipe") != recipe.to_dict():
+            stale = True
+            desc += " †"
         zs = [e.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
         avg = sum(zs) / len(zs) if zs and all(z is not None for z in zs) else None
         gap = C.gap_closed(e["ppl"], ref, fp) if recipe is not None and label != rows[0][0] else None
@@ -297,6 +327,8 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
             + (f", zero-shot accuracy on the first {limit} items of {', '.join(tasks)} (prompts of tens of "
                "tokens)" if tasks else "") + f". `python examples/reproduce_papers.py --tables G --max-windows "
             f"{windows}` on {meta['machine']}.\n\n" + C.markdown_table(head, body)
+            + ("\n\n† measured with an earlier version of the main recipe (the row's recipe in the JSON differs "
+               "from today's preset); rerun the command to refresh it." if stale else "")
             + "\n\n" + PAPER_SAYS["G"])
     return text
 
