@@ -1,0 +1,33 @@
+"""examples/reproduce_papers.py renders only rows measured with today's recipe."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import reproduce_papers as R  # noqa: E402
+
+
+def _entry(recipe, ppl):
+    return {"recipe": None if recipe is None else recipe.to_dict(), "windows": 8, "ppl": ppl}
+
+
+def test_stale_rows_are_not_shown_as_current():
+    rows = dict((label, recipe) for label, _, recipe in R.TABLES["A"][1])
+    old_main = rows["a-aqas-optq-dint4"].replace(clip_search=not rows["a-aqas-optq-dint4"].clip_search)
+    data = {"fp32": _entry(None, 18.0), "a-rtn": _entry(rows["a-rtn"], 30.0),
+            "a-aqas": _entry(rows["a-aqas"], 25.0), "a-aqas-optq-dint4": _entry(old_main, 20.0)}
+    md = R.render_tables(data, ["A"], 8, {"machine": "test box"})
+    line = next(x for x in md.splitlines() if "`w4a8v4-aqas-optq-dint4`" in x)
+    assert "not re-run (recipe changed)" in line and "20.00" not in line
+    assert "| 25.00 |" in next(x for x in md.splitlines() if "`w4a8v4-aqas-int4`" in x)
+    assert "python examples/reproduce_papers.py --tables A --max-windows 8" in md
+    assert "dINT4 improves AQAS + OPTQ: not measured" in md
+
+
+def test_stale_slac_rows_are_marked():
+    label, _, recipe = R.slac_rows()[1]
+    data = {"fp32": _entry(None, 18.0), "fp32-tasks": _entry(None, 18.0),
+            "a-rtn": _entry(R.slac_rows()[0][2], 30.0), label: _entry(recipe.replace(sink_weight=1.0), 24.0)}
+    md = R.render_slac(data, 8, 200, (), {"machine": "test box"})
+    assert "†" in md and "earlier version of the main recipe" in md
