@@ -62,7 +62,7 @@ TABLES = {
         ("OPTQ improves AQAS", "a-aqas-optq", "a-aqas"),
         ("AQAS + OPTQ beats SQ + OPTQ", "a-aqas-optq", "a-sq-optq"),
         ("AQAS + OPTQ beats AWQ + OPTQ", "a-aqas-optq", "a-awq-optq"),
-        ("dINT4 improves AQAS + OPTQ", "a-aqas-optq-dint4", "a-aqas-optq"),
+        ("dINT4 + clip search improve AQAS + OPTQ", "a-aqas-optq-dint4", "a-aqas-optq"),
     ]),
     "B": ("dINT4 special value c (AQAS Table 9, W4A8V4 AQAS+OPTQ)", [
         ("a-rtn", "RTN INT4", P["w4a8v4-rtn-int4"]),
