@@ -325,7 +325,7 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
     text = (f"SLAC: the main recipe calibrated at sequence lengths {', '.join(map(str, SLAC_LENGTHS))} with one "
             f"budget of {SLAC_TOKENS} C4 tokens; perplexity on {windows} Wikipedia windows of 2048 tokens"
             + (f", zero-shot accuracy on the first {limit} items of {', '.join(tasks)} (prompts of tens of "
-               "tokens)" if tasks else "") + f". `python examples/reproduce_papers.py --tables G --max-windows "
+               "tokens)" if tasks else "") + f". `python examples/reproduce_papers.py --tables G --task-limit {limit} --max-windows "
             f"{windows}` on {meta['machine']}.\n\n" + C.markdown_table(head, body)
             + ("\n\n† measured with an earlier version of the main recipe (the row's recipe in the JSON differs "
                "from today's preset); rerun the command to refresh it." if stale else "")
