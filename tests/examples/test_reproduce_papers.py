@@ -22,7 +22,7 @@ def test_stale_rows_are_not_shown_as_current():
     assert "not re-run (recipe changed)" in line and "20.00" not in line
     assert "| 25.00 |" in next(x for x in md.splitlines() if "`w4a8v4-aqas-int4`" in x)
     assert "python examples/reproduce_papers.py --tables A --max-windows 8" in md
-    assert "dINT4 improves AQAS + OPTQ: not measured" in md
+    assert "dINT4 + clip search improve AQAS + OPTQ: not measured" in md
 
 
 def test_stale_slac_rows_are_marked():
