@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     unknown = [t for t in tables if t not in TABLES and t != "G"]
     if unknown:
         p.error(f"unknown table(s) {unknown}; tables: {', '.join(TABLES)}, G")
-    command = f"python examples/reproduce_papers.py --tables {','.join(tables)} --max-windows {args.max_windows}"
+    command = _command(tables, args.max_windows)
     if args.device:
         command += f" --device {args.device}"
     if args.json != p.get_default("json"):
@@ -261,8 +261,9 @@ def render_tables(data, tables, windows, meta) -> str:
         body = []
         for i, (label, desc, recipe) in enumerate(rows):
             e = data.get(label)
-            if e is None or e.get("windows") != windows or e.get("recipe") != recipe.to_dict():
-                status = "not run" if e is None or e.get("windows") != windows else "not re-run (recipe changed)"
+            measured = e is not None and e.get("windows") == windows
+            if not measured or e.get("recipe") != recipe.to_dict():
+                status = "not re-run (recipe changed)" if measured else "not run"
                 body.append([desc, f"`{recipe.name}`", status, None, None, None])
                 continue
             ref_label = _rtn_reference(rows, i)
