@@ -239,9 +239,12 @@ def _render(res, tables, args, meta, tasks) -> dict:
     return res.data
 
 
-def _ppl(data, label, windows):
+def _ppl(data, label, windows, recipe=None):
+    """The row's perplexity if measured with ``windows`` (and, when given, with today's ``recipe``)."""
     e = data.get(label)
-    return e["ppl"] if e and e.get("windows") == windows else None
+    if not e or e.get("windows") != windows:
+        return None
+    return e["ppl"] if recipe is None or e.get("recipe") == recipe.to_dict() else None
 
 
 def _command(tables, windows) -> str:
@@ -258,6 +261,7 @@ def render_tables(data, tables, windows, meta) -> str:
            "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."]
     for t in tables:
         title, rows, claims = TABLES[t]
+        recipes = {label: recipe for label, _, recipe in rows}
         body = []
         for i, (label, desc, recipe) in enumerate(rows):
             e = data.get(label)
@@ -267,13 +271,13 @@ def render_tables(data, tables, windows, meta) -> str:
                 body.append([desc, f"`{recipe.name}`", status, None, None, None])
                 continue
             ref_label = _rtn_reference(rows, i)
-            ref = _ppl(data, ref_label, windows) if ref_label else None
+            ref = _ppl(data, ref_label, windows, recipes[ref_label]) if ref_label else None
             gap = None if ref_label is None else C.gap_closed(e["ppl"], ref, fp)
             body.append([desc, f"`{recipe.name}`", e["ppl"], f"{e['ppl'] - fp:+.2f}",
                          None if gap is None else f"{gap:.0f} %", e.get("calibrate_s")])
         out.append(f"\n**{t}. {title}**\n")
         out.append(C.markdown_table(["method", "recipe", "ppl", "vs FP32", "gap closed", "calibration s"], body))
-        out.append("\n" + PAPER_SAYS[t] + " " + _claims(data, claims, windows))
+        out.append("\n" + PAPER_SAYS[t] + " " + _claims(data, claims, windows, recipes))
     return "\n".join(out)
 
 
@@ -292,10 +296,10 @@ def _rtn_reference(rows, i):
     return rows[0][0]
 
 
-def _claims(data, claims, windows) -> str:
+def _claims(data, claims, windows, recipes) -> str:
     parts = []
     for text, better, worse in claims:
-        a, b = _ppl(data, better, windows), _ppl(data, worse, windows)
+        a, b = _ppl(data, better, windows, recipes[better]), _ppl(data, worse, windows, recipes[worse])
         if a is None or b is None:
             parts.append(f"{text}: not measured")
         else:

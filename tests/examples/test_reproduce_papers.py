@@ -25,6 +25,17 @@ def test_stale_rows_are_not_shown_as_current():
     assert "dINT4 + clip search improve AQAS + OPTQ: not measured" in md
 
 
+def test_claims_ignore_rows_measured_with_another_recipe():
+    rows = dict((label, recipe) for label, _, recipe in R.TABLES["A"][1])
+    old_awq = rows["a-awq"].replace(alpha=0.25)
+    data = {"fp32": _entry(None, 18.0), "a-rtn": _entry(rows["a-rtn"], 30.0),
+            "a-aqas": _entry(rows["a-aqas"], 25.0), "a-awq": _entry(old_awq, 26.0)}
+    md = R.render_tables(data, ["A"], 8, {"machine": "test box"})
+    assert "AQAS beats AWQ (no OPTQ): not measured" in md
+    data["a-awq"] = _entry(rows["a-awq"], 26.0)
+    assert "AQAS beats AWQ (no OPTQ): yes (25.00 vs 26.00)" in R.render_tables(data, ["A"], 8, {"machine": "x"})
+
+
 def test_stale_slac_rows_are_marked():
     label, _, recipe = R.slac_rows()[1]
     data = {"fp32": _entry(None, 18.0), "fp32-tasks": _entry(None, 18.0),
