@@ -32,7 +32,7 @@ from qcompile.errors import QcompileError, shown
 
 __all__ = [
     "FormatSpec", "Granularity", "FormatError", "FP4_GRIDS", "DINT_RATIOS",
-    "choose_qparams", "quantize", "dequantize", "fake_quantize", "quantize_with_qparams",
+    "choose_qparams", "quantize", "dequantize", "fake_quantize", "quantize_with_qparams", "GridRounder",
     "pack_int4", "unpack_int4", "dint_table", "code_values",
 ]
 
@@ -208,27 +208,60 @@ def choose_qparams(x: torch.Tensor, fmt: FormatSpec, gran: Granularity) -> tuple
     return scale, zp
 
 
+class GridRounder:
+    """Rounds values onto one format's grid with fixed ``scale`` and ``zp`` (any broadcastable shape).
+
+    The one rounding rule of every quantizer here: ``quantize_with_qparams`` uses it on blocked
+    views, OPTQ on one column at a time. Per-block constants (dINT thresholds, the FP4 grid) are
+    computed once, so rounding many columns with the same qparams costs only the elementwise ops.
+    ``codes_and_values`` also returns the dequantized values, bit-identical to ``dequantize`` of
+    the codes (same float operations), without decoding them again.
+    """
+
+    def __init__(self, fmt: FormatSpec, scale: torch.Tensor, zp: torch.Tensor):
+        self.fmt, self.scale, self.zp = fmt, scale, zp
+        if fmt.kind == "fp4":
+            self.grid = torch.tensor(FP4_GRIDS[fmt.fp_variant], dtype=torch.float32, device=scale.device)
+        elif fmt.kind == "int":
+            self.top = fmt.n_codes - 1
+        else:
+            # AQAS eq. 5, with thresholds at the midpoints 0|c and c|s (= s/4 and 3s/4 for c = s/2).
+            self.top = fmt.n_steps
+            self.c = fmt.dint_ratio * scale
+            self.lo, self.hi = self.c / 2, (self.c + scale) / 2
+            self.neg_c, self.neg_lo, self.neg_hi = -self.c, -self.lo, -self.hi
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes as float32 (exact small integers), same shape as the broadcast of ``x`` and qparams."""
+        return self.codes_and_values(x, values=False)[0]
+
+    def codes_and_values(self, x: torch.Tensor, values: bool = True):
+        fmt, scale, zp = self.fmt, self.scale, self.zp
+        if fmt.kind == "fp4":
+            mag = (x.abs() / scale).unsqueeze(-1)
+            idx = (mag - self.grid).abs().argmin(-1)  # nearest magnitude; ties go to the smaller one
+            neg = (x < 0) & (idx > 0)  # no negative zero: keeps q(dq(c)) == c
+            codes = (idx + 8 * neg.long()).float()
+            if not values:
+                return codes, None
+            g = self.grid[idx]
+            return codes, torch.where(neg, -g, g) * scale
+        base = torch.clamp(torch.round(x / scale) + zp, 0, self.top)
+        if fmt.kind == "int":
+            return base, ((base - zp) * scale if values else None)
+        pos = (x > self.lo) & (x <= self.hi)
+        neg = (x >= self.neg_hi) & (x < self.neg_lo)
+        codes = torch.where(pos, self.top + 1.0, torch.where(neg, self.top + 2.0, base))
+        if not values:
+            return codes, None
+        return codes, torch.where(pos, self.c, torch.where(neg, self.neg_c, (base - zp) * scale))
+
+
 def quantize_with_qparams(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, fmt: FormatSpec,
                           gran: Granularity) -> torch.Tensor:
     """Values -> integer codes (uint8, same shape as ``x``) with given blocked qparams."""
     xb = _to_blocks(x.detach().float(), gran)
-    if fmt.kind == "fp4":
-        grid = torch.tensor(FP4_GRIDS[fmt.fp_variant], dtype=torch.float32, device=x.device)
-        mag = (xb.abs() / scale).unsqueeze(-1)
-        idx = (mag - grid).abs().argmin(-1)  # nearest magnitude; ties go to the smaller one
-        codes = idx + 8 * ((xb < 0) & (idx > 0)).long()  # no negative zero: keeps q(dq(c)) == c
-    elif fmt.kind == "int":
-        top = fmt.n_codes - 1
-        codes = torch.clamp(torch.round(xb / scale) + zp, 0, top)
-    else:
-        # AQAS eq. 5, with thresholds at the midpoints 0|c and c|s (= s/4 and 3s/4 for c = s/2).
-        p = fmt.n_steps
-        c = fmt.dint_ratio * scale
-        codes = torch.clamp(torch.round(xb / scale) + zp, 0, p)
-        pos = (xb > c / 2) & (xb <= (c + scale) / 2)
-        neg = (xb >= -(c + scale) / 2) & (xb < -c / 2)
-        codes = torch.where(pos, torch.full_like(codes, p + 1), codes)
-        codes = torch.where(neg, torch.full_like(codes, p + 2), codes)
+    codes = GridRounder(fmt, scale, zp).codes(xb)
     return _from_blocks(codes.to(torch.uint8), x.shape, gran)
 
 

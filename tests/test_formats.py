@@ -89,6 +89,22 @@ def test_invariants_every_format_and_granularity(fmt, gran, rows, groups, seed, 
         assert ((x - y).abs() <= step / 2 * (1 + 1e-4) + 1e-6).all()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_grid_rounder_values_are_the_dequantized_codes_bit_for_bit(fmt):
+    """OPTQ takes W_hat from ``GridRounder.codes_and_values``: it must equal ``dequantize`` exactly."""
+    fmt, gran = F.FormatSpec.parse(fmt), F.Granularity.parse("group8")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 32, generator=g)
+    s, z = F.choose_qparams(x * 0.7, fmt, gran)  # a narrower range: some values clamp
+    xb = F._to_blocks(x, gran)
+    # values exactly at the dINT thresholds and at the grid points too
+    xb[0, 0, :4] = s[0, 0, 0] * torch.tensor([0.25, 0.75, -0.25, -0.75])
+    codes, values = F.GridRounder(fmt, s, z).codes_and_values(xb)
+    codes = F._from_blocks(codes.to(torch.uint8), x.shape, gran)
+    assert torch.equal(codes, F.quantize_with_qparams(F._from_blocks(xb, x.shape, gran), s, z, fmt, gran))
+    assert torch.equal(F._from_blocks(values, x.shape, gran), F.dequantize(codes, s, z, fmt, gran))
+
+
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 4), k=st.integers(1, 33), seed=st.integers(0, 1000))
 def test_pack_unpack_round_trip(rows, k, seed):

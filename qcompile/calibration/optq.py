@@ -11,8 +11,9 @@ inverse updates, and updates are applied lazily in blocks of ``block_size`` colu
 Quantizer: per-channel qparams come from the whole ``W`` first; a group's qparams are chosen when the
 algorithm reaches the group's first column, from the *current* (already updated) weights of the
 group. Groups are always consecutive ranges of the *original* columns (also with ``act_order``), so
-the result has the standard blocked layout. Each column is quantized by ``quantize_with_qparams`` and
-``dequantize`` of the reference, so ``dequantize(codes, scale, zp) == W_hat`` exactly.
+the result has the standard blocked layout. Each column is rounded by the reference's
+``GridRounder`` (the rule of ``quantize_with_qparams``), so ``dequantize(codes, scale, zp) == W_hat``
+exactly.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from qcompile.calibration.clip_search import clip_weight
 from qcompile.calibration.objectives import as_format, as_granularity, check_weights
 from qcompile.errors import CalibrationError
-from qcompile.formats import FormatSpec, Granularity, choose_qparams, dequantize, quantize_with_qparams
+from qcompile.formats import FormatSpec, GridRounder, Granularity, choose_qparams
 
 __all__ = ["hessian_accumulate", "optq_quantize"]
 
@@ -148,27 +149,39 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
     position = torch.empty(k, dtype=torch.long, device=dev)
     position[perm] = torch.arange(k, device=dev)  # original column -> processing position
     codes = torch.empty(n, k, dtype=torch.uint8, device=dev)
-    group_ready = [False] * (k // gsize)
+    diag = torch.diagonal(hinv).tolist()
+    rounders: dict[int, GridRounder] = {}
+    if gran.kind == "channel":
+        rounders[0] = GridRounder(fmt, scale[:, 0, 0], zp[:, 0, 0])
+    # Each block of columns is worked on transposed ([B, N], one column per contiguous row): a column
+    # step is then a handful of whole-row ops (round, error, one rank-1 update), the cost that bounds
+    # OPTQ on a GPU, where every op is a launch.
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        err = torch.zeros(n, i2 - i1, device=dev)
-        for i in range(i1, i2):
-            col = order[i]
-            group = col // gsize
-            if gran.kind == "group" and not group_ready[group]:
+        wt = w[:, i1:i2].T.contiguous()  # [B, N]
+        err = torch.empty_like(wt)
+        ct = torch.empty_like(wt)  # codes as float
+        hblk = hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            i = i1 + j
+            group = order[i] // gsize
+            rounder = rounders.get(group)
+            if rounder is None:  # group qparams from the group's current (partly updated) weights
                 cols = position[group * gsize:(group + 1) * gsize]  # all still unquantized
-                pending = (err[:, :i - i1] @ hinv[i1:i, cols]) * (cols >= i2)  # lazy updates not yet applied
-                current = w[:, cols] - pending
+                current = w[:, cols]
+                inside = (cols >= i1) & (cols < i2)  # in this block: wt holds the updated values
+                current[:, inside] = wt[cols[inside] - i1].T
+                later = cols >= i2  # after it: lazy updates of this block not applied yet
+                current[:, later] -= err[:j].T @ hinv[i1:i, cols[later]]
                 if clip_ratios is not None:
                     current = clip_weight(current, clip_ratios[:, group:group + 1], _COLUMN)
                 scale[:, group:group + 1], zp[:, group:group + 1] = choose_qparams(current, fmt, gran)
-                group_ready[group] = True
-            sc, z = scale[:, group:group + 1], zp[:, group:group + 1]  # [N, 1, 1]
-            c = quantize_with_qparams(w[:, i:i + 1], sc, z, fmt, _COLUMN)  # [N, 1]
-            q = dequantize(c, sc, z, fmt, _COLUMN)[:, 0]
-            codes[:, col] = c[:, 0]
-            e = (w[:, i] - q) / hinv[i, i]
-            w[:, i:i2] -= e[:, None] * hinv[i, i:i2][None, :]  # in-block update (w[:, i] becomes q)
-            err[:, i - i1] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]  # lazy update of the columns after the block
+                rounder = rounders[group] = GridRounder(fmt, scale[:, group, 0], zp[:, group, 0])
+            x, e = wt[j], err[j]
+            c, q = rounder.codes_and_values(x)
+            torch.sub(x, q, out=e).div_(diag[i])
+            wt[j + 1:].addr_(hblk[j, j + 1:], e, alpha=-1.0)  # in-block update of the later columns
+            ct[j] = c
+        codes[:, perm[i1:i2]] = ct.T.to(torch.uint8)
+        w[:, i2:] -= err.T @ hinv[i1:i2, i2:]  # lazy update of the columns after the block
     return codes, scale, zp
