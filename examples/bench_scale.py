@@ -7,7 +7,7 @@ block and the peak GPU memory; a model run on fewer blocks than it has is extrap
 steady per-block time (said so in the table). From the measured per-block costs it writes a paper
 estimate for LLaMA-2-70B on 1, 2, 4 and 8 GPUs (data-parallel, ``qcompile.calibration.distributed``).
 
-    python examples/bench_scale.py                          # GPU: 13B (3 blocks), 7B (all 32 blocks)
+    python examples/bench_scale.py                          # GPU: 7B then 13B, every block
     python examples/bench_scale.py --models 7b:4            # 7B, first 4 blocks only
     torchrun --nproc-per-node 1 examples/bench_scale.py --dp-smoke   # NCCL data-parallel smoke run
     python examples/bench_scale.py --report scale.json      # (any machine) rewrite the markdown
@@ -231,15 +231,16 @@ def report(results: dict) -> str:
              f"AQAS scale search + OPTQ), {N_SAMPLES} x {SEQ_LEN} random-token windows, micro-batch "
              f"{MICRO_BATCH}; random fp16 weights in CPU memory, one block on the GPU, hidden states spilled "
              "to pinned CPU memory (`qcompile.calibration.offload.Offload(spill=True)`). "
-             "Command: `python examples/bench_scale.py --models 7b:32,13b:3`."), "",
-             ("| model | blocks measured | measured wall | s / block (steady) | whole model | "
-             "peak GPU memory (max allocated) |"), "|---|---|---|---|---|---|"]
+             "Command: `python examples/bench_scale.py` (or one model a call: `--models 7b`, `--models 13b`)."),
+             "", ("| model | blocks measured | measured wall | s / block (steady) | whole model | "
+             "peak GPU memory (max allocated) | max reserved |"), "|---|---|---|---|---|---|---|"]
     for name, r in models:
         done, full = blocks_done(r), r["blocks_full"]
         whole = f"**{full_seconds(r) / 60:.1f} min**" + ("" if done == full else f" (est., {full - done} blocks "
                                                                                      "extrapolated)")
         lines.append(f"| {r['model']} | {done}/{full} | {measured_s(r):.0f} s | {steady_block_s(r):.1f} s | "
-                     f"{whole} | {r['peak_alloc_gib']:.2f} GiB{r.get('peak_note', '')} |")
+                     f"{whole} | {r['peak_alloc_gib']:.2f} GiB{r.get('peak_note', '')} | "
+                     + (f"{r['peak_reserved_gib']:.2f} GiB |" if "peak_reserved_gib" in r else "- |"))
     lines += ["", "| model | per block: load | stats | scale search | rounding | propagate | split |",
               "|---|---|---|---|---|---|---|"]
     for name, r in models:
@@ -263,9 +264,12 @@ def report(results: dict) -> str:
         for gpus, minutes, mem, stage in estimate_70b(split, ref_name):
             lines.append(f"| {gpus} | {minutes:.0f} min | {mem:.0f} GiB | "
                          + " / ".join(f"{v:.1f}" for v in stage.values()) + " s |")
+        big, small = block_facts(SHAPES["70b"]), block_facts(SHAPES[ref_name])
+        ratio = {k: big[k] / small[k] for k in ("params", "sum_k2", "columns")}
         lines += ["", ("How: each stage's per-block time is scaled by its work driver (load, scale search, "
-                  "propagate: block parameters, 4.2x the 7B block; stats: sum of K^2 over the Hessians, 5.5x; "
-                  "rounding: OPTQ columns, 2.2x) and multiplied by 80 blocks. Data-parallel over N GPUs "
+                  f"propagate: block parameters, {ratio['params']:.1f}x the {ref['model']} block; stats: sum of "
+                  f"K^2 over the Hessians, {ratio['sum_k2']:.1f}x; rounding: OPTQ columns, "
+                  f"{ratio['columns']:.1f}x) and multiplied by 80 blocks. Data-parallel over N GPUs "
                   "divides stats and propagate by N, gives each rank the OPTQ of whole linears (longest "
                   "first: the 28672-column down_proj alone bounds rounding at 37% of the columns from 4 "
                   "GPUs on), keeps the scale search on rank 0, and every rank loads every block; the float64 "
@@ -321,7 +325,7 @@ def dp_smoke(device: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="13b:3,7b:32", help="name:blocks,... (names: 7b, 13b)")
+    ap.add_argument("--models", default="7b,13b", help="name[:blocks],... (names: 7b, 13b; default all blocks)")
     ap.add_argument("--no-spill", action="store_true", help="keep hidden states on the GPU")
     ap.add_argument("--dp-smoke", action="store_true", help="under torchrun: NCCL data-parallel smoke run")
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a dry run of the script)")

@@ -120,9 +120,13 @@ def infer_val(gm: fx.GraphModule, node: fx.Node) -> None:
     def val(a):
         return a.meta["val"] if isinstance(a, fx.Node) else a
 
+    from torch._dispatch.python import enable_python_dispatcher
+
     args = fx.node.map_aggregate(node.args, val)
     kwargs = fx.node.map_aggregate(node.kwargs, val)
-    with _fake_mode(gm):
+    # the Python dispatcher runs composite ops' decompositions (aten.linear -> matmul) with symbolic
+    # sizes; without it the C++ matmul of a CUDA fake tensor asks for a concrete numel() and fails
+    with _fake_mode(gm), enable_python_dispatcher():
         node.meta["val"] = node.target(*args, **kwargs)
 
 

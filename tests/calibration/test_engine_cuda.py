@@ -3,9 +3,10 @@
 Statistics, scale search and OPTQ follow the block's weights onto the GPU; the quantized model's error
 vs FP must match the CPU run's closely (float reduction order differs, so codes may flip at rounding
 boundaries; the bound, 25 % of the mean squared logit error, is a guess, not a measured spread).
-Last GPU run (H200, 2026-12-02): 12 of 15 cases passed, 3 failed with a device mismatch inside an aten
-op (which 3 was not recorded); keep_salient_fp16's index tensors were then moved to the weights' device,
-the likely cause, but this file has not been re-run on a GPU since.
+GPU runs (H200, 2026-12-02): all 15 cases ran; the 3 w4a4-mixed1-sq cases failed in
+keep_salient_fp16's fake-value inference ("Cannot call numel() on tensor with symbolic sizes": the C++
+matmul of a CUDA fake tensor), fixed by running ``infer_val`` under the Python dispatcher; after the
+fix the mixed1 and OPTQ cases (6) were re-run and passed.
 """
 from __future__ import annotations
 
