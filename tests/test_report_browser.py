@@ -6,47 +6,26 @@ the tests skip cleanly when it cannot be installed. Console messages are read fr
 """
 from __future__ import annotations
 
-import functools
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 
+from qcompile.report.browser import check_in_browser, console_lines, find_chromium, run_chromium
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.slow
 
 
-@functools.lru_cache(maxsize=1)
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return shutil.which(name)
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return shutil.which("chromium")
-
-
-def _run_chromium(page, *extra) -> subprocess.CompletedProcess:
-    exe = _chromium()
+def _run_chromium(page, *extra):
+    exe = find_chromium(install=True)
     if exe is None:
         pytest.skip("chromium is not installed and could not be installed with apt-get")
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--enable-logging=stderr",
-           "--v=0", "--virtual-time-budget=5000", *extra, page.resolve().as_uri()]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    return run_chromium(exe, page, *extra)
 
 
 def _console_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+    return console_lines(stderr)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +71,17 @@ def test_console_check_catches_a_script_error(report, tmp_path):
     r = _run_chromium(bad, "--dump-dom")
     assert any("undefinedFunction" in line for line in _console_lines(r.stderr))
     assert "data-images-ok" not in r.stdout
+
+
+def test_check_in_browser_sums_it_up(report, tmp_path):
+    if find_chromium(install=True) is None:
+        pytest.skip("chromium is not installed and could not be installed with apt-get")
+    good = check_in_browser(report["html"], screenshot=tmp_path / "shot.png")
+    assert good.ok, good.summary()
+    assert good.images_ok == "5/5" and good.layer_rows == 14 and good.screenshot_std > 0.05
+    assert set(good.plot_ids) >= {"sqnr", "error_split", "ranges", "outliers", "backends"}
+    bad = tmp_path / "bad.html"
+    bad.write_text(report["html"].read_text().replace("<script>", "<script>undefinedFunction();", 1))
+    broken = check_in_browser(bad)
+    assert not broken.ok and broken.images_ok is None and broken.console
+    assert "FAILED" in broken.summary()

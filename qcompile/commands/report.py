@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens for per-linear errors and backend comparisons")
     parser.add_argument("--tol", type=float, default=2e-2,
                         help="a backend diverges at a linear when ||y - y_ref|| / ||y_ref|| exceeds this")
+    parser.add_argument("--check-browser", action="store_true",
+                        help="open the report in headless Chromium: fail on console messages or figures that did "
+                        "not load; saves screenshot.png in --out")
     add_threads_argument(parser)
 
 
@@ -59,6 +62,11 @@ def _check(args) -> None:
     unknown = [b for b in args.backends if b not in BACKENDS]
     if unknown:
         raise QcompileError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if args.check_browser:
+        from qcompile.report.browser import find_chromium
+
+        if find_chromium() is None:
+            raise QcompileError("--check-browser needs chromium (Debian: apt-get install chromium)")
     if args.tokens < 2 or args.err_tokens < 2:
         raise QcompileError(f"--tokens and --err-tokens must be at least 2, got {args.tokens} and {args.err_tokens}")
     if not 0 < args.tol < 1:
@@ -149,4 +157,14 @@ def run(args: argparse.Namespace) -> dict:
     for backend, status in ((n.get("backends") or {}).get("status") or {}).items():
         flat[f"{backend}.status"] = status
         flat[f"{backend}.first_divergence"] = n["backends"]["first_divergence"].get(backend)
+    if args.check_browser:  # after the report's own timing: the build is what the 2-minute target is about
+        from qcompile.report.browser import check_in_browser
+
+        t = time.perf_counter()
+        check = check_in_browser(result["html"], screenshot=Path(result["html"]).parent / "screenshot.png")
+        print(check.summary() + f" ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+        flat.update({"browser.ok": check.ok, "browser.console": len(check.console),
+                     "browser.images_ok": check.images_ok, "browser.layer_rows": check.layer_rows})
+        if not check.ok:
+            raise QcompileError("the report did not render cleanly in Chromium: " + "; ".join(check.console[:3]))
     return flat
