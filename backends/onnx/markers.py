@@ -94,4 +94,7 @@ def trace_to_onnx(module: torch.nn.Module, opset: int, example_ids: torch.Tensor
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"torch.onnx.export could not trace the quantized graph at opset {opset}: "
                           f"{type(e).__name__}: {first}") from e
+    from qcompile.backends.onnx.simplify import simplify
+
+    simplify(program.model)  # exact: drops softmax NaN guards a causal mask never needs
     return program.model
