@@ -212,6 +212,9 @@ def load(path: str | Path):
     gm = capture(model)
     log = run_pipeline_passes(gm, recipe, config, skeleton)
     _load_tensors(gm, tensors)
+    for entry in log:  # the passes rebuilt the structure; the codes and scales are the artifact's
+        if entry.name == "quantize_weights":
+            entry.notes = [f"{entry.matches} weights' codes and scales loaded from the artifact"]
     calibration = CalibrationResult(scales=scales) if scales else None  # artifacts saved before scales: None
     qm = QuantizedModel(gm, recipe, config, log, calibration, {"load": time.perf_counter() - t0})
     return qm

@@ -27,6 +27,9 @@ def test_round_trip_bit_identical(saved, input_ids):
     qm2 = load(path)
     assert torch.equal(qm(input_ids), qm2(input_ids))
     assert qm2.recipe == qm.recipe
+    (before,) = [e for e in qm.pass_log if e.name == "quantize_weights"]
+    (after,) = [e for e in qm2.pass_log if e.name == "quantize_weights"]
+    assert after.notes == [f"{before.matches} weights' codes and scales loaded from the artifact"]
 
 
 def test_round_trip_calibrated_mixed_precision(tmp_path, model, input_ids):
