@@ -12,10 +12,13 @@ and gives that ``accuracy_level=4`` (int8 activations inside the kernel: not the
 of these forms that expresses its weights exactly; the rest falls back to the exact form:
   * ``integer_gemm`` - int8 per-token activations x per-channel weights with small integer values
     (INT4 ``q - z``, dINT4 ``2(q - z)``/``+-1``, FP4, INT8): the same uint8 codes as the reference
-    (``activations.emit_quantize_per_token``), ``MatMulInteger`` (MLAS u8s8 GEMM), then
+    (``activations.emit_quantize_per_token``), then ``com.microsoft::MatMulIntegerToFloat`` (MLAS u8s8
+    GEMM, weight scale fused) on ``[x_q | z_x ...]`` against ``[b ; zero_point_rows]``:
         y = s_x * w_scale * (x_q @ b - z_x * colsum(b))
-    - integer-exact; only the float accumulation order differs from the reference. Linears reading
-    the same activation (q/k/v, gate/up) share one quantization of it;
+    with the zero-point term computed by the GEMM itself (INT8 weights, which carry a zero point,
+    keep ``MatMulInteger`` and a float epilogue) - integer-exact; only the float rounding of the
+    scaling differs from the reference. Linears reading the same activation (q/k/v, gate/up) share
+    one quantization of it;
   * ``matmul_nbits`` - INT4 weights (per-channel or power-of-two group) as ``com.microsoft::MatMulNBits``:
     with int8 per-token activations (group-wise weights: W4A8 g128) the activation QDQ is dropped
     and ``accuracy_level=4`` makes MLAS quantize activations itself (symmetric int8 per block of K -
@@ -30,6 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 from qcompile.backends.onnx import weights as W
 from qcompile.backends.onnx.activations import check_activation_format, emit_qdq, emit_quantize_per_token
@@ -198,9 +202,34 @@ def _linear_groups(graph: ir.Graph) -> list[list[LinearMatch]]:
     return list(groups.values())
 
 
-def _integer_gemm(ed: GraphEdit, group: list[LinearMatch]) -> list[ir.Value] | None:
-    """One per-token quantization of the group's input, then one MatMulInteger per linear.
+_AUG_MAX = 64  # |value| of a zero-point row: like the weights, never saturates MLAS's u8s8 pairs (vpmaddubsw)
 
+
+def zero_point_rows(colsum: np.ndarray, rows: int) -> np.ndarray:
+    """``[rows, N]`` int8 with column sums ``-colsum`` and every entry within +-64.
+
+    Appending ``rows`` columns equal to the token's zero-point ``z_x`` to the uint8 activations and these
+    rows to the weights makes the integer GEMM itself subtract ``z_x * colsum``: exact in int32.
+    """
+    need = -colsum.astype(np.int64)
+    out = np.zeros((rows, need.shape[0]), dtype=np.int64)
+    left = need.copy()
+    for j in range(rows):
+        out[j] = np.clip(left, -_AUG_MAX, _AUG_MAX)
+        left -= out[j]
+    if np.any(left):
+        raise ExportError(f"zero-point rows: {rows} rows cannot hold column sums up to {np.abs(need).max()}")
+    return out.astype(np.int8)
+
+
+def _integer_gemm(ed: GraphEdit, group: list[LinearMatch]) -> list[ir.Value] | None:
+    """One per-token quantization of the group's input, then one integer GEMM per linear.
+
+    ``com.microsoft::MatMulIntegerToFloat`` (MLAS u8s8 GEMM with the per-column weight scale fused into
+    its output) on ``[x_q | z_x ... z_x]``: the appended zero-point columns times ``zero_point_rows``
+    subtract ``z_x * colsum`` inside the GEMM, so one broadcast ``* s_x`` is the whole epilogue (it was
+    five passes over the output: Mul, Sub, Cast, Mul, Mul). Weights stored with a zero-point (INT8)
+    keep the plain ``MatMulInteger`` form.
     (Concatenating q/k/v into one GEMM and splitting after was measured too: 9 % faster at decode,
     2 % slower at sequence 512 - the Split copies - so it is not done.)
     """
@@ -209,10 +238,26 @@ def _integer_gemm(ed: GraphEdit, group: list[LinearMatch]) -> list[ir.Value] | N
     if any(mat is None for mat in mats):
         return None
     xq, sx, zx = emit_quantize_per_token(ed, m0.raw_input(ed), m0.codes.shape[1], _attr(m0.act, "fmt"))
+    fused = all(mat.b_zero_point is None for mat in mats)
+    if fused:
+        rows = max(-(-int(np.abs(mat.colsum).max(initial=0)) // _AUG_MAX) for mat in mats)
+        x_aug = xq
+        if rows:
+            z8 = ed.op("Cast", zx, to=ir.DataType.UINT8)
+            shape = ed.op("Concat", ed.op("Shape", z8, end=-1), ed.const(np.array([rows], np.int64), "zp_cols"),
+                          axis=0)
+            x_aug = ed.op("Concat", xq, ed.op("Expand", z8, shape), axis=-1)
+        one = ed.const(np.ones(1, np.float32), "one")
     outputs = []
     for m, mat in zip(group, mats):
         hint = _hint(m.weight)
-        bzp = ed.const(mat.b_zero_point, f"{hint}_int_zero_point") if mat.b_zero_point is not None else None
+        if fused:
+            b = mat.b if not rows else np.concatenate([mat.b, zero_point_rows(mat.colsum, rows)], axis=0)
+            y = ed.op("MatMulIntegerToFloat", x_aug, ed.const(np.ascontiguousarray(b), f"{hint}_int"), one,
+                      ed.const(mat.w_scale, f"{hint}_int_scale"), domain=MS_DOMAIN)    # acc * w_scale
+            outputs.append(ed.op("Mul", y, sx))
+            continue
+        bzp = ed.const(mat.b_zero_point, f"{hint}_int_zero_point")
         acc = ed.op("MatMulInteger", xq, ed.const(mat.b, f"{hint}_int"), None, bzp)          # [.., N] int32
         acc = ed.op("Sub", acc, ed.op("Mul", zx, ed.const(mat.colsum, f"{hint}_colsum")))  # - z_x * colsum
         scale = ed.op("Mul", sx, ed.const(mat.w_scale, f"{hint}_int_scale"))               # s_x * w_scale
@@ -273,7 +318,7 @@ def lower_markers(model: ir.Model, form: str) -> dict[str, int]:
     if form == "fast":
         _lower_fast(graph, ed, counts)
     _lower_remaining(graph, ed, counts)
-    if counts["matmul_nbits"]:
+    if counts["matmul_nbits"] or counts["integer_gemm"]:
         model.opset_imports[MS_DOMAIN] = 1
     common.RemoveUnusedNodesPass()(model)
     common.RemoveUnusedOpsetsPass()(model)

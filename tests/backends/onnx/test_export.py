@@ -20,6 +20,7 @@ from qcompile.backends.onnx.export import export_onnx_forms
 from qcompile.backends.onnx.parity import ort_session
 
 import qcompile
+from qcompile.errors import ExportError
 from qcompile import formats as F
 
 # (family, recipe, lowering counts expected in the fast form); tiny models have 2 decoder layers of 7 / 6 linears
@@ -166,3 +167,32 @@ def _element_step(r: torch.Tensor, fmt: str, gran: str) -> torch.Tensor:
     if g.kind == "group":
         return scale.repeat_interleave(g.group_size, dim=-2).reshape(r.shape)
     return scale.reshape(*r.shape[:-1], 1)
+
+
+def test_fast_gemm_op_types(exported):
+    """Zero-point-free int8 weights take MatMulIntegerToFloat (zero point folded into the GEMM); INT8
+    weights, stored with a zero point, keep MatMulInteger + the float epilogue."""
+    qm, paths, fast_counts = exported
+    ops = [n.op_type for n in onnx.load(str(paths["fast"]), load_external_data=False).graph.node]
+    n, fused = fast_counts.get("integer_gemm", 0), qm.recipe.weight_spec.bits < 8
+    assert ops.count("MatMulIntegerToFloat") == (n if fused else 0)
+    assert ops.count("MatMulInteger") == (0 if fused else n)
+
+
+def test_zero_point_rows_cancel_the_column_sums():
+    from qcompile.backends.onnx.lower import zero_point_rows
+
+    colsum = np.array([0, 1, -1, 64, -64, 65, 300, -4000], dtype=np.int32)
+    rows = zero_point_rows(colsum, 63)  # ceil(4000 / 64)
+    assert rows.dtype == np.int8 and rows.shape == (63, 8)
+    assert np.array_equal(rows.sum(axis=0, dtype=np.int64), -colsum.astype(np.int64))
+    assert np.abs(rows.astype(np.int64)).max() <= 64  # u8 x s8 pairs stay below int16 saturation
+    x = np.random.default_rng(0).integers(0, 256, (5, 40))
+    b = np.random.default_rng(1).integers(-64, 65, (40, 8))
+    z = np.random.default_rng(2).integers(0, 256, (5, 1))
+    r = -(-int(np.abs(b.sum(axis=0)).max()) // 64)
+    aug = np.concatenate([x, np.repeat(z, r, axis=1)], axis=1) @ np.concatenate(
+        [b, zero_point_rows(b.sum(axis=0), r)], axis=0)
+    assert np.array_equal(aug, (x - z) @ b)  # the GEMM on [x | z] subtracts z * colsum exactly
+    with pytest.raises(ExportError, match="cannot hold"):
+        zero_point_rows(np.array([200]), 3)
