@@ -24,10 +24,6 @@ def _run_chromium(page, *extra):
     return run_chromium(exe, page, *extra)
 
 
-def _console_lines(stderr: str) -> list[str]:
-    return console_lines(stderr)
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from qcompile.report import build_report
@@ -42,7 +38,7 @@ def test_report_renders_without_console_errors(report, tmp_path):
     shot = tmp_path / "shot.png"
     r = _run_chromium(report["html"], "--window-size=1400,2600", f"--screenshot={shot}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _console_lines(r.stderr) == []
+    assert console_lines(r.stderr) == []
     import matplotlib.image as mpimg
 
     img = mpimg.imread(shot)
@@ -52,7 +48,7 @@ def test_report_renders_without_console_errors(report, tmp_path):
 
 def test_rendered_dom_has_the_per_layer_table_and_every_figure(report):
     r = _run_chromium(report["html"], "--dump-dom")
-    assert r.returncode == 0 and _console_lines(r.stderr) == []
+    assert r.returncode == 0 and console_lines(r.stderr) == []
     dom = r.stdout
     n_plots = len(report["plots"])
     assert n_plots == 5
@@ -69,7 +65,7 @@ def test_console_check_catches_a_script_error(report, tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text(report["html"].read_text().replace("<script>", "<script>undefinedFunction();", 1))
     r = _run_chromium(bad, "--dump-dom")
-    assert any("undefinedFunction" in line for line in _console_lines(r.stderr))
+    assert any("undefinedFunction" in line for line in console_lines(r.stderr))
     assert "data-images-ok" not in r.stdout
 
 

@@ -244,10 +244,9 @@ def _integer_gemm(ed: GraphEdit, group: list[LinearMatch]) -> list[ir.Value] | N
         x_aug = xq
         if rows:
             z8 = ed.op("Cast", zx, to=ir.DataType.UINT8)
-            shape = ed.op("Concat", ed.op("Shape", z8, end=-1), ed.const(np.array([rows], np.int64), "zp_cols"),
-                          axis=0)
+            shape = ed.op("Concat", ed.op("Shape", z8, end=-1), ed.small([rows], np.int64), axis=0)
             x_aug = ed.op("Concat", xq, ed.op("Expand", z8, shape), axis=-1)
-        one = ed.const(np.ones(1, np.float32), "one")
+        one = ed.small([1.0])
     outputs = []
     for m, mat in zip(group, mats):
         hint = _hint(m.weight)
