@@ -1,6 +1,6 @@
 """Backends cross-checked against the reference graph, one quantized linear at a time.
 
-* ``onnx`` / ``onnx-exact``: the model exported in the fast (``MatMulInteger`` / ``MatMulNBits``) or exact
+* ``onnx`` / ``onnx-exact``: the model exported in the fast (``MatMulIntegerToFloat`` / ``MatMulNBits``) or exact
   (QDQ) form; every quantized linear's output (the ONNX value keeps the FX node's name) is added as a
   graph output and onnxruntime runs the same tokens **end to end**, so a divergence propagates and the
   first linear beyond tolerance is where it starts. The lowering of each site is read from the exported
@@ -36,7 +36,7 @@ def _quantized_linears(gm) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ onnx
-_ONNX_KERNELS = {"MatMulInteger": "integer_gemm", "MatMulNBits": "matmul_nbits", "MatMul": "matmul", "Gemm": "matmul"}
+_ONNX_KERNELS = {"MatMulIntegerToFloat": "integer_gemm", "MatMulInteger": "integer_gemm", "MatMulNBits": "matmul_nbits", "MatMul": "matmul", "Gemm": "matmul"}
 
 
 def _onnx_gemm(value, depth: int = 8):
@@ -69,7 +69,7 @@ def _onnx_gemm_input(value):
     v = gemm.inputs[0]
     for _ in range(4):
         p = v.producer() if v is not None else None
-        if p is None or p.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast", "Reshape"):
+        if p is None or p.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Concat"):
             return v if p is None or v is gemm.inputs[0] else None
         if p.op_type == "QuantizeLinear":
             return p.inputs[0]
@@ -81,7 +81,7 @@ def _onnx_reason(kind: str, info, form: str) -> str:
     act = f"{info.act_format} {info.act_granularity}" if info.act_format else "float"
     weight = f"{info.weight_format} {info.weight_granularity}"
     if kind == "integer_gemm":
-        return f"{act} activations x {weight} integer weights: MatMulInteger (integer-exact)"
+        return f"{act} activations x {weight} integer weights: MatMulIntegerToFloat / MatMulInteger (integer-exact)"
     if kind == "matmul_nbits":
         return f"{weight} as MatMulNBits" + (" (accuracy_level 4: MLAS re-quantizes activations per block)"
                                              if info.act_format == "int8" else " (fp32 on the reference activations)")
