@@ -1,7 +1,7 @@
 """ONNX lowering: a quantized graph as an ONNX file for stock onnxruntime (CPU), with a parity check.
 
     qcompile.export_onnx(qm, "model.onnx")                 # exact: QDQ graph, the reference numerics
-    qcompile.export_onnx(qm, "fast.onnx", form="fast")     # MatMulInteger / MatMulNBits kernels
+    qcompile.export_onnx(qm, "fast.onnx", form="fast")     # MatMulIntegerToFloat / MatMulNBits kernels
     qcompile.onnx_parity(qm, "model.onnx", token_batches)  # logit error and perplexity vs the reference
 
 Modules: ``markers`` (torch.onnx trace with the qcompile:: ops kept as markers), ``weights`` and

@@ -3,7 +3,7 @@
     qcompile export --model default --recipe w4a8v4-rtn-int4 --out model.onnx --form both --check
 
 ``--form exact`` writes the QuantizeLinear/DequantizeLinear graph (the reference numerics); ``fast``
-the form onnxruntime's CPU kernels fuse (MatMulInteger / MatMulNBits); ``both`` writes ``OUT`` (exact)
+the form onnxruntime's CPU kernels fuse (MatMulIntegerToFloat / MatMulNBits); ``both`` writes ``OUT`` (exact)
 and ``OUT`` with ``.fast.onnx`` (fast) from one trace. ``--check`` runs onnxruntime and the reference
 on the first ``--max-windows`` Wikipedia windows and reports logit errors and both perplexities
 (keys ``parity.<form>.*``).
