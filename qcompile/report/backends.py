@@ -1,7 +1,7 @@
 """Backends cross-checked against the reference graph, one quantized linear at a time.
 
-* ``onnx`` / ``onnx-exact``: the model exported in the fast (``MatMulIntegerToFloat`` / ``MatMulNBits``) or exact
-  (QDQ) form; every quantized linear's output (the ONNX value keeps the FX node's name) is added as a
+* ``onnx`` / ``onnx-exact``: the model exported in the fast (``MatMulIntegerToFloat`` / ``MatMulNBits``) or
+  exact (QDQ) form; every quantized linear's output (the ONNX value keeps the FX node's name) is added as a
   graph output and onnxruntime runs the same tokens **end to end**, so a divergence propagates and the
   first linear beyond tolerance is where it starts. The lowering of each site is read from the exported
   graph itself (which kernel produces that output).
@@ -36,7 +36,8 @@ def _quantized_linears(gm) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ onnx
-_ONNX_KERNELS = {"MatMulIntegerToFloat": "integer_gemm", "MatMulInteger": "integer_gemm", "MatMulNBits": "matmul_nbits", "MatMul": "matmul", "Gemm": "matmul"}
+_ONNX_KERNELS = {"MatMulIntegerToFloat": "integer_gemm", "MatMulInteger": "integer_gemm",
+                 "MatMulNBits": "matmul_nbits", "MatMul": "matmul", "Gemm": "matmul"}
 
 
 def _onnx_gemm(value, depth: int = 8):
@@ -62,7 +63,8 @@ def _onnx_kernel(value) -> str:
 
 def _onnx_gemm_input(value):
     """The float activation a site's GEMM consumes, before its quantization (``QuantizeLinear``'s input for
-    the integer forms; the GEMM's own float input for MatMulNBits / float MatMul), or None."""
+    the integer forms, found through the ``Concat`` that appends the zero-point columns; the GEMM's own
+    float input for MatMulNBits / float MatMul), or None."""
     gemm = _onnx_gemm(value)
     if gemm is None:
         return None
@@ -81,7 +83,8 @@ def _onnx_reason(kind: str, info, form: str) -> str:
     act = f"{info.act_format} {info.act_granularity}" if info.act_format else "float"
     weight = f"{info.weight_format} {info.weight_granularity}"
     if kind == "integer_gemm":
-        return f"{act} activations x {weight} integer weights: MatMulIntegerToFloat / MatMulInteger (integer-exact)"
+        return (f"{act} activations x {weight} integer weights: MatMulIntegerToFloat / MatMulInteger "
+                "(integer-exact)")
     if kind == "matmul_nbits":
         return f"{weight} as MatMulNBits" + (" (accuracy_level 4: MLAS re-quantizes activations per block)"
                                              if info.act_format == "int8" else " (fp32 on the reference activations)")
