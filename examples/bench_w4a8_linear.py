@@ -115,7 +115,7 @@ def variants(x, pws, m):
                       and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
     if m <= 16:
         kernels = {"fused": W._fused_decode_kernel, "unfused": W._decode_kernel,
-                   "splitk": W._splitk_decode_kernel}
+                   "splitk": W._splitk_decode_kernel, "gemv": W._gemv_kernel, "gemv_fused": W._gemv_kernel}
         for path, kernel in kernels.items():
             d.decode_path = path
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)

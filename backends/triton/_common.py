@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["recip_div", "act_qparams", "act_quantize", "unpack_pure", "unpack_asm", "unpack"]
+__all__ = ["recip_div", "act_qparams", "act_quantize", "unpack_pure", "unpack_asm", "unpack", "unpack_words", "dp4a",
+           "prmt", "lut_words", "unpack_words_lut"]
 
 
 @triton.jit
@@ -151,3 +152,172 @@ def unpack(b, zb, DINT: tl.constexpr, DINT_R: tl.constexpr, USE_ASM: tl.constexp
     else:
         lo, hi = unpack_pure(b, zb, DINT, DINT_R)
     return lo, hi
+
+
+# ------------------------------------------------------------------------- 32-bit words (the GEMV kernel)
+# A code word holds bytes 4w..4w+3 of a chunk row: its low nibbles are codes k = 4w..4w+3 of the chunk's
+# first half, its high nibbles the same k of the second half. Unpacked, each plane is a word of four
+# int8 values ``t`` in k order, so ``dp4a`` against the activation codes viewed as int32 words needs
+# no shuffling at all.
+@triton.jit
+def _asm_words(w, zb4, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,r,r", args=[w, zb4],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _unpack_words_pure(w, zb, DINT: tl.constexpr, DINT_R: tl.constexpr):
+    zoff = zb - 128
+    lo = tl.zeros_like(w)
+    hi = tl.zeros_like(w)
+    for j in tl.static_range(4):
+        byte = (w >> (8 * j)) & 255
+        q_lo = byte & 15
+        q_hi = byte >> 4
+        if DINT:
+            t_lo = tl.where(q_lo < 14, q_lo * DINT_R + zoff, 29 - 2 * q_lo)
+            t_hi = tl.where(q_hi < 14, q_hi * DINT_R + zoff, 29 - 2 * q_hi)
+        else:
+            t_lo = q_lo + zoff
+            t_hi = q_hi + zoff
+        lo = lo | ((t_lo & 255) << (8 * j))
+        hi = hi | ((t_hi & 255) << (8 * j))
+    return lo, hi
+
+
+@triton.jit
+def unpack_words(w, zb, DINT: tl.constexpr, DINT_R: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 code words ``w`` with per-row biased zeros ``zb`` (int32, ``128 - R*z``, broadcastable) ->
+    ``(lo, hi)`` int32 words of four int8 weight values each (same maths as ``unpack_pure``)."""
+    zb = tl.broadcast_to(zb, w.shape)
+    if USE_ASM:
+        zb4 = zb | (zb << 8) | (zb << 16) | (zb << 24)
+        if DINT:
+            if DINT_R == 2:
+                lo, hi = _asm_words(w, zb4, _ASM_DINT4_R2)
+            elif DINT_R == 4:
+                lo, hi = _asm_words(w, zb4, _ASM_DINT4_R4)
+            else:
+                lo, hi = _asm_words(w, zb4, _ASM_DINT4_R8)
+        else:
+            lo, hi = _asm_words(w, zb4, _ASM_INT4)
+    else:
+        lo, hi = _unpack_words_pure(w, zb, DINT, DINT_R)
+    return lo, hi
+
+
+@triton.jit
+def dp4a(a, b, c, USE_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr = False):
+    """``c + sum_j a_j * b_j`` over the four bytes of int32 words ``a``, ``b`` (PTX ``dp4a``): signed bytes,
+    or unsigned ones in ``a`` with ``A_UNSIGNED``."""
+    if USE_ASM:
+        if A_UNSIGNED:
+            out = tl.inline_asm_elementwise(asm="dp4a.u32.s32 $0, $1, $2, $3;", constraints="=r,r,r,r",
+                                            args=[a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(asm="dp4a.s32.s32 $0, $1, $2, $3;", constraints="=r,r,r,r",
+                                            args=[a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = c
+        for j in tl.static_range(4):
+            if A_UNSIGNED:
+                a_j = (a >> (8 * j)) & 255
+            else:
+                a_j = (a << (24 - 8 * j)) >> 24
+            out += a_j * ((b << (24 - 8 * j)) >> 24)
+    return out
+
+
+@triton.jit
+def prmt(a, b, sel, USE_ASM: tl.constexpr):
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``s & 7`` of the pair ``{b, a}``
+    (a = bytes 0-3), where ``s`` is nibble i of ``sel``; if bit 3 of ``s`` is set, that byte's sign bit
+    is replicated instead."""
+    if USE_ASM:
+        out = tl.inline_asm_elementwise(asm="prmt.b32 $0, $1, $2, $3;", constraints="=r,r,r,r",
+                                        args=[a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = tl.zeros_like(a)
+        for i in tl.static_range(4):
+            nib = (sel >> (4 * i)) & 15
+            idx = nib & 7
+            byte = (tl.where(idx < 4, a, b) >> (8 * (idx & 3))) & 255
+            byte = tl.where(nib >= 8, tl.where(byte >= 128, 255, 0), byte)
+            out = out | (byte << (8 * i))
+    return out
+
+
+# Table unpacker (dINT with |t| <= 63): the 16 values of a row, biased by +64 so every entry is in
+# [0, 127], sit in four words T0..T3 (entry q = byte q % 4 of T[q // 4]). A code word's nibbles are
+# [k0, k0+HALF, k1, k1+HALF | k2, k2+HALF, k3, k3+HALF] (packing.py's byte = hi << 4 | lo), so a
+# half-word is a prmt selector for four codes: two prmt look up entries q & 7 in T0:T1 and T2:T3, a
+# third with the sign-replicate mode turns bit 3 of each nibble into a byte mask (0xFF / 0x80; bit 7
+# of every entry is 0, so the 0x80 case selects correctly), and lop3 picks: 12 instructions per 8 codes
+# where the arithmetic unpacker takes 19. The products come out in the nibble order: the activation
+# words are permuted to match (``prmt`` with 0x5140 / 0x7362), and the +64 bias is taken back once as
+# 64 * sum_k x_k.
+_ASM_LUT = tl.constexpr("""{
+    .reg .b32 wm, wh, wmh, u, mk, ra, rb;
+    mov.b32 u, 0x80808080;
+    and.b32 wm, $2, 0x77777777;
+    shr.u32 wh, $2, 16;
+    shr.u32 wmh, wm, 16;
+    prmt.b32 mk, u, u, $2;
+    prmt.b32 ra, $3, $4, wm;
+    prmt.b32 rb, $5, $6, wm;
+    lop3.b32 $0, mk, rb, ra, 0xCA;
+    prmt.b32 mk, u, u, wh;
+    prmt.b32 ra, $3, $4, wmh;
+    prmt.b32 rb, $5, $6, wmh;
+    lop3.b32 $1, mk, rb, ra, 0xCA;
+}""")
+LUT_BIAS = tl.constexpr(64)
+
+
+@triton.jit
+def lut_words(zb, DINT: tl.constexpr, DINT_R: tl.constexpr):
+    """The four table words T0..T3 of rows with biased zeros ``zb`` (int32 ``128 - R*z``)."""
+    zoff = zb - 128
+    t0 = tl.zeros_like(zb)
+    t1 = tl.zeros_like(zb)
+    t2 = tl.zeros_like(zb)
+    t3 = tl.zeros_like(zb)
+    for q in tl.static_range(16):
+        if DINT and q >= 14:
+            v = tl.zeros_like(zb) + (LUT_BIAS + 29 - 2 * q)
+        elif DINT:
+            v = zoff + (q * DINT_R + LUT_BIAS)
+        else:
+            v = zoff + (q + LUT_BIAS)
+        v = (v & 255) << (8 * (q % 4))
+        if q // 4 == 0:
+            t0 = t0 | v
+        elif q // 4 == 1:
+            t1 = t1 | v
+        elif q // 4 == 2:
+            t2 = t2 | v
+        else:
+            t3 = t3 | v
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def unpack_words_lut(w, t0, t1, t2, t3, USE_ASM: tl.constexpr):
+    """Code words -> two words of four biased values ``t + 64`` in the nibble order (see ``_ASM_LUT``)."""
+    t0 = tl.broadcast_to(t0, w.shape)
+    t1 = tl.broadcast_to(t1, w.shape)
+    t2 = tl.broadcast_to(t2, w.shape)
+    t3 = tl.broadcast_to(t3, w.shape)
+    if USE_ASM:
+        v0, v1 = tl.inline_asm_elementwise(asm=_ASM_LUT, constraints="=r,=r,r,r,r,r,r", args=[w, t0, t1, t2, t3],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        u = tl.zeros_like(w) + (-2139062144)  # 0x80808080
+        wm = w & 0x77777777
+        wh = (w >> 16) & 0xFFFF
+        wmh = (wm >> 16) & 0xFFFF
+        mk = prmt(u, u, w, False)
+        v0 = (mk & prmt(t2, t3, wm, False)) | (~mk & prmt(t0, t1, wm, False))
+        mk = prmt(u, u, wh, False)
+        v1 = (mk & prmt(t2, t3, wmh, False)) | (~mk & prmt(t0, t1, wmh, False))
+    return v0, v1

@@ -27,10 +27,18 @@ __all__ = ["quantize_rows"]
 
 # ----------------------------------------------------------------------------------------------- configs
 def _config(n_rows: int, row_len: int) -> dict:
-    """Whole rows in registers up to 8K elements (one pass over x), else two passes; <= 32 per thread."""
-    block = min(triton.next_power_of_2(max(row_len, 16)), 8192)
+    """Whole rows in registers up to 16K elements (one pass over x), else two passes.
+
+    Few rows (decode) are one program each: a single program's serial work is the launch's latency,
+    so it gets up to 32 warps (<= 16 elements per thread); many rows keep <= 32 per thread at 4-8 warps.
+    """
+    block = min(triton.next_power_of_2(max(row_len, 16)), 16384)
     rows = max(1, min(4096 // block, triton.next_power_of_2(n_rows)))
-    num_warps = max(4, min(8, rows * block // 512))
+    if n_rows <= 64:
+        num_warps = max(4, min(32, rows * block // 256))
+    else:
+        num_warps = max(4, min(8, rows * block // 512))
+        block = min(block, 8192)
     return dict(ROWS=rows, BLOCK=block, ONE_PASS=row_len <= block, num_warps=num_warps)
 
 

@@ -4,8 +4,10 @@ Dispatch by M (rows of the flattened activation):
 
 * ``M <= 16`` (decode): GEMV-like configs (BLOCK_M = 16, small BLOCK_N, several chunks per step).
   Paths: ``fused`` (the GEMM quantizes the activation itself: one launch), ``unfused``
-  (``quantize_rows`` then the GEMM) or ``splitk`` (``quantize_rows`` then a split-K GEMM: per-channel
-  weights; more programs and shorter K loops when N / BLOCK_N tiles cannot fill the GPU).
+  (``quantize_rows`` then the GEMM), ``splitk`` (``quantize_rows`` then a split-K GEMM: per-channel
+  weights; more programs and shorter K loops when N / BLOCK_N tiles cannot fill the GPU), and for
+  per-channel weights with per-token activations ``gemv`` / ``gemv_fused`` (``w4_gemv_kernel``: dp4a
+  on 32-bit words, no MMA; the H200 picks it at M = 1 on every LLaMA shape).
 * larger M (prefill): tiled wgmma configs. Paths: ``inloop`` (unpack in the K loop) or, from
   ``expand_min_m`` rows on, ``expand`` (unpack the weight once to int8, then a plain int8 GEMM).
 
@@ -24,11 +26,12 @@ import torch
 import triton
 
 from . import w4_gemm_kernel as kern
+from . import w4_gemv_kernel as gemv_kern
 from ._common import recip_div
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
-__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "expand_weight", "w4_linear_2d", "interpreting", "splitk_workspace"]
+__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "launch_gemv", "expand_weight", "w4_linear_2d", "interpreting", "splitk_workspace"]
 
 
 @dataclass
@@ -36,10 +39,13 @@ class Dispatch:
     """Dispatch thresholds and path switches."""
 
     decode_max_m: int = 16
-    decode_path: str = "auto"  # "auto" | "fused" | "unfused" | "splitk"
+    decode_path: str = "auto"  # "auto" | "fused" | "unfused" | "splitk" | "gemv" | "gemv_fused"
     prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
     expand_min_m: int = 256  # "expand" is a candidate from this M on
     use_asm: bool = True  # PTX SIMD unpacker on GPU (never under the interpreter)
+    # The GEMV's table unpacker for dINT with R <= 4: 12 instead of 19 instructions per 8 codes, but on the
+    # H200 it timed the same as the arithmetic one (the GEMV waits on memory, not on the ALUs), so off.
+    gemv_lut: bool = False
 
 
 DISPATCH = Dispatch()
@@ -76,6 +82,10 @@ _splitk_decode_kernel = triton.autotune(kern.SPLITK_DECODE_CONFIGS, key=_KEY, pr
                                         do_bench=_fast_bench)(kern.w4_gemm_kernel)
 _fused_decode_kernel = triton.autotune(kern.FUSED_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                        do_bench=_fast_bench)(kern.w4_gemm_kernel)
+_gemv_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS",
+                                                              "USE_ASM", "LUT"],
+                               prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
+                               do_bench=_fast_bench)(gemv_kern.w4_gemv_kernel)
 _prefill_kernel = triton.autotune(kern.PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                   do_bench=_fast_bench)(kern.w4_gemm_kernel)
 
@@ -152,11 +162,53 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     return y
 
 
+def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
+                x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
+                split_k=False, lut=None):
+    """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
+    per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps``.
+    ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``."""
+    m, k = x.shape
+    n = pw.out_features
+    if pw.group_size > 0 or x_grouped or m > SPLITK_MAX_M or w_expanded is not None or split_k:
+        raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
+    if fuse_quant:
+        x_scale, x_zp = x, x  # unused by the kernel
+    block_m = triton.next_power_of_2(max(m, 1))
+    x_words = not fuse_quant and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0
+    lut_ok = _w_kind(pw) == 1 and pw.dint_r <= 4
+    use_lut = lut_ok and (DISPATCH.gemv_lut if lut is None else lut)
+    if lut and not lut_ok:
+        raise ValueError(f"the table unpacker takes dINT weights with R <= 4, not {pw.fmt}")
+    meta = dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
+                INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
+                X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
+                STAT_BLOCK=min(triton.next_power_of_2(k), max(256, 4096 // block_m)), BLOCK_M=block_m)
+    args = (x, x_scale, x_zp, x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
+            y if bias is None else bias, y, y.stride(0), m, n, k)
+
+    def grid(meta_):
+        return (triton.cdiv(n, meta_["BLOCK_N"]),)
+
+    if config is None and interpreting():
+        config = dict(BLOCK_N=8, BLOCK_W=32, num_warps=4)
+    if config is not None:
+        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **config)
+    else:
+        _gemv_kernel[grid](*args, **meta)
+    return y
+
+
 def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k=False):
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group)
     w_exp = expand_weight(pw) if expand else None
     return launch_gemm(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0,
                        bias=bias, w_expanded=w_exp, split_k=split_k)
+
+
+def _quantized_gemv(x, pw, y, act_bits, act_sym, bias):
+    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0)
+    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias)
 
 
 _PATH_CACHE: dict = {}
@@ -208,6 +260,10 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         candidates = {"unfused": gemm(False)}
         if pw.group_size == 0 and m <= SPLITK_MAX_M:
             candidates["splitk"] = gemm(False, split_k=True)
+        if pw.group_size == 0 and act_group == 0:
+            candidates["gemv"] = lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias)
+            candidates["gemv_fused"] = lambda: launch_gemv(x, None, None, pw, y, act_bits=act_bits,
+                                                           act_sym=act_sym, fuse_quant=True, bias=bias)
         if act_group == 0:
             candidates = {"fused": lambda: launch_gemm(x, None, None, pw, y, act_bits=act_bits,
                                                        act_sym=act_sym, fuse_quant=True, bias=bias),

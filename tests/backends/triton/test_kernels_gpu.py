@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 from qcompile.backends.triton import w4a4_linear, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
-from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm
+from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm, launch_gemv
 from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
 
 DEV = "cuda"
@@ -83,6 +83,25 @@ def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
     check_gemm(x, pw, launch_gemm, split_k=True, use_asm=True, bias=torch.randn(n, device=DEV))  # autotuned
     ws, locks = splitk_workspace(DEV, n)
     assert not ws.any() and not locks.any()
+
+
+GEMV = dict(BLOCK_N=8, BLOCK_W=128, num_warps=4)
+
+
+@pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 4096, 4096), ("dint4", 4, 4096, 11008), ("int4", 16, 11008, 4096),
+                                       ("dint4_c0.25", 7, 1000, 4160), ("dint4_sym", 3, 1024, 1002),
+                                       ("dint4_c0.125", 2, 333, 520)])
+def test_w4a8_gemv_exact(fmt, m, n, k):
+    """The dp4a GEMV: PTX and plain-tl unpackers, both dINT unpackers (arithmetic and table), fused
+    activation quantization, the autotuned configs; K = 1002 takes the byte-wise activation path."""
+    pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+    x = make_x(m, k, DEV, seed=m)
+    for lut in (False, True) if fmt in ("dint4", "dint4_c0.25", "dint4_sym") else (False,):
+        check_gemm(x, pw, lambda *a, **kw: launch_gemv(*a, lut=lut, **kw), config=GEMV, use_asm=True)
+    check_gemm(x, pw, launch_gemv, config=GEMV, use_asm=False, bias=torch.randn(n, device=DEV),
+               out_dtype=torch.bfloat16)
+    check_gemm(x, pw, launch_gemv, fuse_quant=True, use_asm=True)
+    check_gemm(x, pw, launch_gemv, use_asm=True, act_sym=True)
 
 
 def test_w4a8_gemm_expanded_bf16_bias():

@@ -35,7 +35,7 @@ if INTERPRET:
     import torch
     from qcompile.backends.triton import w4a4_linear, w4a8_linear
     from qcompile.backends.triton.quantize_kernel import quantize_rows
-    from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm
+    from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm, launch_gemv
     from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
 
     torch.manual_seed(0)
@@ -100,6 +100,35 @@ if INTERPRET:
         check_gemm(x, pw, launch_gemm, split_k=True, bias=torch.randn(n), out_dtype=torch.bfloat16)
         ws, locks = splitk_workspace("cpu", n)
         assert not ws.any() and not locks.any()
+
+    @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("dint4", 3, 20, 300), ("int4", 5, 33, 200),
+                                           ("int4_sym", 16, 8, 256), ("dint4_c0.25", 2, 9, 72),
+                                           ("dint4_c0.125", 4, 12, 130)])
+    def test_w4a8_gemv_exact(fmt, m, n, k):
+        """The dp4a GEMV (plain-tl dp4a / prmt / unpackers): exact int32 sums with pre-quantized and with
+        fused-quantized activations, both dINT unpackers, K % 4 != 0 (byte-wise activations) included."""
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
+        x = make_x(m, k, "cpu", seed=m)
+        luts = (False, True) if fmt in ("dint4", "dint4_c0.25") else (False,)
+        for lut in luts:
+            check_gemm(x, pw, lambda *a, **kw: launch_gemv(*a, lut=lut, **kw))
+        check_gemm(x, pw, launch_gemv, fuse_quant=True)
+        check_gemm(x, pw, launch_gemv, bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True,
+                   config=dict(BLOCK_N=4, BLOCK_W=64, num_warps=2))
+
+    @child_only
+    def test_w4a8_gemv_rejects_what_it_cannot_run():
+        x = make_x(2, 256, "cpu")
+        y = torch.empty(2, 16)
+        with pytest.raises(ValueError, match="per-channel"):
+            launch_gemv(x, None, None, make_weight(16, 256, "int4", "group64", "cpu"), y, fuse_quant=True)
+        with pytest.raises(ValueError, match="M <= 16"):
+            launch_gemv(make_x(17, 256, "cpu"), None, None, make_weight(16, 256, "dint4", "channel", "cpu"),
+                        torch.empty(17, 16), fuse_quant=True)
+        with pytest.raises(ValueError, match="R <= 4"):
+            launch_gemv(x, None, None, make_weight(16, 256, "dint4_c0.125", "channel", "cpu"), y, fuse_quant=True,
+                        lut=True)
 
     @child_only
     @pytest.mark.parametrize("fmt,gran,m", [("int4", "group64", 5), ("dint4", "group128", 18)])

@@ -1,0 +1,173 @@
+"""Decode GEMV (M <= 16): int8 activation codes x 4-bit packed weights on the integer ALUs (``dp4a``).
+
+    y[m, n] = sx[m] * u[n] * ( sum_k xq[m, k] * t[n, k]  -  zx[m] * T[n] )        (per-channel weights)
+                              `------ int32: dp4a on 32-bit words ------'
+
+At a handful of tokens a linear is a weight stream: every weight byte is used M times. The tiled
+kernel (``w4_gemm_kernel``) pads M to 16 for ``tl.dot`` and moves each unpacked weight tile through
+shared memory into the MMA operand layout; here the unpacked weights never leave registers:
+
+    qweight (packing.py), chunk c, rows n0..n0+BLOCK_N, read as 32-bit words:
+      word w of row n = bytes 4w..4w+3 = codes k = 4w..4w+3 (low nibbles) and HALF+4w..HALF+4w+3 (high)
+          |  unpack_words: ~10 integer instructions -> two words of four int8 values t
+          v
+      lo word  . x word (codes k = 4w..4w+3, the int8 activation row read as int32)        --dp4a--> acc
+      hi word  . x word (codes k = HALF+4w..+3)                                            --dp4a--> acc
+
+One program owns BLOCK_N output channels and the whole K (no split-K: BLOCK_N of 8-32 already gives
+hundreds of programs at N = 4096), streams its weights BLOCK_W words per row per step with the next
+step's tile already in flight (registers, double-buffered by hand), and keeps an int32 accumulator per
+(row, channel, word lane) reduced once at the end: no shuffles inside the K loop. ``FUSE_QUANT``
+quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
+then quantizes the slice it needs): one launch instead of two.
+
+Per-channel weights with per-token int8 activations only (the decode case of W4A8); grouped weights and
+W4A4 stay on ``w4_gemm_kernel``. File order (Triton tutorial): configs -> kernel (``w4_linear.py``
+launches and dispatches).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
+from .w4_gemm_kernel import _row_qparams
+
+__all__ = ["GEMV_CONFIGS", "prune_gemv_configs", "w4_gemv_kernel"]
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _cfg(bn, bw, warps):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=warps, num_stages=1)
+
+
+# BLOCK_W words per row and step = BLOCK_W / 16 chunks of 128 codes. A step's weight tile is
+# BLOCK_N * BLOCK_W * 4 bytes; two are in flight per program (the prefetch).
+GEMV_CONFIGS = [_cfg(bn, bw, warps) for bn, bw, warps in [
+    (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8),
+    (8, 64, 2), (16, 32, 4),
+]]
+
+
+def prune_gemv_configs(configs, named_args, **meta):
+    """Keep the int32 accumulator (BLOCK_M x BLOCK_N x BLOCK_W) within ~64 registers per thread."""
+    bm = meta.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    kept = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_W"] <= 64 * 32 * c.num_warps]
+    return kept or configs[-1:]
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf,
+             FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr, X_QMAX: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Activation codes as int32 words ``[BLOCK_M, BLOCK_W]``: word j holds the signed int8 codes of
+    columns ``k_base[j] + 0..3`` (byte b = column k_base[j] + b); zero outside [0, M) x [0, K)."""
+    if X_WORDS:  # int8 codes with K % 4 == 0: the row is already a word array
+        x32 = x_ptr.to(tl.pointer_type(tl.int32))
+        mask = m_ok[:, None] & (k_base[None, :] < K)
+        words = tl.load(x32 + offs_m[:, None] * (stride_xm // 4) + k_base[None, :] // 4, mask=mask, other=0)
+    else:
+        words = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)
+        for b in tl.static_range(4):
+            k = k_base[None, :] + b
+            mask = m_ok[:, None] & (k < K)
+            ptrs = x_ptr + offs_m[:, None] * stride_xm + k
+            if FUSE_QUANT:
+                xv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                q = act_quantize(xv, x_scale[:, None], x_zpf[:, None], X_QMAX) - (X_QMAX + 1) // 2
+                q = tl.where(mask, q, 0)
+            else:
+                q = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+            words = words | ((q & 255) << (8 * b))
+    return words
+
+
+@triton.jit(do_not_specialize=["M"])
+def w4_gemv_kernel(
+        # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); per-token qparams [M, 1]
+        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
+        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
+        bias_ptr, y_ptr, stride_ym,
+        M, N, K,
+        DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr, LUT: tl.constexpr,
+        X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
+    CH: tl.constexpr = BLOCK_W // WPC  # chunks per step
+    HALF: tl.constexpr = PACK_K // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    jw = tl.arange(0, BLOCK_W)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    n_chunks = tl.cdiv(K, PACK_K)
+    chunk_of = jw // WPC  # chunk (within the step) and word of each lane
+    word_of = jw % WPC
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    w_off = chunk_of[None, :] * (N * WPC) + offs_n[:, None] * WPC + word_of[None, :]
+    step = CH * N * WPC
+    zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128).to(tl.int32)[:, None]
+    if LUT:
+        t0, t1, t2, t3 = lut_words(zb, DINT, DINT_R)
+
+    # The first weight tile goes out before the activation prologue, so HBM is busy from the start.
+    w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (chunk_of[None, :] < n_chunks), other=0)
+    x_scale = tl.zeros([BLOCK_M], tl.float32)
+    x_zpf = tl.zeros([BLOCK_M], tl.float32)
+    if FUSE_QUANT:
+        x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
+                                      BLOCK_M, STAT_BLOCK)
+        x_zp = x_zpf.to(tl.int32) - (X_QMAX + 1) // 2
+    else:
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)
+        x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
+
+    shape: tl.constexpr = [BLOCK_M, BLOCK_N, BLOCK_W]
+    acc = tl.zeros(shape, tl.int32)
+    x_sum = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)  # LUT: sum_k x_k, for the table's +64 bias
+    for it in range(0, tl.cdiv(n_chunks, CH)):
+        c0 = it * CH
+        w_cur = w_next
+        nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < n_chunks)
+        w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
+        # Codes past K unpack to -z, not 0: the activation words are zero there.
+        k_base = (c0 + chunk_of) * PACK_K + word_of * 4
+        x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS, X_QMAX,
+                        BLOCK_M, BLOCK_W)
+        x_hi = _x_words(x_ptr, offs_m, m_ok, k_base + HALF, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS,
+                        X_QMAX, BLOCK_M, BLOCK_W)
+        if LUT:  # biased values in the nibble order; activations permuted to match (_common._ASM_LUT)
+            v0, v1 = unpack_words_lut(w_cur, t0, t1, t2, t3, USE_ASM)
+            x_a = prmt(x_lo, x_hi, tl.full(x_lo.shape, 0x5140, tl.int32), USE_ASM)
+            x_b = prmt(x_lo, x_hi, tl.full(x_lo.shape, 0x7362, tl.int32), USE_ASM)
+            acc = dp4a(tl.broadcast_to(v0[None, :, :], shape), tl.broadcast_to(x_a[:, None, :], shape), acc,
+                       USE_ASM, True)
+            acc = dp4a(tl.broadcast_to(v1[None, :, :], shape), tl.broadcast_to(x_b[:, None, :], shape), acc,
+                       USE_ASM, True)
+            ones = tl.full(x_lo.shape, 0x01010101, tl.int32)
+            x_sum = dp4a(x_hi, ones, dp4a(x_lo, ones, x_sum, USE_ASM), USE_ASM)
+        else:
+            lo, hi = unpack_words(w_cur, zb, DINT, DINT_R, USE_ASM)
+            acc = dp4a(tl.broadcast_to(lo[None, :, :], shape), tl.broadcast_to(x_lo[:, None, :], shape), acc,
+                       USE_ASM)
+            acc = dp4a(tl.broadcast_to(hi[None, :, :], shape), tl.broadcast_to(x_hi[:, None, :], shape), acc,
+                       USE_ASM)
+
+    # Epilogue: one reduction over the word lanes, zero-point correction, scales, bias.
+    total = tl.sum(acc, axis=2)
+    if LUT:
+        total -= LUT_BIAS * tl.sum(x_sum, axis=1)[:, None]
+    corr = total - x_zp[:, None] * tl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if INT_OUT:
+        tl.store(y_ptrs, corr, mask=y_mask)
+    else:
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+        y = corr.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=y_mask)
