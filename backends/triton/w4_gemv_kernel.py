@@ -21,6 +21,9 @@ step's tile already in flight (registers, double-buffered by hand), and keeps an
 quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
 then quantizes the slice it needs): one launch instead of two.
 
+``LUT`` swaps the arithmetic dINT unpacker for a table one (``_common._ASM_LUT``: 12 instead of 19
+instructions per 8 codes); on the H200 both timed the same, so the dispatch leaves it off.
+
 Per-channel weights with per-token int8 activations only (the decode case of W4A8); grouped weights and
 W4A4 stay on ``w4_gemm_kernel``. File order (Triton tutorial): configs -> kernel (``w4_linear.py``
 launches and dispatches).
@@ -92,7 +95,8 @@ def w4_gemv_kernel(
         bias_ptr, y_ptr, stride_ym,
         M, N, K,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr, LUT: tl.constexpr,
+        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
+        LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
@@ -128,7 +132,7 @@ def w4_gemv_kernel(
     shape: tl.constexpr = [BLOCK_M, BLOCK_N, BLOCK_W]
     acc = tl.zeros(shape, tl.int32)
     x_sum = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)  # LUT: sum_k x_k, for the table's +64 bias
-    for it in range(0, tl.cdiv(n_chunks, CH)):
+    for it in range(tl.cdiv(n_chunks, CH)):
         c0 = it * CH
         w_cur = w_next
         nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < n_chunks)

@@ -31,7 +31,8 @@ from ._common import recip_div
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
-__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "launch_gemv", "expand_weight", "w4_linear_2d", "interpreting", "splitk_workspace"]
+__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "launch_gemv", "expand_weight", "w4_linear_2d", "interpreting",
+           "splitk_workspace"]
 
 
 @dataclass

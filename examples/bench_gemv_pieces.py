@@ -1,0 +1,92 @@
+"""Where the W4A8 decode time goes (GPU): activation quantization, the GEMV per config and unpacker, fused.
+
+For LLaMA shapes N x K and M in {1, 4}, GPU time per call (one CUDA graph cycling 8 weight copies,
+median of 10 replays, microseconds) of:
+  * fp16: cuBLAS ``F.linear``;  quant: ``quantize_rows`` alone;  auto: ``w4a8_linear`` (dispatch's pick);
+  * g<BN>x<BW>w<warps>: ``launch_gemv`` on pre-quantized codes, arithmetic dINT unpacker;
+  * L<BN>x<BW>w<warps>: the same with the table unpacker (``lut=True``);
+  * f8x128w4: ``launch_gemv`` with the activation quantization fused in.
+
+    python examples/bench_gemv_pieces.py
+"""
+# ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F_nn
+from qcompile.backends.triton import PackedWeight, prepack, w4a8_linear
+from qcompile.backends.triton.quantize_kernel import quantize_rows
+from qcompile.backends.triton.w4_linear import launch_gemv
+
+from qcompile import formats as F
+
+CFGS = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (16, 64, 4), (32, 64, 4)]
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+
+
+def bench_graph(fn, weights, reps=4):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile / autotune off the capture
+        for w in weights:
+            fn(w)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for w in weights:
+                fn(w)
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(weights)))
+    return statistics.median(times)
+
+
+def copies(pw, n=8):
+    return [pw] + [PackedWeight(pw.qweight.clone(), pw.unit_scale.clone(), pw.code_sum.clone(), pw.zero_byte.clone(),
+                                pw.fmt, pw.group_size, pw.in_features, pw.out_features, pw.pack_k) for _ in range(n - 1)]
+
+
+def main():
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    for n, k in SHAPES:
+        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
+        codes, scale, zp = F.quantize(w16.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel"))
+        pws = copies(prepack(codes, scale, zp, "dint4", "channel"))
+        w16s = [w16] + [w16.clone() for _ in range(3)]
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.half)
+            xq, xs, xz = quantize_rows(x, 8, False)
+            r = {"fp16": bench_graph(lambda w: F_nn.linear(x, w), w16s),
+                 "quant": bench_graph(lambda _: quantize_rows(x, 8, False), [None]),
+                 "auto": bench_graph(lambda p: w4a8_linear(x, p), pws)}
+            for bn, bw, nw in CFGS:
+                if m * bn * bw > 64 * 32 * nw:
+                    continue
+                cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw}
+                for tag, lut in (("g", False), ("L", True)):
+                    r[f"{tag}{bn}x{bw}w{nw}"] = bench_graph(
+                        lambda p: launch_gemv(xq, xs, xz, p, y, config=cfg, lut=lut), pws)
+            r["f8x128w4"] = bench_graph(lambda p: launch_gemv(x, None, None, p, y, fuse_quant=True, config={
+                "BLOCK_N": 8, "BLOCK_W": 128, "num_warps": 4}), pws)
+            best = {tag: min((v, kk) for kk, v in r.items() if kk.startswith(tag)) for tag in ("g", "L")}
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: " + " ".join(f"{a}={b:.1f}" for a, b in r.items()))
+            print(f"   best GEMV only: arithmetic unpacker {best['g'][0]:.1f} ({best['g'][1]}), table "
+                  f"{best['L'][0]:.1f} ({best['L'][1]}); + quant {best['g'][0] + r['quant']:.1f}; fused "
+                  f"{r['f8x128w4']:.1f}; fp16 / (GEMV + quant) {r['fp16'] / (best['g'][0] + r['quant']):.2f}x",
+                  flush=True)
+        del pws, w16s
+
+
+if __name__ == "__main__":
+    main()
