@@ -3,7 +3,10 @@
 * ``qcompile_triton::w4_linear_codes(x, codes, scale, zero_point, fmt, granularity, in_features,
   act_fmt, bias)``: the lowering of ``linear(qdq_activation(x), dequantize_weight(codes, ...))``;
 * ``qcompile_triton::w4_linear_rtn(x, weight, fmt, granularity, act_fmt, bias)``: a float weight,
-  quantized round-to-nearest (``formats.quantize``) on first use (``lowbit``'s ``options["recipe"]``).
+  quantized round-to-nearest (``formats.quantize``) on first use (``lowbit``'s ``options["recipe"]``);
+* ``qcompile_triton::w4_linear_codes_shared(x, [codes], [scale], [zero_point], fmt, granularity,
+  in_features, act_fmt, [bias])``: several ``w4_linear_codes`` of one input (q/k/v, gate/up) with the
+  int8 per-token quantization of ``x`` done once (``share_quant.py``); same numbers, fewer launches.
 
 Both look the ``PackedWeight`` up in a cache keyed by the identity (and version counter) of the weight
 tensors they are given, packing on a miss. Why not bake the packed weights into the compiled graph
@@ -102,6 +105,39 @@ def w4_linear_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, z
 def w4_linear_rtn(x: torch.Tensor, weight: torch.Tensor, fmt: str, granularity: str, act_fmt: str,
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _run(x, packed_for_weight(weight, fmt, granularity), act_fmt, bias)
+
+
+@torch.library.custom_op("qcompile_triton::w4_linear_codes_shared", mutates_args=())
+def w4_linear_codes_shared(x: torch.Tensor, codes: list[torch.Tensor], scale: list[torch.Tensor],
+                           zero_point: list[torch.Tensor], fmt: str, granularity: str, in_features: int,
+                           act_fmt: str, bias: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    if not (len(codes) == len(scale) == len(zero_point) == len(bias)):
+        raise ValueError("w4_linear_codes_shared: codes, scale, zero_point and bias lists differ in length")
+    pws = [packed_for_codes(c, s, z, fmt, granularity, in_features) for c, s, z in zip(codes, scale, zero_point)]
+    spec = F.FormatSpec.parse(act_fmt)
+    on_triton = x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())
+    if spec.bits != 8 or any(pw.group_size > 0 for pw in pws) or not on_triton:
+        return [_run(x, pw, act_fmt, b) for pw, b in zip(pws, bias)]  # the per-site ops (reference on CPU)
+    from .ops import _check_x
+    from .w4_linear import w4_linear_2d_shared
+
+    _check_x(x, in_features, "w4_linear_codes_shared")
+    x2 = x.reshape(-1, in_features).contiguous()
+    ys = w4_linear_2d_shared(x2, pws, spec.bits, spec.symmetric, bias)
+    return [y.reshape(*x.shape[:-1], pw.out_features) for y, pw in zip(ys, pws)]
+
+
+def _interpreting() -> bool:
+    import os
+
+    from .ops import _have_triton
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and _have_triton()
+
+
+@w4_linear_codes_shared.register_fake
+def _(x, codes, scale, zero_point, fmt, granularity, in_features, act_fmt, bias):
+    return [x.new_empty((*x.shape[:-1], c.shape[0])) for c in codes]
 
 
 @w4_linear_codes.register_fake

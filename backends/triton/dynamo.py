@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 
 from .lower import LoweringReport, lower_linears
+from .share_quant import share_activation_quantization
 
 __all__ = ["lowbit_backend", "last_report", "reports", "OPTIONS"]
 
-OPTIONS = {"recipe": None, "inductor": True, "print_report": False}
+OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -54,7 +55,9 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
         gm: the graph dynamo captured.
         example_inputs: its real inputs (parameters and buffers included).
         mode: Inductor mode (``"reduce-overhead"``, ``"max-autotune"``...), from ``torch.compile(mode=)``.
-        options: ``{"recipe": <RTN recipe name / Recipe>, "inductor": bool, "print_report": bool}``.
+        options: ``{"recipe": <RTN recipe name / Recipe>, "inductor": bool, "print_report": bool,
+            "share_quant": bool}`` (``share_quant``: sibling linears of one input quantize it once,
+            ``share_quant.py``; on by default, same numbers).
 
     Returns:
         The compiled callable.
@@ -68,6 +71,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     report = lower_linears(gm, example_inputs)
     report.sites[:0] = rtn_sites
     report.float_linears -= sum(not s.lowered for s in rtn_sites)  # their fake-quantized weights look float
+    if opts["share_quant"]:
+        report.shared_groups = share_activation_quantization(gm)
     _REPORTS.append(report)
     if opts["print_report"]:
         print(report.table())

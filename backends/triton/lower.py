@@ -73,6 +73,7 @@ class LoweringReport:
 
     sites: list[SiteReport] = field(default_factory=list)
     float_linears: int = 0
+    shared_groups: int = 0  # groups of sibling linears quantizing their common input once (share_quant.py)
 
     @property
     def lowered(self) -> list[SiteReport]:
@@ -88,7 +89,9 @@ class LoweringReport:
 
     def summary(self) -> str:
         return (f"{len(self.lowered)} of {len(self.sites)} quantized linears lowered to Triton kernels, "
-                f"{len(self.fell_back)} fell back; {self.float_linears} float linears left to Inductor")
+                f"{len(self.fell_back)} fell back; {self.float_linears} float linears left to Inductor"
+                + (f"; {self.shared_groups} groups of sibling linears share one activation quantization"
+                   if self.shared_groups else ""))
 
     def table(self) -> str:
         """A printable table: site, lowered or fell back, kernel / reason."""

@@ -32,7 +32,7 @@ from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
 __all__ = ["DISPATCH", "Dispatch", "launch_gemm", "launch_gemv", "expand_weight", "w4_linear_2d", "interpreting",
-           "splitk_workspace"]
+           "splitk_workspace", "w4_linear_2d_shared"]
 
 
 @dataclass
@@ -278,3 +278,39 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
     key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
            pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
     return candidates[_choose_path(key, candidates, forced)]()
+
+
+def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool, biases: list) -> list:
+    """``w4_linear_2d`` for several per-channel weights on one ``x [M, K]`` with int8 per-token
+    activations, quantized once: one ``quantize_rows`` launch, then one GEMM per weight on the codes,
+    each on its fastest pre-quantized path (``unfused`` / ``splitk`` / ``gemv``, or ``inloop`` /
+    ``expand``; chosen and cached like ``w4_linear_2d``'s)."""
+    m = x.shape[0]
+    ys = [torch.empty((m, pw.out_features), dtype=x.dtype, device=x.device) for pw in pws]
+    if m == 0:
+        return ys
+    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0)
+    kw = dict(act_bits=act_bits, act_sym=act_sym)
+
+    def candidates(pw, y, bias):
+        if m <= DISPATCH.decode_max_m:
+            cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw),
+                     "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, **kw),
+                     "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw)}
+            forced = DISPATCH.decode_path
+        else:
+            cands = {"inloop": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)}
+            if m >= DISPATCH.expand_min_m:
+                cands["expand"] = lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, w_expanded=expand_weight(pw),
+                                                      **kw)
+            forced = DISPATCH.prefill_path
+        return cands, forced if forced in cands else "auto"
+
+    for pw, y, bias in zip(pws, ys, biases):
+        if pw.group_size > 0:
+            raise ValueError("w4_linear_2d_shared takes per-channel weights")
+        cands, forced = candidates(pw, y, bias)
+        key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
+               pw.in_features, pw.fmt, act_bits, act_sym, x.dtype, bias is not None, x.device)
+        cands[_choose_path(key, cands, forced)]()
+    return ys

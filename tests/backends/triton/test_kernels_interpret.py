@@ -118,6 +118,23 @@ if INTERPRET:
                    config=dict(BLOCK_N=4, BLOCK_W=64, num_warps=2))
 
     @child_only
+    @pytest.mark.parametrize("m", [1, 5, 20])
+    def test_shared_quantization_op_matches_the_single_ops(m):
+        """``w4_linear_codes_shared`` (one quantize_rows, then each GEMM on the codes) = the per-site op, bitwise."""
+        from qcompile import formats as F
+        from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
+
+        sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
+                            F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
+        x, biases = make_x(m, 200, "cpu"), [None, torch.randn(24), None]
+        ys = torch.ops.qcompile_triton.w4_linear_codes_shared(x, *[[s[i] for s in sites] for i in range(3)], "dint4",
+                                                              "channel", 200, "int8", biases)
+        for (codes, scale, zp), bias, y in zip(sites, biases, ys):
+            single = torch.ops.qcompile_triton.w4_linear_codes(x, codes, scale, zp, "dint4", "channel", 200, "int8",
+                                                               bias)
+            assert torch.equal(y, single)
+
+    @child_only
     def test_w4a8_gemv_rejects_what_it_cannot_run():
         x = make_x(2, 256, "cpu")
         y = torch.empty(2, 16)
