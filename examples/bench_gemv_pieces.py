@@ -10,11 +10,11 @@ median of 10 replays, microseconds) of:
     python examples/bench_gemv_pieces.py
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F_nn
+from gpu_timing import bench_graph
 from qcompile.backends.triton import PackedWeight, prepack, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
 from qcompile.backends.triton.w4_linear import launch_gemv
@@ -23,31 +23,6 @@ from qcompile import formats as F
 
 CFGS = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (16, 64, 4), (32, 64, 4)]
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
-
-
-def bench_graph(fn, weights, reps=4):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile / autotune off the capture
-        for w in weights:
-            fn(w)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for w in weights:
-                fn(w)
-    graph.replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(weights)))
-    return statistics.median(times)
 
 
 def copies(pw, n=8):

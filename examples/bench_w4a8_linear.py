@@ -17,13 +17,13 @@ Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when 
 """
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F_nn
 import triton
+from gpu_timing import bench_graph
 from qcompile.backends.triton import PackedWeight, prepack, w4a4_linear, w4a8_linear
 from qcompile.backends.triton import w4_linear as W
 from qcompile.backends.triton.quantize_kernel import quantize_rows
@@ -49,33 +49,6 @@ print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, trito
 def bench(fn) -> float:
     """Eager: median microseconds; the L2 is flushed before each call."""
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-
-
-def bench_graph(fn, weights, reps: int = 4) -> float:
-    """GPU time: median microseconds per call of ``fn(w)`` over ``weights`` (copies), in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: compiles, autotunes, picks the path
-        for w in weights:
-            fn(w)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for w in weights:
-                fn(w)
-    graph.replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(weights)))
-    del graph
-    return statistics.median(times)
 
 
 def copies(t, nbytes: int) -> list:
