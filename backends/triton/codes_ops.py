@@ -32,8 +32,8 @@ import torch
 from qcompile import formats as F
 from qcompile import ops as _qops  # noqa: F401  (registers qcompile::dequantize_weight)
 
-from .ops import w4a4_linear, w4a8_linear
-from .packing import PackedWeight, prepack
+from .ops import _check_x, _use_triton, w4a4_linear, w4a8_linear
+from .packing import PackedWeight, _parse_format, prepack
 
 __all__ = ["packed_for_codes", "packed_for_weight", "cached_packed_weights"]
 
@@ -114,25 +114,15 @@ def w4_linear_codes_shared(x: torch.Tensor, codes: list[torch.Tensor], scale: li
     if not (len(codes) == len(scale) == len(zero_point) == len(bias)):
         raise ValueError("w4_linear_codes_shared: codes, scale, zero_point and bias lists differ in length")
     pws = [packed_for_codes(c, s, z, fmt, granularity, in_features) for c, s, z in zip(codes, scale, zero_point)]
-    spec = F.FormatSpec.parse(act_fmt)
-    on_triton = x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())
-    if spec.bits != 8 or any(pw.group_size > 0 for pw in pws) or not on_triton:
+    spec = _parse_format(act_fmt)
+    if spec.bits != 8 or any(pw.group_size > 0 for pw in pws) or not _use_triton(x):
         return [_run(x, pw, act_fmt, b) for pw, b in zip(pws, bias)]  # the per-site ops (reference on CPU)
-    from .ops import _check_x
     from .w4_linear import w4_linear_2d_shared
 
     _check_x(x, in_features, "w4_linear_codes_shared")
     x2 = x.reshape(-1, in_features).contiguous()
     ys = w4_linear_2d_shared(x2, pws, spec.bits, spec.symmetric, bias)
     return [y.reshape(*x.shape[:-1], pw.out_features) for y, pw in zip(ys, pws)]
-
-
-def _interpreting() -> bool:
-    import os
-
-    from .ops import _have_triton
-
-    return os.environ.get("TRITON_INTERPRET") == "1" and _have_triton()
 
 
 @w4_linear_codes_shared.register_fake

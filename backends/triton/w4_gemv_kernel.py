@@ -119,8 +119,7 @@ def w4_gemv_kernel(
 
     # The first weight tile goes out before the activation prologue, so HBM is busy from the start.
     w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (chunk_of[None, :] < n_chunks), other=0)
-    x_scale = tl.zeros([BLOCK_M], tl.float32)
-    x_zpf = tl.zeros([BLOCK_M], tl.float32)
+    x_zpf = tl.zeros([BLOCK_M], tl.float32)  # read by _x_words only when FUSE_QUANT
     if FUSE_QUANT:
         x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
                                       BLOCK_M, STAT_BLOCK)
