@@ -14,8 +14,8 @@ import time
 
 import torch
 import torch.nn.functional as F_nn
-from gpu_timing import bench_graph
-from qcompile.backends.triton import PackedWeight, prepack, w4a8_linear
+from gpu_timing import bench_graph, clones
+from qcompile.backends.triton import prepack, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
 from qcompile.backends.triton.w4_linear import launch_gemv
 
@@ -25,19 +25,14 @@ CFGS = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (16, 64
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 
 
-def copies(pw, n=8):
-    return [pw] + [PackedWeight(pw.qweight.clone(), pw.unit_scale.clone(), pw.code_sum.clone(), pw.zero_byte.clone(),
-                                pw.fmt, pw.group_size, pw.in_features, pw.out_features, pw.pack_k) for _ in range(n - 1)]
-
-
 def main():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}", flush=True)
     for n, k in SHAPES:
         w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
         codes, scale, zp = F.quantize(w16.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel"))
-        pws = copies(prepack(codes, scale, zp, "dint4", "channel"))
-        w16s = [w16] + [w16.clone() for _ in range(3)]
+        pws = clones(prepack(codes, scale, zp, "dint4", "channel"), 8)
+        w16s = clones(w16, 4)
         for m in (1, 4):
             x = torch.randn(m, k, device="cuda").half()
             y = torch.empty(m, n, device="cuda", dtype=torch.half)

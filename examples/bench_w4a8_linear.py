@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F_nn
 import triton
-from gpu_timing import bench_graph
-from qcompile.backends.triton import PackedWeight, prepack, w4a4_linear, w4a8_linear
+from gpu_timing import bench_graph, clones
+from qcompile.backends.triton import prepack, w4a4_linear, w4a8_linear
 from qcompile.backends.triton import w4_linear as W
 from qcompile.backends.triton.quantize_kernel import quantize_rows
 
@@ -53,14 +53,7 @@ def bench(fn) -> float:
 
 def copies(t, nbytes: int) -> list:
     """``t`` plus clones, enough to stream > 2x the L2 per graph pass (at most 16)."""
-    n = min(16, max(1, math.ceil(2 * L2_BYTES / nbytes)))
-    if isinstance(t, PackedWeight):
-        clone = lambda: PackedWeight(t.qweight.clone(), t.unit_scale.clone(), t.code_sum.clone(),
-                                     t.zero_byte.clone(), t.fmt, t.group_size, t.in_features,
-                                     t.out_features, t.pack_k)
-    else:
-        clone = t.clone
-    return [t] + [clone() for _ in range(n - 1)]
+    return clones(t, min(16, max(1, math.ceil(2 * L2_BYTES / nbytes))))
 
 
 def graph_or_nan(fn, weights) -> float:

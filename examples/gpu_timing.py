@@ -2,8 +2,20 @@
 import statistics
 
 import torch
+from qcompile.backends.triton import PackedWeight
 
-__all__ = ["bench_graph"]
+__all__ = ["bench_graph", "clones"]
+
+
+def clones(t, n: int) -> list:
+    """``t`` (a tensor or a ``PackedWeight``) plus ``n - 1`` copies of it, for timing weights out of L2."""
+    if isinstance(t, PackedWeight):
+        def clone():
+            return PackedWeight(t.qweight.clone(), t.unit_scale.clone(), t.code_sum.clone(), t.zero_byte.clone(),
+                                t.fmt, t.group_size, t.in_features, t.out_features, t.pack_k)
+    else:
+        clone = t.clone
+    return [t] + [clone() for _ in range(n - 1)]
 
 
 def bench_graph(fn, weights, reps: int = 4) -> float:
