@@ -7,9 +7,15 @@ median of 10 replays, microseconds) of:
   * L<BN>x<BW>w<warps>: the same with the table unpacker (``lut=True``);
   * f8x128w4: ``launch_gemv`` with the activation quantization fused in.
 
-    python examples/bench_gemv_pieces.py
+Then sibling groups (the q/k/v and gate/up linears of one input) at M in {1, 4, 16}: fp16 (one
+``F.linear`` per weight), and ``w4_linear_2d_shared`` on each decode path: ``per_weight`` (one
+``quantize_rows``, then each weight's own pick), ``gemv_group`` (one ``quantize_rows`` + one grouped GEMV
+launch), ``gemv_group_fused`` (one launch); the three outputs are checked bitwise equal.
+
+    python examples/bench_gemv_pieces.py [--groups-only]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
+import sys
 import time
 
 import torch
@@ -17,12 +23,16 @@ import torch.nn.functional as F_nn
 from gpu_timing import bench_graph, clones
 from qcompile.backends.triton import prepack, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
-from qcompile.backends.triton.w4_linear import launch_gemv
+from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv, w4_linear_2d_shared
 
 from qcompile import formats as F
 
 CFGS = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (16, 64, 4), (32, 64, 4)]
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+# (name, out_features of each sibling, in_features): LLaMA-2-7B q/k/v and gate/up, LLaMA-3-8B q/k/v (GQA)
+GROUPS = [("llama2-7b qkv", (4096, 4096, 4096), 4096), ("llama2-7b gate/up", (11008, 11008), 4096),
+          ("llama3-8b qkv", (4096, 1024, 1024), 4096), ("llama3-8b gate/up", (14336, 14336), 4096)]
+GROUP_PATHS = ["per_weight", "gemv_group", "gemv_group_fused"]
 
 
 def main():
@@ -58,5 +68,38 @@ def main():
         del pws, w16s
 
 
+def groups():
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; sibling groups, GPU time per group call in us", flush=True)
+    for name, ns, k in GROUPS:
+        w16 = [(torch.randn(n, k, device="cuda") * 0.02).half() for n in ns]
+        packed = [prepack(*F.quantize(w.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
+                          "dint4", "channel") for w in w16]
+        copies = 4  # each copy of the group > L2 on its own
+        pw_sets = list(zip(*(clones(pw, copies) for pw in packed)))
+        w16_sets = list(zip(*(clones(w, 2) for w in w16)))
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda").half()
+            r = {"fp16": bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)}
+            outs = {}
+            for path in GROUP_PATHS:
+                DISPATCH.group_path = path
+                try:
+                    r[path] = bench_graph(lambda ps: w4_linear_2d_shared(x, list(ps), 8, False, [None] * len(ps)),
+                                          pw_sets)
+                    outs[path] = w4_linear_2d_shared(x, list(pw_sets[0]), 8, False, [None] * len(ns))
+                finally:
+                    DISPATCH.group_path = "auto"
+            same = all(torch.equal(a, b) for path in GROUP_PATHS[1:] for a, b in zip(outs[path], outs["per_weight"]))
+            best = min(GROUP_PATHS, key=r.get)
+            print(f"[{time.time() - t0:4.0f}s] {name} {'+'.join(map(str, ns))}x{k} M={m}: "
+                  + " ".join(f"{a}={b:.1f}" for a, b in r.items())
+                  + f" | best {best} {r['fp16'] / r[best]:.2f}x fp16, per_weight {r['fp16'] / r['per_weight']:.2f}x"
+                  + f" | outputs bitwise equal: {same}", flush=True)
+        del pw_sets, w16_sets
+
+
 if __name__ == "__main__":
-    main()
+    if "--groups-only" not in sys.argv:
+        main()
+    groups()

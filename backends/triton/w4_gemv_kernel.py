@@ -36,7 +36,7 @@ import triton.language as tl
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
-__all__ = ["GEMV_CONFIGS", "prune_gemv_configs", "w4_gemv_kernel"]
+__all__ = ["GEMV_CONFIGS", "prune_gemv_configs", "w4_gemv_group_kernel", "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -86,23 +86,21 @@ def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf,
     return words
 
 
-@triton.jit(do_not_specialize=["M"])
-def w4_gemv_kernel(
-        # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); per-token qparams [M, 1]
-        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
-        # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
-        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
-        bias_ptr, y_ptr, stride_ym,
+@triton.jit
+def _gemv_block(
+        pid_n, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym,
         M, N, K,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the whole K."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
     CH: tl.constexpr = BLOCK_W // WPC  # chunks per step
     HALF: tl.constexpr = PACK_K // 2
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     jw = tl.arange(0, BLOCK_W)
     n_ok = offs_n < N
@@ -174,3 +172,55 @@ def w4_gemv_kernel(
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w4_gemv_kernel(
+        # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); per-token qparams [M, 1]
+        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
+        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
+        bias_ptr, y_ptr, stride_ym,
+        M, N, K,
+        DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
+        LUT: tl.constexpr,
+        X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    _gemv_block(tl.program_id(0), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr, w_sum_ptr,
+                w_zero_ptr, bias_ptr, y_ptr, stride_ym, M, N, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM,
+                FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W)
+
+
+@triton.jit(do_not_specialize=["M"])
+def w4_gemv_group_kernel(
+        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        # G = 2 or 3 weights of one input (q/k/v, gate/up), each with its own tables, bias and output;
+        # weight 2's arguments are weight 1's again when G == 2 (never read)
+        w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr, y0_ptr, stride_y0, N0,
+        w1_ptr, s1_ptr, t1_ptr, z1_ptr, b1_ptr, y1_ptr, stride_y1, N1,
+        w2_ptr, s2_ptr, t2_ptr, z2_ptr, b2_ptr, y2_ptr, stride_y2, N2,
+        M, K, G: tl.constexpr,
+        DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
+        LUT: tl.constexpr,
+        X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
+    weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
+    pid = tl.program_id(0)
+    nb0 = tl.cdiv(N0, BLOCK_N)
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    if pid < nb0:
+        _gemv_block(pid, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr, y0_ptr,
+                    stride_y0, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS,
+                    LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W)
+    elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
+        _gemv_block(pid - nb0, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr, b1_ptr,
+                    y1_ptr, stride_y1, M, N1, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT,
+                    X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W)
+    elif G == 3:
+        _gemv_block(pid - nb0 - nb1, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr, z2_ptr,
+                    b2_ptr, y2_ptr, stride_y2, M, N2, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM,
+                    FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N,
+                    BLOCK_W)

@@ -31,8 +31,18 @@ from ._common import recip_div
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
-__all__ = ["DISPATCH", "Dispatch", "launch_gemm", "launch_gemv", "expand_weight", "w4_linear_2d", "interpreting",
-           "splitk_workspace", "w4_linear_2d_shared"]
+__all__ = [
+    "DISPATCH",
+    "Dispatch",
+    "expand_weight",
+    "interpreting",
+    "launch_gemm",
+    "launch_gemv",
+    "launch_gemv_group",
+    "splitk_workspace",
+    "w4_linear_2d",
+    "w4_linear_2d_shared",
+]
 
 
 @dataclass
@@ -47,6 +57,9 @@ class Dispatch:
     # The GEMV's table unpacker for dINT with R <= 4: 12 instead of 19 instructions per 8 codes, but on the
     # H200 it timed the same as the arithmetic one (the GEMV waits on memory, not on the ALUs), so off.
     gemv_lut: bool = False
+    # Sibling linears of one input at decode (w4_linear_2d_shared): "auto" | "per_weight" | "gemv_group" |
+    # "gemv_group_fused"
+    group_path: str = "auto"
 
 
 DISPATCH = Dispatch()
@@ -87,6 +100,10 @@ _gemv_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS, key=["BLOCK_M", "N", "K",
                                                               "USE_ASM", "LUT"],
                                prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
                                do_bench=_fast_bench)(gemv_kern.w4_gemv_kernel)
+_gemv_group_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS, key=["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT",
+                                                                    "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT"],
+                                     prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
+                                     do_bench=_fast_bench)(gemv_kern.w4_gemv_group_kernel)
 _prefill_kernel = triton.autotune(kern.PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                   do_bench=_fast_bench)(kern.w4_gemm_kernel)
 
@@ -163,6 +180,26 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     return y
 
 
+def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, int_out, use_asm, lut) -> dict:
+    """The GEMV's compile-time arguments for activation ``x [M, K]`` and weight ``pw`` (checks both)."""
+    m, k = x.shape
+    if pw.group_size > 0 or m > SPLITK_MAX_M:
+        raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
+    block_m = triton.next_power_of_2(max(m, 1))
+    x_words = not fuse_quant and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0
+    lut_ok = _w_kind(pw) == 1 and pw.dint_r <= 4
+    use_lut = lut_ok and (DISPATCH.gemv_lut if lut is None else lut)
+    if lut and not lut_ok:
+        raise ValueError(f"the table unpacker takes dINT weights with R <= 4, not {pw.fmt}")
+    return dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=has_bias,
+                INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
+                X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
+                STAT_BLOCK=min(triton.next_power_of_2(k), max(256, 4096 // block_m)), BLOCK_M=block_m)
+
+
+INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, num_warps=4)
+
+
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
                 split_k=False, lut=None):
@@ -171,20 +208,12 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``."""
     m, k = x.shape
     n = pw.out_features
-    if pw.group_size > 0 or x_grouped or m > SPLITK_MAX_M or w_expanded is not None or split_k:
+    if x_grouped or w_expanded is not None or split_k:
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
+    meta = _gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=bias is not None,
+                      int_out=int_out, use_asm=use_asm, lut=lut)
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
-    block_m = triton.next_power_of_2(max(m, 1))
-    x_words = not fuse_quant and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0
-    lut_ok = _w_kind(pw) == 1 and pw.dint_r <= 4
-    use_lut = lut_ok and (DISPATCH.gemv_lut if lut is None else lut)
-    if lut and not lut_ok:
-        raise ValueError(f"the table unpacker takes dINT weights with R <= 4, not {pw.fmt}")
-    meta = dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
-                INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
-                X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
-                STAT_BLOCK=min(triton.next_power_of_2(k), max(256, 4096 // block_m)), BLOCK_M=block_m)
     args = (x, x_scale, x_zp, x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
             y if bias is None else bias, y, y.stride(0), m, n, k)
 
@@ -192,12 +221,54 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         return (triton.cdiv(n, meta_["BLOCK_N"]),)
 
     if config is None and interpreting():
-        config = dict(BLOCK_N=8, BLOCK_W=32, num_warps=4)
+        config = INTERPRET_GEMV_CONFIG
     if config is not None:
         gemv_kern.w4_gemv_kernel[grid](*args, **meta, **config)
     else:
         _gemv_kernel[grid](*args, **meta)
     return y
+
+
+GROUP_MAX = 3  # weights per w4_gemv_group_kernel launch
+
+
+def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_sym=False, fuse_quant=False,
+                      biases=None, int_out=False, config=None, use_asm=None, lut=None):
+    """``launch_gemv`` for 2 or 3 weights of one activation in a single launch (``w4_gemv_group_kernel``).
+
+    Every weight must have the same format (dINT R), pack width and ``in_features`` = ``x.shape[1]``;
+    ``biases``: ``None`` or one per weight, all tensors or all ``None``. Outputs are bitwise those of
+    ``launch_gemv`` per weight with the same tile config.
+    """
+    m, k = x.shape
+    biases = list(biases) if biases is not None else [None] * len(pws)
+    if not 2 <= len(pws) <= GROUP_MAX or len(ys) != len(pws) or len(biases) != len(pws):
+        raise ValueError(f"launch_gemv_group takes 2..{GROUP_MAX} weights with one output (and bias) each")
+    has_bias = biases[0] is not None
+    if any((b is not None) != has_bias for b in biases):
+        raise ValueError("launch_gemv_group: give a bias for every weight or for none")
+    metas = [_gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=has_bias,
+                        int_out=int_out, use_asm=use_asm, lut=lut) for pw in pws]
+    if any(md != metas[0] for md in metas) or any(pw.in_features != k for pw in pws):
+        raise ValueError("launch_gemv_group: the weights differ in format, packing or in_features")
+    if fuse_quant:
+        x_scale, x_zp = x, x  # unused by the kernel
+    sets = [(pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, y if b is None else b, y, y.stride(0),
+             pw.out_features) for pw, y, b in zip(pws, ys, biases)]
+    sets += sets[-1:] * (GROUP_MAX - len(sets))
+    args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], m, k)
+    ns = [pw.out_features for pw in pws]
+
+    def grid(meta_):
+        return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns),)
+
+    if config is None and interpreting():
+        config = INTERPRET_GEMV_CONFIG
+    if config is not None:
+        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **config)
+    else:
+        _gemv_group_kernel[grid](*args, G=len(pws), **metas[0])
+    return ys
 
 
 def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k=False):
@@ -282,13 +353,46 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
 
 def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool, biases: list) -> list:
     """``w4_linear_2d`` for several per-channel weights on one ``x [M, K]`` with int8 per-token
-    activations, quantized once: one ``quantize_rows`` launch, then one GEMM per weight on the codes,
-    each on its fastest pre-quantized path (``unfused`` / ``splitk`` / ``gemv``, or ``inloop`` /
-    ``expand``; chosen and cached like ``w4_linear_2d``'s)."""
+    activations, quantized once.
+
+    Decode (M <= 16, 2-3 weights, biases all or none), one of (``DISPATCH.group_path``; ``auto`` times
+    them once per shape set and keeps the fastest):
+
+    * ``per_weight``: one ``quantize_rows`` launch, then each weight's fastest pre-quantized path;
+    * ``gemv_group``: one ``quantize_rows`` launch, then one ``w4_gemv_group_kernel`` launch for all;
+    * ``gemv_group_fused``: the group kernel quantizing the activation itself: a single launch.
+
+    Otherwise ``per_weight`` (prefill: ``inloop`` / ``expand`` per weight on the shared codes).
+    """
+    if any(pw.group_size > 0 for pw in pws):
+        raise ValueError("w4_linear_2d_shared takes per-channel weights")
     m = x.shape[0]
     ys = [torch.empty((m, pw.out_features), dtype=x.dtype, device=x.device) for pw in pws]
     if m == 0:
         return ys
+    kw = dict(act_bits=act_bits, act_sym=act_sym)
+
+    def per_weight():
+        return _shared_per_weight(x, pws, ys, biases, act_bits, act_sym)
+
+    groupable = (m <= DISPATCH.decode_max_m and 2 <= len(pws) <= GROUP_MAX
+                 and len({b is None for b in biases}) == 1 and len({(pw.fmt, pw.pack_k) for pw in pws}) == 1)
+    if not groupable:
+        return per_weight()
+    cands = {"per_weight": per_weight,
+             "gemv_group": lambda: launch_gemv_group(*quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases=biases,
+                                                     **kw),
+             "gemv_group_fused": lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
+                                                           **kw)}
+    key = ("group", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws), pws[0].in_features,
+           pws[0].fmt, act_bits, act_sym, x.dtype, biases[0] is not None, x.device)
+    return cands[_choose_path(key, cands, DISPATCH.group_path)]()
+
+
+def _shared_per_weight(x, pws, ys, biases, act_bits, act_sym) -> list:
+    """One ``quantize_rows`` launch, then each weight's fastest pre-quantized path (chosen and cached like
+    ``w4_linear_2d``'s)."""
+    m = x.shape[0]
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0)
     kw = dict(act_bits=act_bits, act_sym=act_sym)
 
@@ -307,8 +411,6 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
         return cands, forced if forced in cands else "auto"
 
     for pw, y, bias in zip(pws, ys, biases):
-        if pw.group_size > 0:
-            raise ValueError("w4_linear_2d_shared takes per-channel weights")
         cands, forced = candidates(pw, y, bias)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
                pw.in_features, pw.fmt, act_bits, act_sym, x.dtype, bias is not None, x.device)

@@ -104,6 +104,34 @@ def test_w4a8_gemv_exact(fmt, m, n, k):
     check_gemm(x, pw, launch_gemv, use_asm=True, act_sym=True)
 
 
+@pytest.mark.parametrize("fmt,m,ns,k,fuse", [("dint4", 1, (4096, 1024, 1024), 4096, False),
+                                              ("dint4", 4, (11008, 11008), 4096, True),
+                                              ("int4", 16, (4096, 4096, 4096), 4096, True),
+                                              ("dint4_sym", 3, (333, 1000), 1002, False)])
+def test_w4a8_gemv_group_exact(fmt, m, ns, k, fuse):
+    """One grouped GEMV launch for sibling weights = one ``launch_gemv`` per weight, bitwise, on model
+    shapes (autotuned configs for the group; the per-weight launches use the group's chosen config by
+    running with an explicit one too)."""
+    from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+    pws = [make_weight(n, k, fmt, "channel", DEV, seed=n + i) for i, n in enumerate(ns)]
+    x = make_x(m, k, DEV, seed=m)
+    xq, xs, xz = (x, None, None) if fuse else quantize_rows(x, 8, False)
+    for config in (GEMV, None):
+        ys = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, n, device=DEV, dtype=torch.int32) for n in ns],
+                               fuse_quant=fuse, int_out=True, config=config)
+        for pw, y in zip(pws, ys):  # int32 sums do not depend on the tile config
+            one = launch_gemv(xq, xs, xz, pw, torch.empty(m, pw.out_features, device=DEV, dtype=torch.int32),
+                              fuse_quant=fuse, int_out=True, config=GEMV)
+            assert torch.equal(y, one)
+    ys = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, n, device=DEV, dtype=torch.half) for n in ns],
+                           fuse_quant=fuse, config=GEMV)
+    for pw, y in zip(pws, ys):
+        one = launch_gemv(xq, xs, xz, pw, torch.empty(m, pw.out_features, device=DEV, dtype=torch.half),
+                          fuse_quant=fuse, config=GEMV)
+        assert torch.equal(y, one)
+
+
 def test_w4a8_gemm_expanded_bf16_bias():
     pw = make_weight(2048, 4096, "dint4", "channel", DEV)
     x = make_x(300, 4096, DEV, torch.bfloat16)

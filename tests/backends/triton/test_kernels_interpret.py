@@ -121,8 +121,9 @@ if INTERPRET:
     @pytest.mark.parametrize("m", [1, 5, 20])
     def test_shared_quantization_op_matches_the_single_ops(m):
         """``w4_linear_codes_shared`` (one quantize_rows, then each GEMM on the codes) = the per-site op, bitwise."""
-        from qcompile import formats as F
         from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
+
+        from qcompile import formats as F
 
         sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
                             F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
@@ -133,6 +134,67 @@ if INTERPRET:
             single = torch.ops.qcompile_triton.w4_linear_codes(x, codes, scale, zp, "dint4", "channel", 200, "int8",
                                                                bias)
             assert torch.equal(y, single)
+
+    @child_only
+    @pytest.mark.parametrize("fmt,m,ns,k,fuse,bias", [("dint4", 1, (16, 24, 40), 200, False, False),
+                                                      ("dint4", 3, (40, 8), 256, True, True),
+                                                      ("int4", 5, (9, 33, 17), 130, True, False),
+                                                      ("int4_sym", 16, (24, 24), 256, False, True)])
+    def test_w4a8_gemv_group_equals_one_launch_per_weight(fmt, m, ns, k, fuse, bias):
+        """One ``w4_gemv_group_kernel`` launch for 2-3 weights = ``launch_gemv`` per weight, bitwise (the
+        programs of each weight are the same code on the same tile config); fp and int32 outputs."""
+        from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+        pws = [make_weight(n, k, fmt, "channel", "cpu", seed=n + i) for i, n in enumerate(ns)]
+        x = make_x(m, k, "cpu", seed=m)
+        biases = [torch.randn(n) for n in ns] if bias else None
+        xq, xs, xz = (x, None, None) if fuse else quantize_rows(x, 8, False, 0)
+        for int_out in (False, True):
+            dtype = torch.int32 if int_out else torch.float32
+            ys = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, n, dtype=dtype) for n in ns], biases=biases,
+                                   fuse_quant=fuse, int_out=int_out)
+            for i, (pw, y) in enumerate(zip(pws, ys)):
+                one = launch_gemv(xq, xs, xz, pw, torch.empty(m, pw.out_features, dtype=dtype), fuse_quant=fuse,
+                                  bias=None if biases is None else biases[i], int_out=int_out)
+                assert torch.equal(y, one), (i, int_out)
+        check_gemm(x, pws[0], launch_gemv, fuse_quant=fuse)  # and the per-weight launch is the reference's
+
+    @child_only
+    @pytest.mark.parametrize("path", ["gemv_group", "gemv_group_fused"])
+    def test_shared_op_group_paths_match_the_single_ops(path):
+        """``w4_linear_codes_shared`` on its single-launch decode paths = the per-site op, bitwise."""
+        from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
+        from qcompile.backends.triton.w4_linear import DISPATCH
+
+        from qcompile import formats as F
+
+        sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
+                            F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
+        x = make_x(2, 200, "cpu")
+        DISPATCH.group_path = path
+        try:
+            ys = torch.ops.qcompile_triton.w4_linear_codes_shared(x, *[[s[i] for s in sites] for i in range(3)],
+                                                                  "dint4", "channel", 200, "int8", [None] * 3)
+        finally:
+            DISPATCH.group_path = "auto"
+        for (codes, scale, zp), y in zip(sites, ys):
+            single = torch.ops.qcompile_triton.w4_linear_codes(x, codes, scale, zp, "dint4", "channel", 200, "int8",
+                                                               None)
+            assert torch.equal(y, single)
+
+    @child_only
+    def test_w4a8_gemv_group_rejects_mixed_weights():
+        from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+        x = make_x(2, 256, "cpu")
+        a, b = make_weight(16, 256, "dint4", "channel", "cpu"), make_weight(16, 256, "int4", "channel", "cpu")
+        ys = [torch.empty(2, 16), torch.empty(2, 16)]
+        with pytest.raises(ValueError, match="differ"):
+            launch_gemv_group(x, None, None, [a, b], ys, fuse_quant=True)
+        with pytest.raises(ValueError, match="for every weight or for none"):
+            launch_gemv_group(x, None, None, [a, a], ys, fuse_quant=True, biases=[torch.zeros(16), None])
+        with pytest.raises(ValueError, match="2..3 weights"):
+            launch_gemv_group(x, None, None, [a], ys[:1], fuse_quant=True)
 
     @child_only
     def test_w4a8_gemv_rejects_what_it_cannot_run():
