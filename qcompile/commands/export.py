@@ -6,7 +6,8 @@
 the form onnxruntime's CPU kernels fuse (MatMulIntegerToFloat / MatMulNBits); ``both`` writes ``OUT`` (exact)
 and ``OUT`` with ``.fast.onnx`` (fast) from one trace. ``--check`` runs onnxruntime and the reference
 on the first ``--max-windows`` Wikipedia windows and reports logit errors and both perplexities
-(keys ``parity.<form>.*``).
+(keys ``parity.<form>.*``); the reference runs PyTorch's SDPA math kernel, the formula the graph holds
+(``--reference-attention default`` for PyTorch's default kernel; see ``backends/onnx/parity.py``).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-text", default=None, metavar="FILE", help="--check: text (default: Wikipedia)")
     parser.add_argument("--max-windows", type=int, default=2, metavar="N", help="--check: Wikipedia windows")
     parser.add_argument("--window", type=int, default=2048, metavar="T", help="--check: window length in tokens")
+    parser.add_argument("--reference-attention", choices=("math", "default"), default="math",
+                        help="--check: the reference's SDPA kernel; math = the formula the ONNX graph holds")
     add_threads_argument(parser)
 
 
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
 
         prow = [("form", "max |dlogit|", "mean |dlogit|", "ppl reference", "ppl onnx", "ppl diff")]
         for form, p in written.items():
-            r = onnx_parity(qm, p, batches, threads=torch.get_num_threads())
+            r = onnx_parity(qm, p, batches, threads=torch.get_num_threads(), attention=args.reference_attention)
             prow.append((form, f"{r['max_abs_logit_error']:.4g}", f"{r['mean_abs_logit_error']:.4g}",
                          f"{r['ppl_reference']:.4f}", f"{r['ppl_onnx']:.4f}", f"{100 * r['ppl_rel_diff']:+.3f}%"))
             results.update({f"parity.{form}.{k}": v for k, v in r.items()})

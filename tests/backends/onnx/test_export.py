@@ -51,12 +51,16 @@ def lowering(path) -> dict:
     return json.loads(props["qcompile.lowering"])
 
 
-def test_exact_form_matches_the_reference(exported):
+@pytest.mark.parametrize("attention", ["math", "default"])
+def test_exact_form_matches_the_reference(exported, attention):
     qm, paths, _ = exported
-    r = qcompile.onnx_parity(qm, paths["exact"], token_batches())
-    assert abs(r["ppl_rel_diff"]) < 1e-5             # measured <= 1e-6 (gqa-w8a8), others ~1e-9
-    assert r["mean_abs_logit_error"] < 1e-5          # measured 2e-8 .. 8e-7
-    assert r["max_abs_logit_error"] < 5e-3           # measured 2e-7, except one boundary flip in gqa-w8a8: 7e-4
+    r = qcompile.onnx_parity(qm, paths["exact"], token_batches(), attention=attention)
+    # measured (math / default reference kernel): ppl diff <= 1.6e-6 / 1.3e-6 (gqa-w8a8), others < 1e-8 / 3e-7;
+    # mean error 2e-8 .. 2.5e-6 / 2e-8 .. 1.1e-6; max 2e-7, except boundary flips: gqa-w8a8 1.0e-3 / 7.4e-4,
+    # llama-w4a8v4 with the default kernel 1.2e-4 (its math-kernel reference agrees to 1.8e-7)
+    assert abs(r["ppl_rel_diff"]) < 1e-5
+    assert r["mean_abs_logit_error"] < 1e-5
+    assert r["max_abs_logit_error"] < 5e-3
     counts = lowering(paths["exact"])
     assert set(counts) <= {"dequantize_linear", "activation_qdq"}
 

@@ -61,3 +61,26 @@ def test_bad_batches(table_model, bad):
 def test_missing_file(table_model, tmp_path):
     with pytest.raises(ExportError, match="does not exist; export it first"):
         qcompile.onnx_parity(table_model[0], tmp_path / "none.onnx", torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_reference_attention_kernel(table_model):
+    """The reference runs under the SDPA math kernel by default (the exported formula), else PyTorch's choice."""
+    table, path, _ = table_model
+    seen = []
+
+    def model(x):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return table(x)
+
+    ids = torch.randint(0, 32, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert qcompile.onnx_parity(model, path, ids)["reference_attention"] == "math"
+    assert seen[-1] == (False, True)
+    assert qcompile.onnx_parity(model, path, ids, attention="default")["reference_attention"] == "default"
+    assert seen[-1] == (True, True)
+    assert torch.backends.cuda.flash_sdp_enabled()  # the context is restored
+
+
+
+def test_bad_reference_attention(table_model):
+    with pytest.raises(ExportError, match="attention must be one of"):
+        qcompile.onnx_parity(table_model[0], table_model[1], torch.zeros(1, 4, dtype=torch.long), attention="flash")
