@@ -12,6 +12,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py              # batch 1 and 16 on the GPU
     python examples/bench_decode.py --batch 1    # one batch size
     python examples/bench_decode.py --tiny       # smoke test: a 2-layer model (CPU without CUDA)
+    python examples/bench_decode.py --inductor-quant   # also lowbit with options={"inductor_quant": True}
 """
 import argparse
 import inspect
@@ -37,6 +38,8 @@ CACHE_LEN = PROMPT + STEPS + 8  # each timing round restarts at position PROMPT 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
 parser.add_argument("--tiny", action="store_true")
+parser.add_argument("--inductor-quant", action="store_true",
+                    help="also time lowbit with options={'inductor_quant': True} (inductor_quant.py)")
 args = parser.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = dev.type == "cuda"
@@ -95,7 +98,7 @@ def eager_step_logits(m, batch, prompt):
         return make_step(m, cache)(prompt[:, -1:].clone(), pos)[1].float()
 
 
-def decode_run(m, batch, backend):
+def decode_run(m, batch, backend, options=None):
     """Prefill eagerly, compile the decode step, capture it in a CUDA graph.
 
     Returns (tokens/s, first-step logits, compile seconds, first-step logits of eager ``m``)."""
@@ -108,7 +111,7 @@ def decode_run(m, batch, backend):
         pos = torch.full((1, 1), PROMPT, device=dev, dtype=torch.long)
         pin_positions(cache, pos)
         torch._dynamo.reset()
-        step = torch.compile(make_step(m, cache), backend=backend, dynamic=False)
+        step = torch.compile(make_step(m, cache), backend=backend, dynamic=False, options=options)
         t0 = time.time()
         first_logits = step(ids, pos)[1].float().clone()  # compiles (and autotunes, packs weights) here
         for _ in range(2):
@@ -162,7 +165,13 @@ for batch in args.batch:
     err = ((logits4 - ref4).norm() / ref4.norm()).item()
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
         f"first-step logits vs the eager reference: rel. err {err:.1e}")
-    rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err))
+    tps_k = err_k = float("nan")
+    if args.inductor_quant:  # the activation quantization as Inductor-fused torch ops instead of quantize_rows
+        tps_k, logits_k, _, _ = decode_run(qmodel, batch, "lowbit", {"inductor_quant": True})
+        err_k = ((logits_k - logits4).norm() / logits4.norm()).item()
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, inductor_quant on: {tps_k:8.1f} tok/s; first-step "
+            f"logits vs off: rel. diff {err_k:.1e}")
+    rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, tps_k, err_k))
     if gpu:
         torch.cuda.empty_cache()
 
@@ -172,19 +181,23 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          f"prompt {PROMPT}, {STEPS} greedy steps per timing (one CUDA graph per step, median of 5). "
          f"{torch.cuda.get_device_name() if gpu else 'CPU'}; torch {torch.__version__}. W4A8 = {RECIPE} "
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
-         "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |",
-         "|---:|---:|---:|---:|---:|---|"]
-for batch, tps16, tps4, c16, c4, _, _, report, _ in rows:
+         "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
+         + (" lowbit, inductor_quant on | its speed-up |" if args.inductor_quant else ""),
+         "|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.inductor_quant else "")]
+for batch, tps16, tps4, c16, c4, _, _, report, _, tps_k, _ in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
-                 f"{len(report.lowered)}/{len(report.sites)} |")
+                 f"{len(report.lowered)}/{len(report.sites)} |"
+                 + (f" {tps_k:.1f} | {tps_k / tps16:.2f}x |" if args.inductor_quant else ""))
 lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {packed_b / fp16_b:.3f}x their FP16 bytes "
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
-for batch, _, _, _, _, l16, l4, _, err in rows:
+for batch, _, _, _, _, l16, l4, report, err, _, err_k in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
                  f"{err:.1e}; vs the FP16 model: rel. diff {((l4 - l16).norm() / l16.norm()).item():.3f} "
-                 "(quantization error of random weights)")
+                 "(quantization error of random weights)"
+                 + (f"; inductor_quant on vs off: rel. diff {err_k:.1e}" if args.inductor_quant else "")
+                 + f". Report: {report.summary()}")
 table = "\n".join(lines)
 print(table)
 if os.environ.get("OUT"):

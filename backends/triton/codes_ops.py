@@ -6,7 +6,11 @@
   quantized round-to-nearest (``formats.quantize``) on first use (``lowbit``'s ``options["recipe"]``);
 * ``qcompile_triton::w4_linear_codes_shared(x, [codes], [scale], [zero_point], fmt, granularity,
   in_features, act_fmt, [bias])``: several ``w4_linear_codes`` of one input (q/k/v, gate/up) with the
-  int8 per-token quantization of ``x`` done once (``share_quant.py``); same numbers, fewer launches.
+  int8 per-token quantization of ``x`` done once (``share_quant.py``); same numbers, fewer launches;
+* ``qcompile_triton::w4_linear_qcodes(xq, x_scale, x_zp, [codes], [scale], [zero_point], fmt, in_features,
+  act_fmt, [bias], out_dtype)``: the same on activations already quantized per token in int8 (codes
+  ``q - 128``, fp32 scales, int32 zero-points ``z - 128``), by torch ops Inductor fuses into the
+  producer (``inductor_quant.py``).
 
 Both look the ``PackedWeight`` up in a cache keyed by the identity (and version counter) of the weight
 tensors they are given, packing on a miss. Why not bake the packed weights into the compiled graph
@@ -123,6 +127,41 @@ def w4_linear_codes_shared(x: torch.Tensor, codes: list[torch.Tensor], scale: li
     x2 = x.reshape(-1, in_features).contiguous()
     ys = w4_linear_2d_shared(x2, pws, spec.bits, spec.symmetric, bias)
     return [y.reshape(*x.shape[:-1], pw.out_features) for y, pw in zip(ys, pws)]
+
+
+@torch.library.custom_op("qcompile_triton::w4_linear_qcodes", mutates_args=())
+def w4_linear_qcodes(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, codes: list[torch.Tensor],
+                     scale: list[torch.Tensor], zero_point: list[torch.Tensor], fmt: str, in_features: int,
+                     act_fmt: str, bias: list[Optional[torch.Tensor]], out_dtype: torch.dtype) -> list[torch.Tensor]:
+    if not (len(codes) == len(scale) == len(zero_point) == len(bias)) or not codes:
+        raise ValueError("w4_linear_qcodes: codes, scale, zero_point and bias lists differ in length or are empty")
+    if xq.dtype != torch.int8 or x_scale.dtype != torch.float32 or x_zp.dtype != torch.int32:
+        raise ValueError(f"w4_linear_qcodes: activation codes int8, scales float32, zero-points int32; got "
+                         f"{xq.dtype}, {x_scale.dtype}, {x_zp.dtype}")
+    lead = xq.shape[:-1]
+    if xq.shape[-1] != in_features or x_scale.shape != (*lead, 1) or x_zp.shape != (*lead, 1):
+        raise ValueError(f"w4_linear_qcodes: codes [..., {in_features}] with scales and zero-points [..., 1]; got "
+                         f"{tuple(xq.shape)}, {tuple(x_scale.shape)}, {tuple(x_zp.shape)}")
+    spec = _parse_format(act_fmt)
+    if spec.bits != 8:
+        raise ValueError(f"w4_linear_qcodes takes int8 activations, not {act_fmt!r}")
+    pws = [packed_for_codes(c, s, z, fmt, "channel", in_features) for c, s, z in zip(codes, scale, zero_point)]
+    q = (xq.reshape(-1, in_features).contiguous(), x_scale.reshape(-1, 1).contiguous(),
+         x_zp.reshape(-1, 1).contiguous())
+    if _use_triton(xq):
+        from .w4_linear import w4_linear_2d_codes
+
+        ys = w4_linear_2d_codes(*q, pws, spec.bits, spec.symmetric, bias, out_dtype)
+    else:
+        from .reference import gemm_reference
+
+        ys = [gemm_reference(*q, pw, out_dtype, b) for pw, b in zip(pws, bias)]
+    return [y.reshape(*lead, pw.out_features) for y, pw in zip(ys, pws)]
+
+
+@w4_linear_qcodes.register_fake
+def _(xq, x_scale, x_zp, codes, scale, zero_point, fmt, in_features, act_fmt, bias, out_dtype):
+    return [xq.new_empty((*xq.shape[:-1], c.shape[0]), dtype=out_dtype) for c in codes]
 
 
 @w4_linear_codes_shared.register_fake

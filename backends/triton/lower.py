@@ -74,6 +74,7 @@ class LoweringReport:
     sites: list[SiteReport] = field(default_factory=list)
     float_linears: int = 0
     shared_groups: int = 0  # groups of sibling linears quantizing their common input once (share_quant.py)
+    inductor_quant: int = 0  # kernel calls whose activation quantization Inductor computes (inductor_quant.py)
 
     @property
     def lowered(self) -> list[SiteReport]:
@@ -91,7 +92,9 @@ class LoweringReport:
         return (f"{len(self.lowered)} of {len(self.sites)} quantized linears lowered to Triton kernels, "
                 f"{len(self.fell_back)} fell back; {self.float_linears} float linears left to Inductor"
                 + (f"; {self.shared_groups} groups of sibling linears share one activation quantization"
-                   if self.shared_groups else ""))
+                   if self.shared_groups else "")
+                + (f"; {self.inductor_quant} kernel calls take activation codes quantized by Inductor-fused torch ops"
+                   if self.inductor_quant else ""))
 
     def table(self) -> str:
         """A printable table: site, lowered or fell back, kernel / reason."""

@@ -41,6 +41,7 @@ __all__ = [
     "launch_gemv_group",
     "splitk_workspace",
     "w4_linear_2d",
+    "w4_linear_2d_codes",
     "w4_linear_2d_shared",
 ]
 
@@ -373,11 +374,9 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
     kw = dict(act_bits=act_bits, act_sym=act_sym)
 
     def per_weight():
-        return _shared_per_weight(x, pws, ys, biases, act_bits, act_sym)
+        return _shared_per_weight(quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases, act_bits, act_sym)
 
-    groupable = (m <= DISPATCH.decode_max_m and 2 <= len(pws) <= GROUP_MAX
-                 and len({b is None for b in biases}) == 1 and len({(pw.fmt, pw.pack_k) for pw in pws}) == 1)
-    if not groupable:
+    if not _groupable(m, pws, biases):
         return per_weight()
     cands = {"per_weight": per_weight,
              "gemv_group": lambda: launch_gemv_group(*quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases=biases,
@@ -389,11 +388,44 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
     return cands[_choose_path(key, cands, DISPATCH.group_path)]()
 
 
-def _shared_per_weight(x, pws, ys, biases, act_bits, act_sym) -> list:
-    """One ``quantize_rows`` launch, then each weight's fastest pre-quantized path (chosen and cached like
+def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws: list, act_bits: int,
+                       act_sym: bool, biases: list, out_dtype: torch.dtype) -> list:
+    """``w4_linear_2d_shared`` on activations quantized elsewhere: ``xq [M, K]`` int8 codes, ``xs [M, 1]``
+    fp32 scales, ``xz [M, 1]`` int32 zero-points (``quantize_rows``'s signed convention), for one or more
+    per-channel weights. Decode with 2-3 weights: ``per_weight`` or ``gemv_group`` (timed, as there);
+    else each weight's fastest pre-quantized path."""
+    if any(pw.group_size > 0 for pw in pws):
+        raise ValueError("w4_linear_2d_codes takes per-channel weights")
+    m = xq.shape[0]
+    ys = [torch.empty((m, pw.out_features), dtype=out_dtype, device=xq.device) for pw in pws]
+    if m == 0:
+        return ys
+    q = (xq, xs, xz)
+
+    def per_weight():
+        return _shared_per_weight(q, pws, ys, biases, act_bits, act_sym)
+
+    if not _groupable(m, pws, biases):
+        return per_weight()
+    cands = {"per_weight": per_weight,
+             "gemv_group": lambda: launch_gemv_group(*q, pws, ys, biases=biases, act_bits=act_bits, act_sym=act_sym)}
+    forced = DISPATCH.group_path if DISPATCH.group_path in cands else "auto"
+    key = ("group_codes", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws),
+           pws[0].in_features, pws[0].fmt, act_bits, act_sym, out_dtype, biases[0] is not None, xq.device)
+    return cands[_choose_path(key, cands, forced)]()
+
+
+def _groupable(m: int, pws: list, biases: list) -> bool:
+    """Whether one group GEMV launch can take these weights at this M."""
+    return (m <= DISPATCH.decode_max_m and m <= SPLITK_MAX_M and 2 <= len(pws) <= GROUP_MAX
+            and len({b is None for b in biases}) == 1 and len({(pw.fmt, pw.pack_k) for pw in pws}) == 1)
+
+
+def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym) -> list:
+    """Each weight's fastest path on the activation codes ``q = (xq, xs, xz)`` (chosen and cached like
     ``w4_linear_2d``'s)."""
-    m = x.shape[0]
-    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0)
+    xq, xs, xz = q
+    m = xq.shape[0]
     kw = dict(act_bits=act_bits, act_sym=act_sym)
 
     def candidates(pw, y, bias):
@@ -413,6 +445,6 @@ def _shared_per_weight(x, pws, ys, biases, act_bits, act_sym) -> list:
     for pw, y, bias in zip(pws, ys, biases):
         cands, forced = candidates(pw, y, bias)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
-               pw.in_features, pw.fmt, act_bits, act_sym, x.dtype, bias is not None, x.device)
+               pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
         cands[_choose_path(key, cands, forced)]()
     return ys

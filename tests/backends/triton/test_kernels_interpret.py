@@ -183,6 +183,49 @@ if INTERPRET:
             assert torch.equal(y, single)
 
     @child_only
+    @pytest.mark.parametrize("m,group_path", [(2, "gemv_group"), (2, "per_weight"), (20, "auto")])
+    def test_qcodes_op_matches_the_float_ops(m, group_path):
+        """``w4_linear_qcodes`` on codes from ``quantize_per_token_ops`` = the float-input ops, bitwise."""
+        from qcompile.backends.triton.inductor_quant import quantize_per_token_ops
+        from qcompile.backends.triton.w4_linear import DISPATCH
+
+        from qcompile import formats as F
+
+        sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
+                            F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
+        x = make_x(m, 200, "cpu")
+        DISPATCH.group_path = group_path
+        try:
+            ys = torch.ops.qcompile_triton.w4_linear_qcodes(*quantize_per_token_ops(x, "int8"),
+                                                            *[[s[i] for s in sites] for i in range(3)], "dint4", 200,
+                                                            "int8", [None] * 3, x.dtype)
+        finally:
+            DISPATCH.group_path = "auto"
+        for (codes, scale, zp), y in zip(sites, ys):
+            single = torch.ops.qcompile_triton.w4_linear_codes(x, codes, scale, zp, "dint4", "channel", 200, "int8",
+                                                               None)
+            assert torch.equal(y, single)
+
+    @child_only
+    @pytest.mark.parametrize("sym", [False, True])
+    def test_quantize_ops_match_the_kernel_with_cuda_division(sym):
+        """With CUDA's division by 255 (times the float32 reciprocal) the torch ops give the kernel's codes."""
+        import triton as tr
+        from qcompile.backends.triton.inductor_quant import quantize_per_token_ops
+        from qcompile.backends.triton.quantize_kernel import _config, _quantize_rows_kernel
+
+        x = make_x(7, 300, "cpu", torch.float16, seed=5)
+        codes, scale, zp = (torch.empty(7, 300, dtype=torch.int8), torch.empty(7, 1), torch.empty(7, 1, dtype=torch.int32))
+        cfg = _config(7, 300)
+        _quantize_rows_kernel[(tr.cdiv(7, cfg["ROWS"]),)](x, codes, scale, zp, 7, 300, QMAX=255, SYMMETRIC=sym,
+                                                          RECIP_DIV=True, **cfg)
+        got = quantize_per_token_ops(x, "int8_sym" if sym else "int8", recip_div=True)
+        assert torch.equal(got[0], codes) and torch.equal(got[1], scale) and torch.equal(got[2], zp)
+        # and the two divisions do differ somewhere on these rows (else this test would not test the switch)
+        exact = quantize_per_token_ops(x, "int8_sym" if sym else "int8", recip_div=False)
+        assert not torch.equal(exact[1], scale)
+
+    @child_only
     def test_w4a8_gemv_group_rejects_mixed_weights():
         from qcompile.backends.triton.w4_linear import launch_gemv_group
 
