@@ -44,6 +44,9 @@ class Recipe:
     the clip search minimise against (1 = an ordinary token). That token becomes the attention sink: its
     input lies in channels ordinary tokens hardly use, so an unweighted Hessian lets OPTQ push rounding
     error there, wrecking the sink's key/value that every later token reads (README "Attention sink").
+
+    ``optq_refit_scale``: after OPTQ, re-solve each channel's scale in closed form for the codes it chose
+    (``calibration/scale_refit.py``; per-channel weights).
     """
 
     name: str = "custom"
@@ -61,6 +64,7 @@ class Recipe:
     optq_damp: float = 0.01
     optq_block_size: int = 128
     optq_act_order: bool = False
+    optq_refit_scale: bool = False
     sink_weight: float = 1.0
     calib_source: str = "c4"
     calib_samples: int = 128
@@ -107,7 +111,7 @@ class Recipe:
                "a number in [0, 1)")
         # torch generators take at most 64 bits and the engine seeds layer i with seed + i
         _check(_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
-        for fname in ("clip_search", "optq_act_order", "fuse_layernorm"):
+        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "fuse_layernorm"):
             _check(isinstance(getattr(self, fname), bool), fname, getattr(self, fname), "true or false")
         skip = self.skip
         _check(isinstance(skip, (tuple, list)) and all(isinstance(s, str) for s in skip), "skip", skip,

@@ -378,6 +378,9 @@ def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=Non
             out = optq_quantize(w, st.hessian, fmt, gran, damp=recipe.optq_damp,
                                 block_size=recipe.optq_block_size, act_order=recipe.optq_act_order,
                                 clip_ratios=ratios)
+            if recipe.optq_refit_scale and gran.kind == "channel":  # closed-form scale for OPTQ's codes
+                from qcompile.calibration.scale_refit import refit_scales
+                out = (out[0], refit_scales(w, *out, st.hessian, fmt, gran), out[2])
         else:
             out = F.quantize(clipped, fmt, gran)
         rows = [x.shape[0] for x in ws]
