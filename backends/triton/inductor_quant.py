@@ -35,11 +35,11 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from . import codes_ops  # noqa: F401  (registers the ops)
 
-__all__ = ["quantize_per_token_ops", "quantize_in_inductor"]
+__all__ = ["quantize_in_inductor", "quantize_per_token_ops"]
 
 _KERNEL = torch.ops.qcompile_triton.w4_linear_codes.default
 _SHARED = torch.ops.qcompile_triton.w4_linear_codes_shared.default

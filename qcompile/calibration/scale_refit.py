@@ -18,7 +18,7 @@ import torch
 from qcompile import formats as F
 from qcompile.errors import CalibrationError
 
-__all__ = ["refit_scales", "output_error"]
+__all__ = ["output_error", "refit_scales"]
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
