@@ -32,6 +32,7 @@ def test_export_both_forms_with_check(model_dir, tmp_path):
     r = json.loads(res.read_text())
     assert out.is_file() and (tmp_path / "m.fast.onnx").is_file()
     assert r["parity.exact.batches"] == 2
+    assert r["parity.exact.reference_attention"] == "math"
     assert abs(r["parity.exact.ppl_rel_diff"]) < 1e-3  # exact form: the reference numerics
     assert abs(r["parity.fast.ppl_rel_diff"]) < 0.05
 

@@ -115,5 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                          f"{r['ppl_reference']:.4f}", f"{r['ppl_onnx']:.4f}", f"{100 * r['ppl_rel_diff']:+.3f}%"))
             results.update({f"parity.{form}.{k}": v for k, v in r.items()})
         print(format_rows(prow))
+        print(f"reference attention: PyTorch SDPA {args.reference_attention} kernel"
+              + (" (the MatMul-Softmax-MatMul formula the graph holds)" if args.reference_attention == "math" else ""))
     print(f"export: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return results
