@@ -166,10 +166,7 @@ if INTERPRET:
         from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
         from qcompile.backends.triton.w4_linear import DISPATCH
 
-        from qcompile import formats as F
-
-        sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
-                            F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
+        sites = _sibling_sites()
         x = make_x(2, 200, "cpu")
         DISPATCH.group_path = path
         try:
@@ -177,6 +174,16 @@ if INTERPRET:
                                                                   "dint4", "channel", 200, "int8", [None] * 3)
         finally:
             DISPATCH.group_path = "auto"
+        _assert_single_ops_equal(x, sites, ys)
+
+    def _sibling_sites():
+        """Three dINT4 per-channel weights (N = 16, 24, 40; K = 200) as ``formats.quantize`` outputs."""
+        from qcompile import formats as F
+
+        return [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
+                           F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
+
+    def _assert_single_ops_equal(x, sites, ys):
         for (codes, scale, zp), y in zip(sites, ys):
             single = torch.ops.qcompile_triton.w4_linear_codes(x, codes, scale, zp, "dint4", "channel", 200, "int8",
                                                                None)
@@ -189,10 +196,7 @@ if INTERPRET:
         from qcompile.backends.triton.inductor_quant import quantize_per_token_ops
         from qcompile.backends.triton.w4_linear import DISPATCH
 
-        from qcompile import formats as F
-
-        sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
-                            F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
+        sites = _sibling_sites()
         x = make_x(m, 200, "cpu")
         DISPATCH.group_path = group_path
         try:
@@ -201,10 +205,7 @@ if INTERPRET:
                                                             "int8", [None] * 3, x.dtype)
         finally:
             DISPATCH.group_path = "auto"
-        for (codes, scale, zp), y in zip(sites, ys):
-            single = torch.ops.qcompile_triton.w4_linear_codes(x, codes, scale, zp, "dint4", "channel", 200, "int8",
-                                                               None)
-            assert torch.equal(y, single)
+        _assert_single_ops_equal(x, sites, ys)
 
     @child_only
     @pytest.mark.parametrize("sym", [False, True])
