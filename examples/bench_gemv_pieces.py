@@ -12,7 +12,10 @@ Then sibling groups (the q/k/v and gate/up linears of one input) at M in {1, 4, 
 ``quantize_rows``, then each weight's own pick), ``gemv_group`` (one ``quantize_rows`` + one grouped GEMV
 launch), ``gemv_group_fused`` (one launch); the three outputs are checked bitwise equal.
 
-    python examples/bench_gemv_pieces.py [--groups-only]
+``--slope``: instead, the GEMV's fixed cost and streaming rate: M = 1, N x K from 0.5 to 67 MB of
+packed weights, the best of ``CFGS`` per shape beside FP16 ``F.linear``, in TB/s.
+
+    python examples/bench_gemv_pieces.py [--groups-only | --slope]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -99,7 +102,34 @@ def groups():
         del pw_sets, w16_sets
 
 
+SLOPE_SHAPES = [(4096, 256), (4096, 1024), (4096, 2048), (4096, 4096), (4096, 8192), (4096, 16384), (16384, 4096),
+                (32768, 4096)]
+
+
+def slope():
+    print(f"device: {torch.cuda.get_device_name()}; M = 1, dINT4 per channel, GEMV on pre-quantized codes", flush=True)
+    for n, k in SLOPE_SHAPES:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        codes, scale, zp = F.quantize(w, F.FormatSpec.parse("dint4"), F.Granularity.parse("channel"))
+        pws = clones(prepack(codes, scale, zp, "dint4", "channel"), 8)
+        w16s = clones(w.half(), 4)
+        x = torch.randn(1, k, device="cuda").half()
+        y = torch.empty(1, n, device="cuda", dtype=torch.half)
+        xq, xs, xz = quantize_rows(x, 8, False)
+        best = min((bench_graph(lambda p: launch_gemv(xq, xs, xz, p, y, config={
+            "BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw}), pws), (bn, bw, nw))
+            for bn, bw, nw in CFGS if bn * bw <= 64 * 32 * nw)
+        fp = bench_graph(lambda w_: F_nn.linear(x, w_), w16s)
+        mb4, mb16 = n * k / 2 / 1e6, n * k * 2 / 1e6
+        print(f"{n}x{k}: GEMV {best[0]:.2f} us {best[1]} = {mb4 / best[0]:.2f} TB/s ({mb4:.1f} MB); "
+              f"fp16 {fp:.2f} us = {mb16 / fp:.2f} TB/s", flush=True)
+        del pws, w16s
+
+
 if __name__ == "__main__":
-    if "--groups-only" not in sys.argv:
-        main()
-    groups()
+    if "--slope" in sys.argv:
+        slope()
+    else:
+        if "--groups-only" not in sys.argv:
+            main()
+        groups()
