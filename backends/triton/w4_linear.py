@@ -371,18 +371,11 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
     ys = [torch.empty((m, pw.out_features), dtype=x.dtype, device=x.device) for pw in pws]
     if m == 0:
         return ys
-    kw = dict(act_bits=act_bits, act_sym=act_sym)
-
-    def per_weight():
-        return _shared_per_weight(quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases, act_bits, act_sym)
-
+    cands = _codes_candidates(lambda: quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases, act_bits, act_sym)
     if not _groupable(m, pws, biases):
-        return per_weight()
-    cands = {"per_weight": per_weight,
-             "gemv_group": lambda: launch_gemv_group(*quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases=biases,
-                                                     **kw),
-             "gemv_group_fused": lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
-                                                           **kw)}
+        return cands["per_weight"]()
+    cands["gemv_group_fused"] = lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
+                                                          act_bits=act_bits, act_sym=act_sym)
     key = ("group", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws), pws[0].in_features,
            pws[0].fmt, act_bits, act_sym, x.dtype, biases[0] is not None, x.device)
     return cands[_choose_path(key, cands, DISPATCH.group_path)]()
@@ -400,19 +393,21 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     ys = [torch.empty((m, pw.out_features), dtype=out_dtype, device=xq.device) for pw in pws]
     if m == 0:
         return ys
-    q = (xq, xs, xz)
-
-    def per_weight():
-        return _shared_per_weight(q, pws, ys, biases, act_bits, act_sym)
-
+    cands = _codes_candidates(lambda: (xq, xs, xz), pws, ys, biases, act_bits, act_sym)
     if not _groupable(m, pws, biases):
-        return per_weight()
-    cands = {"per_weight": per_weight,
-             "gemv_group": lambda: launch_gemv_group(*q, pws, ys, biases=biases, act_bits=act_bits, act_sym=act_sym)}
+        return cands["per_weight"]()
     forced = DISPATCH.group_path if DISPATCH.group_path in cands else "auto"
     key = ("group_codes", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws),
            pws[0].in_features, pws[0].fmt, act_bits, act_sym, out_dtype, biases[0] is not None, xq.device)
     return cands[_choose_path(key, cands, forced)]()
+
+
+def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym) -> dict:
+    """The decode paths both shared entry points time on activation codes ``codes()`` = ``(xq, xs, xz)``
+    (called inside each candidate, so a quantizing ``codes`` is part of what is timed)."""
+    return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym),
+            "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
+                                                    act_sym=act_sym)}
 
 
 def _groupable(m: int, pws: list, biases: list) -> bool:
