@@ -90,15 +90,16 @@ def fp_twin(model, qm, captured=None):
     """The captured graph with only FP-exact passes (fusion, scale folding) of ``qm``'s recipe.
 
     Args:
-        captured: a fresh ``capture(model)`` to use (it is modified) instead of capturing again.
+        captured: a fresh ``capture(prepare_model(model, qm.recipe))`` to use (it is modified) instead
+            of capturing again.
     """
     from qcompile.capture import capture
     from qcompile.passes.fold_scales import fold_scales
     from qcompile.passes.fuse_layernorm import fuse_layernorm
     from qcompile.passes.runner import run_passes
-    from qcompile.pipeline import _context
+    from qcompile.pipeline import _context, prepare_model
 
-    gm = capture(model) if captured is None else captured
+    gm = capture(prepare_model(model, qm.recipe)) if captured is None else captured
     passes = ([("fuse_layernorm", fuse_layernorm)] if qm.recipe.fuse_layernorm else []) + [("fold_scales", fold_scales)]
     run_passes(gm, _context(qm.recipe, qm.config, qm.calibration), passes=passes)
     return gm

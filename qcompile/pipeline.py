@@ -13,7 +13,7 @@ from qcompile.architectures import architecture_of
 from qcompile.errors import CalibrationError, ModelError
 from qcompile.recipes import Recipe, RecipeError, resolve_recipe
 
-__all__ = ["quantize", "QuantizedModel", "check_model", "run_pipeline_passes"]
+__all__ = ["quantize", "QuantizedModel", "check_model", "prepare_model", "run_pipeline_passes"]
 
 
 class QuantizedModel(torch.nn.Module):
@@ -78,6 +78,16 @@ def _check_group_sizes(model, recipe: Recipe) -> None:
                                   f"(e.g. {_divisors_hint(k)}) or per-{'channel' if field[0] == 'w' else 'token'}")
 
 
+def prepare_model(model, recipe):
+    """The model the recipe quantizes: a rotated copy when ``recipe.rotate`` (``qcompile.rotation``), else
+    ``model`` itself. Deterministic (seeded by ``recipe.seed``): calling it twice gives equal weights."""
+    recipe = resolve_recipe(recipe)
+    if not recipe.rotate:
+        return model
+    from qcompile.rotation import rotate_model
+    return rotate_model(model, recipe.seed)
+
+
 def _context(recipe, config, calibration=None):
     from qcompile.passes.runner import PassContext
     return PassContext(recipe=recipe, arch=architecture_of(config), config=config, calibration=calibration)
@@ -100,7 +110,8 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
             OPTQ, clipping or FP16 protection. Windows: ``recipe.calib_samples x recipe.calib_seq_len``.
         tokenizer: tokenizes text calibration data.
         dump_dir: write the graph after every pass and a diff per pass there.
-        captured: a fresh ``capture(model)`` graph to rewrite instead of capturing again (it is modified).
+        captured: a fresh ``capture(prepare_model(model, recipe))`` graph to rewrite instead of capturing
+            again (it is modified).
         placement: calibration placement (``qcompile.calibration.offload.Offload``, or
             ``qcompile.calibration.distributed.init_from_env()`` under torchrun); None: in memory.
     """
@@ -110,6 +121,10 @@ def quantize(model, recipe="w4a8v4-rtn-int4", calibration=None, tokenizer=None, 
     recipe = resolve_recipe(recipe)
     check_model(model, recipe)
     seconds, result = {}, None
+    if recipe.rotate:
+        t = time.perf_counter()
+        model = prepare_model(model, recipe)
+        seconds["rotate"] = time.perf_counter() - t
     if needs_calibration(recipe):
         if calibration is None:
             raise CalibrationError(f"recipe {recipe.name!r} (scaling={recipe.scaling}, rounding={recipe.rounding}, "

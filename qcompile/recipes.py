@@ -47,6 +47,10 @@ class Recipe:
 
     ``optq_refit_scale``: after OPTQ, re-solve each channel's scale in closed form for the codes it chose
     (``calibration/scale_refit.py``; per-channel weights).
+
+    ``rotate``: before anything else, rotate the residual stream and the value heads by seeded orthogonal
+    matrices folded into the weights (``qcompile/rotation.py``; LLaMA family): same FP outputs, outlier
+    channels spread over all channels, nothing added at run time.
     """
 
     name: str = "custom"
@@ -71,6 +75,7 @@ class Recipe:
     calib_seq_len: int = 2048
     calib_search_tokens: int = 4096
     fuse_layernorm: bool = False
+    rotate: bool = False
     fp16_ratio: float = 0.0
     skip: tuple[str, ...] = ("lm_head",)
     seed: int = 0
@@ -111,7 +116,7 @@ class Recipe:
                "a number in [0, 1)")
         # torch generators take at most 64 bits and the engine seeds layer i with seed + i
         _check(_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
-        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "fuse_layernorm"):
+        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "fuse_layernorm", "rotate"):
             _check(isinstance(getattr(self, fname), bool), fname, getattr(self, fname), "true or false")
         skip = self.skip
         _check(isinstance(skip, (tuple, list)) and all(isinstance(s, str) for s in skip), "skip", skip,

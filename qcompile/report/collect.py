@@ -72,7 +72,7 @@ def collect(model, input_ids: torch.Tensor, *, recipe=None, qm=None, calibration
     """
     from qcompile.capture import capture
     from qcompile.debug import fp_twin, layer_errors, record_linears
-    from qcompile.pipeline import quantize
+    from qcompile.pipeline import prepare_model, quantize
     from qcompile.report.backends import compare_backends
     from qcompile.report.ranges import RangeCollector
 
@@ -88,7 +88,7 @@ def collect(model, input_ids: torch.Tensor, *, recipe=None, qm=None, calibration
     twin_src = None
     if qm is None:
         step("capture")
-        captured = capture(model)
+        captured = capture(prepare_model(model, recipe))
         twin_src = copy.deepcopy(captured)
         lap("capture")
         step("quantize")
