@@ -15,7 +15,11 @@ launch), ``gemv_group_fused`` (one launch); the three outputs are checked bitwis
 ``--slope``: instead, the GEMV's fixed cost and streaming rate: M = 1, N x K from 0.5 to 67 MB of
 packed weights, the best of ``CFGS`` per shape beside FP16 ``F.linear``, in TB/s.
 
-    python examples/bench_gemv_pieces.py [--groups-only | --slope]
+``--splitk``: instead, split-K GEMVs (``SPLIT_K`` slices of K summed in the int32 workspace): for the
+model shapes and the q/k/v, gate/up groups at M in {1, 16}, the best config per SPLIT_K (codes given,
+and quantization fused), outputs checked bitwise equal to SPLIT_K = 1.
+
+    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -26,7 +30,7 @@ import torch.nn.functional as F_nn
 from gpu_timing import bench_graph, clones
 from qcompile.backends.triton import prepack, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
-from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv, w4_linear_2d_shared
+from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv, launch_gemv_group, w4_linear_2d_shared
 
 from qcompile import formats as F
 
@@ -126,8 +130,58 @@ def slope():
         del pws, w16s
 
 
+SPLITK_CFGS = [(8, 128, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (4, 256, 4), (16, 32, 4), (8, 64, 4)]
+
+
+def splitk():
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; split-K GEMV, GPU time per call in us", flush=True)
+    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES[::-1]] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
+    for name, ns, k in cases:
+        w16 = [(torch.randn(n, k, device="cuda") * 0.02).half() for n in ns]
+        packed = [prepack(*F.quantize(w.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
+                          "dint4", "channel") for w in w16]
+        pw_sets = list(zip(*(clones(pw, 4) for pw in packed)))
+        w16_sets = list(zip(*(clones(w, 2) for w in w16)))
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda").half()
+            ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
+            xq, xs, xz = quantize_rows(x, 8, False)
+            fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
+            quant = bench_graph(lambda _: quantize_rows(x, 8, False), [None])
+
+            def call(ps, cfg, fuse):
+                args = (x, None, None) if fuse else (xq, xs, xz)
+                if len(ns) == 1:
+                    return [launch_gemv(*args, ps[0], ys[0], config=cfg, fuse_quant=fuse)]
+                return launch_gemv_group(*args, list(ps), ys, config=cfg, fuse_quant=fuse)
+
+            line, ref = [], None
+            for fuse in (False, True):
+                for sk in (1, 2, 4, 8):
+                    best = None
+                    for bn, bw, nw in SPLITK_CFGS:
+                        if m * bn * bw > 64 * 32 * nw:
+                            continue
+                        cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "SPLIT_K": sk}
+                        out = [o.clone() for o in call(pw_sets[0], cfg, fuse)]
+                        ref = out if ref is None else ref
+                        if not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                            print(f"   MISMATCH {name} M={m} fuse={fuse} {cfg}", flush=True)
+                        t = bench_graph(lambda ps: call(ps, cfg, fuse), pw_sets) + (0 if fuse else quant)
+                        best = min(best or (t, (bn, bw, nw)), (t, (bn, bw, nw)), key=lambda v: v[0])
+                    if best is not None:
+                        line.append(f"{'F' if fuse else 'q+'}s{sk}={best[0]:.1f}{best[1]}")
+            top = min(float(v.split("=")[1].split("(")[0]) for v in line)
+            print(f"[{time.time() - t0:4.0f}s] {name} M={m}: fp16={fp:.1f} quant={quant:.1f} " + " ".join(line)
+                  + f" | best {fp / top:.2f}x fp16", flush=True)
+        del pw_sets, w16_sets
+
+
 if __name__ == "__main__":
-    if "--slope" in sys.argv:
+    if "--splitk" in sys.argv:
+        splitk()
+    elif "--slope" in sys.argv:
         slope()
     else:
         if "--groups-only" not in sys.argv:

@@ -36,27 +36,34 @@ import triton.language as tl
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
-__all__ = ["GEMV_CONFIGS", "prune_gemv_configs", "w4_gemv_group_kernel", "w4_gemv_kernel"]
+__all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "prune_gemv_configs", "w4_gemv_group_kernel", "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def _cfg(bn, bw, warps):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=warps, num_stages=1)
+def _cfg(bn, bw, warps, split_k=1):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": split_k}, num_warps=warps, num_stages=1)
 
 
 # BLOCK_W words per row and step = BLOCK_W / 16 chunks of 128 codes. A step's weight tile is
-# BLOCK_N * BLOCK_W * 4 bytes; two are in flight per program (the prefetch).
+# BLOCK_N * BLOCK_W * 4 bytes; two are in flight per program (the prefetch). SPLIT_K > 1 cuts K into
+# that many slices, one program each, summed in an int32 workspace (more programs, shorter streams).
 GEMV_CONFIGS = [_cfg(bn, bw, warps) for bn, bw, warps in [
     (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8),
     (8, 64, 2), (16, 32, 4),
 ]]
+# Split-K only pays where K is long (down_proj, K = 11008: 18.5 us with 2 slices vs 19.9 unsplit on the
+# H200 at M = 1); at K = 4096 every split timed slower (``bench_gemv_pieces.py --splitk``).
+GEMV_SPLITK_CONFIGS = [_cfg(16, 128, 4, 2), _cfg(8, 128, 4, 2), _cfg(16, 128, 4, 4)]
+SPLITK_MIN_K = 8192
 
 
 def prune_gemv_configs(configs, named_args, **meta):
-    """Keep the int32 accumulator (BLOCK_M x BLOCK_N x BLOCK_W) within ~64 registers per thread."""
+    """Keep the int32 accumulator (BLOCK_M x BLOCK_N x BLOCK_W) within ~64 registers per thread, and
+    split-K configs only for K >= SPLITK_MIN_K."""
     bm = meta.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    kept = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_W"] <= 64 * 32 * c.num_warps]
-    return kept or configs[-1:]
+    kept = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_W"] <= 64 * 32 * c.num_warps
+            and (c.kwargs.get("SPLIT_K", 1) == 1 or named_args.get("K", 0) >= SPLITK_MIN_K)]
+    return kept or [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1][-1:]
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -88,15 +95,16 @@ def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf,
 
 @triton.jit
 def _gemv_block(
-        pid_n, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
-        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym,
+        pid_n, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
         M, N, K,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the whole K."""
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
+    ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
     CH: tl.constexpr = BLOCK_W // WPC  # chunks per step
     HALF: tl.constexpr = PACK_K // 2
@@ -106,17 +114,22 @@ def _gemv_block(
     n_ok = offs_n < N
     m_ok = offs_m < M
     n_chunks = tl.cdiv(K, PACK_K)
+    # this program's chunks [c_begin, c_end): slices are whole steps, so a step never straddles two
+    # slices and only the last slice reaches past K (where the activation words are zero)
+    per_split = tl.cdiv(tl.cdiv(n_chunks, SPLIT_K), CH) * CH
+    c_begin = pid_k * per_split
+    c_end = tl.minimum(c_begin + per_split, n_chunks)
     chunk_of = jw // WPC  # chunk (within the step) and word of each lane
     word_of = jw % WPC
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    w_off = chunk_of[None, :] * (N * WPC) + offs_n[:, None] * WPC + word_of[None, :]
+    w_off = (c_begin + chunk_of[None, :]) * (N * WPC) + offs_n[:, None] * WPC + word_of[None, :]
     step = CH * N * WPC
     zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128).to(tl.int32)[:, None]
     if LUT:
         t0, t1, t2, t3 = lut_words(zb, DINT, DINT_R)
 
     # The first weight tile goes out before the activation prologue, so HBM is busy from the start.
-    w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (chunk_of[None, :] < n_chunks), other=0)
+    w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), other=0)
     x_zpf = tl.zeros([BLOCK_M], tl.float32)  # read by _x_words only when FUSE_QUANT
     if FUSE_QUANT:
         x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
@@ -129,10 +142,10 @@ def _gemv_block(
     shape: tl.constexpr = [BLOCK_M, BLOCK_N, BLOCK_W]
     acc = tl.zeros(shape, tl.int32)
     x_sum = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)  # LUT: sum_k x_k, for the table's +64 bias
-    for it in range(tl.cdiv(n_chunks, CH)):
-        c0 = it * CH
+    for it in range(tl.cdiv(c_end - c_begin, CH)):
+        c0 = c_begin + it * CH
         w_cur = w_next
-        nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < n_chunks)
+        nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end)
         w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
         k_base = (c0 + chunk_of) * PACK_K + word_of * 4
@@ -157,13 +170,36 @@ def _gemv_block(
             acc = dp4a(tl.broadcast_to(hi[None, :, :], shape), tl.broadcast_to(x_hi[:, None, :], shape), acc,
                        USE_ASM)
 
-    # Epilogue: one reduction over the word lanes, zero-point correction, scales, bias.
+    # Epilogue: one reduction over the word lanes (split-K: summed across the slices in int32, exactly),
+    # zero-point correction, scales, bias.
     total = tl.sum(acc, axis=2)
     if LUT:
         total -= LUT_BIAS * tl.sum(x_sum, axis=1)[:, None]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr,
+                    y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+    else:
+        # Every slice adds its int32 partial sums into the workspace, then takes a ticket; the slice that
+        # draws the last one reads the complete sums, zeroing the workspace and the counter as it goes
+        # (ready for the next call: no memset launch). Integer adds commute: the result does not depend
+        # on the order the slices finish in.
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, total, mask=y_mask, sem="release")
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(total), mask=y_mask, sem="acquire")
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr,
+                        bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr,
+                y_ptr, stride_ym, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    """``y = sx u (total - zx T) (+ b)`` for a ``[BLOCK_M, BLOCK_N]`` tile of int32 sums."""
     corr = total - x_zp[:, None] * tl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    y_mask = m_ok[:, None] & n_ok[None, :]
     if INT_OUT:
         tl.store(y_ptrs, corr, mask=y_mask)
     else:
@@ -181,15 +217,18 @@ def w4_gemv_kernel(
         # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
         bias_ptr, y_ptr, stride_ym,
+        # split-K: int32 workspace [>= M * N] and tickets [>= cdiv(N, BLOCK_N)], zero between calls
+        ws_ptr, cnt_ptr,
         M, N, K,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    _gemv_block(tl.program_id(0), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr, w_sum_ptr,
-                w_zero_ptr, bias_ptr, y_ptr, stride_ym, M, N, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM,
-                FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+    _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
+                w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
+                HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
+                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -200,27 +239,31 @@ def w4_gemv_group_kernel(
         w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr, y0_ptr, stride_y0, N0,
         w1_ptr, s1_ptr, t1_ptr, z1_ptr, b1_ptr, y1_ptr, stride_y1, N1,
         w2_ptr, s2_ptr, t2_ptr, z2_ptr, b2_ptr, y2_ptr, stride_y2, N2,
+        ws_ptr, cnt_ptr,  # split-K workspace and tickets, weight g's after weight g-1's (16 N and nb each)
         M, K, G: tl.constexpr,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     nb0 = tl.cdiv(N0, BLOCK_N)
     nb1 = tl.cdiv(N1, BLOCK_N)
     if pid < nb0:
-        _gemv_block(pid, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr, y0_ptr,
-                    stride_y0, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS,
-                    LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W)
+        _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
+                    y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
+                    USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
+                    BLOCK_N, BLOCK_W, SPLIT_K)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
-        _gemv_block(pid - nb0, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr, b1_ptr,
-                    y1_ptr, stride_y1, M, N1, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT,
-                    X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W)
+        _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
+                    b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
+                    HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K)
     elif G == 3:
-        _gemv_block(pid - nb0 - nb1, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr, z2_ptr,
-                    b2_ptr, y2_ptr, stride_y2, M, N2, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM,
-                    FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N,
-                    BLOCK_W)
+        _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
+                    z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
+                    DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
+                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K)

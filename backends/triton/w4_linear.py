@@ -71,13 +71,15 @@ _WORKSPACES: dict = {}
 
 
 def splitk_workspace(device, n: int):
-    """Zeroed int32 ``[16, N]`` partial sums and ``[ceil(N / 16)]`` arrival counters for split-K decode, one
-    pair per (device, N); every split-K launch leaves them zero again (the last slice re-zeroes its tile).
-    Kernels on one stream run in order, so linears of the same N can share them."""
+    """Zeroed int32 ``[16, N]`` partial sums and ``[ceil(N / 4) + 4]`` arrival counters for split-K decode
+    (one per output tile of >= 4 channels; the group GEMV lays its 2-3 weights' sums and counters one after
+    the other, ``N`` = their total), one pair per (device, N); every split-K launch leaves them zero again
+    (the last slice re-zeroes its tile). Kernels on one stream run in order, so linears of the same N can
+    share them. Never freed: a captured CUDA graph keeps pointing at them."""
     key = (str(device), n)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = (torch.zeros((SPLITK_MAX_M, n), dtype=torch.int32, device=device),
-                            torch.zeros((triton.cdiv(n, 16),), dtype=torch.int32, device=device))
+                            torch.zeros((triton.cdiv(n, 4) + 4,), dtype=torch.int32, device=device))
     return _WORKSPACES[key]
 
 
@@ -97,11 +99,11 @@ _splitk_decode_kernel = triton.autotune(kern.SPLITK_DECODE_CONFIGS, key=_KEY, pr
                                         do_bench=_fast_bench)(kern.w4_gemm_kernel)
 _fused_decode_kernel = triton.autotune(kern.FUSED_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                        do_bench=_fast_bench)(kern.w4_gemm_kernel)
-_gemv_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS, key=["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS",
+_gemv_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS, key=["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS",
                                                               "USE_ASM", "LUT"],
                                prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
                                do_bench=_fast_bench)(gemv_kern.w4_gemv_kernel)
-_gemv_group_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS, key=["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT",
+_gemv_group_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS, key=["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT",
                                                                     "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT"],
                                      prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
                                      do_bench=_fast_bench)(gemv_kern.w4_gemv_group_kernel)
@@ -198,14 +200,15 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
                 STAT_BLOCK=min(triton.next_power_of_2(k), max(256, 4096 // block_m)), BLOCK_M=block_m)
 
 
-INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, num_warps=4)
+INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
 
 
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
                 split_k=False, lut=None):
     """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
-    per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps``.
+    per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps`` and
+    optionally ``SPLIT_K`` (default 1).
     ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``."""
     m, k = x.shape
     n = pw.out_features
@@ -215,16 +218,17 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
                       int_out=int_out, use_asm=use_asm, lut=lut)
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
+    ws, tickets = splitk_workspace(x.device, n)
     args = (x, x_scale, x_zp, x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
-            y if bias is None else bias, y, y.stride(0), m, n, k)
+            y if bias is None else bias, y, y.stride(0), ws, tickets, m, n, k)
 
     def grid(meta_):
-        return (triton.cdiv(n, meta_["BLOCK_N"]),)
+        return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
     if config is None and interpreting():
         config = INTERPRET_GEMV_CONFIG
     if config is not None:
-        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **config)
+        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{"SPLIT_K": 1, **config})
     else:
         _gemv_kernel[grid](*args, **meta)
     return y
@@ -257,16 +261,17 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
     sets = [(pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, y if b is None else b, y, y.stride(0),
              pw.out_features) for pw, y, b in zip(pws, ys, biases)]
     sets += sets[-1:] * (GROUP_MAX - len(sets))
-    args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], m, k)
     ns = [pw.out_features for pw in pws]
+    ws, tickets = splitk_workspace(x.device, sum(ns))
+    args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], ws, tickets, m, k)
 
     def grid(meta_):
-        return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns),)
+        return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
 
     if config is None and interpreting():
         config = INTERPRET_GEMV_CONFIG
     if config is not None:
-        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **config)
+        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{"SPLIT_K": 1, **config})
     else:
         _gemv_group_kernel[grid](*args, G=len(pws), **metas[0])
     return ys

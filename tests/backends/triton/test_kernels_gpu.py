@@ -132,6 +132,32 @@ def test_w4a8_gemv_group_exact(fmt, m, ns, k, fuse):
         assert torch.equal(y, one)
 
 
+@pytest.mark.parametrize("fmt,m,n,k,split", [("dint4", 1, 4096, 4096, 4), ("dint4", 16, 4096, 11008, 8),
+                                             ("int4", 4, 11008, 4096, 2), ("dint4_c0.25", 3, 1000, 1002, 3)])
+def test_w4a8_gemv_split_k_exact(fmt, m, n, k, split):
+    """Split-K GEMV on model shapes: the reference's codes and output (int32 sums summed across slices
+    with atomics, order-free), bitwise the unsplit GEMV, single and grouped, repeated calls (the workspace
+    re-zeroed by the kernel itself)."""
+    from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+    pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+    x = make_x(m, k, DEV, seed=m)
+    cfg = {**GEMV, "SPLIT_K": split}
+    check_gemm(x, pw, launch_gemv, config=cfg, use_asm=True)
+    check_gemm(x, pw, launch_gemv, config=cfg, use_asm=True, fuse_quant=True, bias=torch.randn(n, device=DEV))
+    xq, xs, xz = quantize_rows(x, 8, False)
+    one = launch_gemv(xq, xs, xz, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=GEMV)
+    for _ in range(3):
+        y = launch_gemv(xq, xs, xz, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=cfg)
+        assert torch.equal(y, one)
+    pws = [pw, make_weight(512, k, fmt, "channel", DEV, seed=1)]
+    ys = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features, device=DEV, dtype=torch.half)
+                                             for q in pws], config=cfg)
+    ref = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features, device=DEV, dtype=torch.half)
+                                              for q in pws], config=GEMV)
+    assert all(torch.equal(a, b) for a, b in zip(ys, ref))
+
+
 def test_w4a8_gemm_expanded_bf16_bias():
     pw = make_weight(2048, 4096, "dint4", "channel", DEV)
     x = make_x(300, 4096, DEV, torch.bfloat16)

@@ -118,6 +118,33 @@ if INTERPRET:
                    config=dict(BLOCK_N=4, BLOCK_W=64, num_warps=2))
 
     @child_only
+    @pytest.mark.parametrize("fmt,m,n,k,split", [("dint4", 1, 16, 300, 2), ("dint4", 3, 20, 700, 3),
+                                                 ("int4", 16, 12, 520, 5), ("dint4_c0.25", 2, 8, 130, 4)])
+    def test_w4a8_gemv_split_k_is_exact(fmt, m, n, k, split):
+        """Split-K GEMV: K in slices summed in the int32 workspace = the one-program-per-tile GEMV, bitwise,
+        on every output form; slices past K (``split`` > steps) add nothing; the workspace ends zeroed."""
+        from qcompile.backends.triton.w4_linear import launch_gemv, launch_gemv_group, splitk_workspace
+
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
+        x = make_x(m, k, "cpu", seed=m)
+        xq, xs, xz = quantize_rows(x, 8, False, 0)
+        one = dict(BLOCK_N=4, BLOCK_W=32, num_warps=2)
+        for fuse, int_out, bias in ((False, False, None), (True, False, torch.randn(n)), (False, True, None)):
+            dtype = torch.int32 if int_out else torch.float32
+            args = (x, None, None) if fuse else (xq, xs, xz)
+            ys = [launch_gemv(*args, pw, torch.empty(m, n, dtype=dtype), fuse_quant=fuse, int_out=int_out,
+                              bias=bias, config={**one, "SPLIT_K": sk}) for sk in (1, split)]
+            assert torch.equal(ys[0], ys[1]), (fuse, int_out)
+        check_gemm(x, pw, launch_gemv, config={**one, "SPLIT_K": split})
+        pws = [pw, make_weight(2 * n, k, fmt, "channel", "cpu", seed=7)]
+        outs = [launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws],
+                                  config={**one, "SPLIT_K": sk}) for sk in (1, split)]
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        for total in (n, 3 * n):
+            ws, tickets = splitk_workspace("cpu", total)
+            assert not ws.any() and not tickets.any()
+
+    @child_only
     @pytest.mark.parametrize("m", [1, 5, 20])
     def test_shared_quantization_op_matches_the_single_ops(m):
         """``w4_linear_codes_shared`` (one quantize_rows, then each GEMM on the codes) = the per-site op, bitwise."""
