@@ -46,7 +46,8 @@ class Recipe:
     error there, wrecking the sink's key/value that every later token reads (README "Attention sink").
 
     ``optq_refit_scale``: after OPTQ, re-solve each channel's scale in closed form for the codes it chose
-    (``calibration/scale_refit.py``; per-channel weights).
+    (``calibration/scale_refit.py``; per-channel weights). ``optq_refit_rounds`` > 1: OPTQ again on the
+    refitted grid and refit again, per channel the best round kept (each round costs one OPTQ pass).
 
     ``rotate``: before anything else, rotate the residual stream and the value heads by seeded orthogonal
     matrices folded into the weights (``qcompile/rotation.py``; LLaMA family): same FP outputs, outlier
@@ -69,6 +70,7 @@ class Recipe:
     optq_block_size: int = 128
     optq_act_order: bool = False
     optq_refit_scale: bool = False
+    optq_refit_rounds: int = 1
     sink_weight: float = 1.0
     calib_source: str = "c4"
     calib_samples: int = 128
@@ -103,6 +105,8 @@ class Recipe:
                "a number in (0, 1]")
         _check(_int(self.optq_block_size) and self.optq_block_size >= 1, "optq_block_size",
                self.optq_block_size, "an integer >= 1")
+        _check(_int(self.optq_refit_rounds) and 1 <= self.optq_refit_rounds <= 10, "optq_refit_rounds",
+               self.optq_refit_rounds, "an integer in [1, 10]")
         _check(_num(self.sink_weight) and 1.0 <= self.sink_weight <= 1e6, "sink_weight", self.sink_weight,
                "a number in [1, 1e6]")
         _check(self.calib_source in CALIB_SOURCES, "calib_source", self.calib_source, f"one of {CALIB_SOURCES}")

@@ -375,12 +375,11 @@ def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=Non
             clipped, ratios = clip_search(w, st.sample(), fmt, gran, return_ratios=True, hessian=st.hessian)
         if recipe.rounding == "optq":  # OPTQ on the unclipped weights, on the clipped grid
             from qcompile.calibration.optq import optq_quantize
-            out = optq_quantize(w, st.hessian, fmt, gran, damp=recipe.optq_damp,
-                                block_size=recipe.optq_block_size, act_order=recipe.optq_act_order,
-                                clip_ratios=ratios)
+            kw = dict(damp=recipe.optq_damp, block_size=recipe.optq_block_size, act_order=recipe.optq_act_order)
+            out = optq_quantize(w, st.hessian, fmt, gran, clip_ratios=ratios, **kw)
             if recipe.optq_refit_scale and gran.kind == "channel":  # closed-form scale for OPTQ's codes
-                from qcompile.calibration.scale_refit import refit_scales
-                out = (out[0], refit_scales(w, *out, st.hessian, fmt, gran), out[2])
+                from qcompile.calibration.scale_refit import optq_refit
+                out = optq_refit(w, st.hessian, fmt, gran, out, recipe.optq_refit_rounds, **kw)
         else:
             out = F.quantize(clipped, fmt, gran)
         rows = [x.shape[0] for x in ws]

@@ -112,7 +112,7 @@ def _permuted_problem(w: torch.Tensor, hessian: torch.Tensor, damp: float, act_o
 
 def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec | str,
                   gran: Granularity | str, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, clip_ratios: torch.Tensor | None = None):
+                  act_order: bool = False, clip_ratios: torch.Tensor | None = None, qparams=None):
     """GPTQ/OPTQ-round ``weight [N, K]`` given the Hessian ``H [K, K]`` of its input.
 
     Args:
@@ -126,6 +126,8 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
             each block's qparams come from its range clamped to ``ratio * [min, max]`` (the grid), while
             OPTQ still rounds and compensates the *unclipped* weights (the GPTQ repository's ``mse``
             grid option works the same way: a shrunk grid, original weights).
+        qparams: optional ``(scale, zp)`` ``[N, 1, 1]`` per-channel grid to round on instead of the one
+            from the weights' range (e.g. scales refitted after a first OPTQ pass).
 
     Returns:
         ``(codes uint8 [N, K], scale [N, G, 1], zp [N, G, 1])``, as ``qcompile.formats.quantize``.
@@ -139,7 +141,11 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
     if clip_ratios is not None and tuple(clip_ratios.shape) != (n, k // gsize):
         raise CalibrationError(f"clip_ratios shape {tuple(clip_ratios.shape)} does not match the weight's "
                                f"blocks ({n}, {k // gsize})")
-    if gran.kind == "channel":  # GPTQ: per-channel qparams from the whole (original) W
+    if qparams is not None:
+        if gran.kind != "channel" or tuple(qparams[0].shape) != (n, 1, 1) or tuple(qparams[1].shape) != (n, 1, 1):
+            raise CalibrationError(f"qparams must be per-channel (scale, zp) of shape ({n}, 1, 1)")
+        scale, zp = (t.to(dev, torch.float32).clone() for t in qparams)
+    elif gran.kind == "channel":  # GPTQ: per-channel qparams from the whole (original) W
         scale, zp = choose_qparams(w if clip_ratios is None else clip_weight(w, clip_ratios, gran), fmt, gran)
     else:
         scale = torch.zeros(n, k // gsize, 1, device=dev)

@@ -10,6 +10,9 @@ specials included) and the error is a quadratic in the single number ``s``:
 which never raises the objective (``s`` is one of its candidates). Per-channel weights only (a grouped
 row would need a G x G solve per channel); a channel whose solution is not a positive finite number
 keeps its scale.
+
+``optq_refit`` alternates: OPTQ on the refitted grid, refit again, ``rounds`` times, keeping per channel
+whichever round has the lowest output error (channels are independent given H, so the mix is valid).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 from qcompile import formats as F
 from qcompile.errors import CalibrationError
 
-__all__ = ["output_error", "refit_scales"]
+__all__ = ["output_error", "refit_scales", "optq_refit"]
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -50,3 +53,32 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     old = scale.reshape(-1).double()
     ok = torch.isfinite(s_new) & (s_new > 0) & (den > 0)
     return torch.where(ok, s_new, old).to(scale.dtype).reshape(scale.shape)
+
+
+def optq_refit(weight: torch.Tensor, hessian: torch.Tensor, fmt, gran, first, rounds: int = 1, **optq_kwargs):
+    """``rounds`` of (OPTQ -> closed-form scale refit), starting from OPTQ's ``first = (codes, scale, zp)``.
+
+    Round 1 refits ``first``'s scales; each later round runs OPTQ again on the best grid so far
+    (``optq_quantize(..., qparams=)``) and refits. Per channel the round with the lowest
+    ``output_error`` wins, so the result is never worse than round 1's. Returns ``(codes, scale, zp)``.
+    """
+    from qcompile.calibration.optq import optq_quantize
+
+    fmt = F.FormatSpec.parse(fmt) if isinstance(fmt, str) else fmt
+    gran = F.Granularity.parse(gran) if isinstance(gran, str) else gran
+    if not isinstance(rounds, int) or rounds < 1:
+        raise CalibrationError(f"optq_refit rounds must be an integer >= 1, got {rounds!r}")
+    w = weight.detach().float()
+
+    def refit(out):
+        codes, scale, zp = out
+        scale = refit_scales(w, codes, scale, zp, hessian, fmt, gran)
+        return (codes, scale, zp), output_error(w, F.dequantize(codes, scale, zp, fmt, gran).float(), hessian)
+
+    best, best_err = refit(first)
+    for _ in range(rounds - 1):
+        cand, err = refit(optq_quantize(w, hessian, fmt, gran, qparams=(best[1], best[2]), **optq_kwargs))
+        take = err < best_err
+        best = tuple(torch.where(take.reshape(-1, *([1] * (b.dim() - 1))), c, b) for c, b in zip(cand, best))
+        best_err = torch.where(take, err, best_err)
+    return best

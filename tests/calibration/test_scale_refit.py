@@ -73,3 +73,37 @@ def test_engine_applies_the_refit_to_optq_weights():
     for name in first:
         (c0, s0, z0), (c1, s1, z1) = runs[0][name], runs[1][name]
         assert torch.equal(c0, c1) and torch.equal(z0, z1) and not torch.equal(s0, s1)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "dint4"])
+def test_refit_rounds_never_worse_per_channel_and_help_overall(fmt):
+    """optq_refit with 3 rounds: per channel never above round 1 (the best round is kept), and OPTQ on
+    the refitted grid finds lower error for some channels; qparams= rounds on exactly that grid."""
+    from qcompile.calibration.scale_refit import optq_refit
+
+    w, h = _problem(seed=2)
+    spec, gran = F.FormatSpec.parse(fmt), F.Granularity.parse("channel")
+    first = optq_quantize(w, h, fmt, "channel", act_order=True)
+    errs = []
+    for rounds in (1, 3):
+        codes, scale, zp = optq_refit(w, h, fmt, "channel", first, rounds, act_order=True)
+        errs.append(output_error(w, F.dequantize(codes, scale, zp, spec, gran), h))
+    assert bool((errs[1] <= errs[0]).all())
+    assert errs[1].sum() < errs[0].sum()
+    _, s1, z1 = optq_refit(w, h, fmt, "channel", first, 1)
+    _, s2, z2 = optq_quantize(w, h, fmt, "channel", qparams=(s1, z1))
+    assert torch.equal(s2, s1) and torch.equal(z2, z1)
+
+
+def test_refit_rounds_bad_input():
+    from qcompile.calibration.scale_refit import optq_refit
+    from qcompile.recipes import Recipe
+
+    w, h = _problem()
+    first = optq_quantize(w, h, "int4", "channel")
+    with pytest.raises(CalibrationError, match="rounds"):
+        optq_refit(w, h, "int4", "channel", first, 0)
+    with pytest.raises(CalibrationError, match="qparams"):
+        optq_quantize(w, h, "int4", "group32", qparams=(first[1], first[2]))
+    with pytest.raises(Exception, match="optq_refit_rounds"):
+        Recipe(rounding="optq", optq_refit_rounds=0)
