@@ -51,8 +51,7 @@ class Recipe:
 
     ``optq_fp_target``: OPTQ minimises ``|W X_fp − Ŵ X|²`` (the FP model's inputs as the target, X the
     quantized model's) instead of ``|(W − Ŵ) X|²``: the error earlier layers left is corrected, not copied
-    (``calibration/engine.py`` ``fp_target``; costs a second, FP stream of hidden states). ``optq_fp_damp``:
-    the ridge on that correction, a fraction of mean diag H (0.01, OPTQ's damping, over-fits: ppl 16075).
+    (``calibration/engine.py`` ``fp_target``; costs a second, FP stream of hidden states).
 
     ``rotate``: before anything else, rotate the residual stream and the value heads by seeded orthogonal
     matrices folded into the weights (``qcompile/rotation.py``; LLaMA family): same FP outputs, outlier
@@ -77,7 +76,6 @@ class Recipe:
     optq_refit_scale: bool = False
     optq_refit_rounds: int = 1
     optq_fp_target: bool = False
-    optq_fp_damp: float = 3.0
     sink_weight: float = 1.0
     calib_source: str = "c4"
     calib_samples: int = 128
@@ -114,8 +112,6 @@ class Recipe:
                self.optq_block_size, "an integer >= 1")
         _check(_int(self.optq_refit_rounds) and 1 <= self.optq_refit_rounds <= 10, "optq_refit_rounds",
                self.optq_refit_rounds, "an integer in [1, 10]")
-        _check(_num(self.optq_fp_damp) and 0.0 < self.optq_fp_damp <= 1e3, "optq_fp_damp", self.optq_fp_damp,
-               "a number in (0, 1000]")
         _check(_num(self.sink_weight) and 1.0 <= self.sink_weight <= 1e6, "sink_weight", self.sink_weight,
                "a number in [1, 1e6]")
         _check(self.calib_source in CALIB_SOURCES, "calib_source", self.calib_source, f"one of {CALIB_SOURCES}")

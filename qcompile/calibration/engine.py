@@ -374,10 +374,8 @@ def fp_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp:
     """``W* = W C H⁻¹``: the weights whose output on the quantized model's inputs ``X`` best matches
     ``W``'s on the FP model's inputs ``X_fp`` (``C = X_fpᵀ X``, ``H = Xᵀ X``). Rounding W* with OPTQ on H
     then minimises ``|W X_fp − Ŵ X|²``: the error the layers before left in this layer's input is
-    corrected, not copied. Written as ``W + W (C − H)(H + λI)⁻¹`` (λ = damp · mean diag H), so the ridge
-    shrinks only the correction: equal inputs give W back exactly. H is ill-conditioned on real models
-    (the attention sink's few huge channels): with OPTQ's 0.01 the correction moved SmolLM2's weights by
-    10-37 % and perplexity went to 16075; ``Recipe.optq_fp_damp`` (default 3) keeps it to 1-4 %."""
+    corrected, not copied. Written as ``W + W (C − H)(H + λI)⁻¹`` (λ = damp · mean diag H, OPTQ's
+    damping), so the damping shrinks only the correction: equal inputs give W back exactly."""
     h = hessian.double()
     lam = damp * torch.diagonal(h).mean().clamp_min(1e-12)
     hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
@@ -421,7 +419,7 @@ def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=Non
             from qcompile.calibration.clip_search import clip_search
             clipped, ratios = clip_search(w, st.sample(), fmt, gran, return_ratios=True, hessian=st.hessian)
         if st.cross is not None:  # round W* = W C H⁻¹: |W X_fp - Ŵ X|² = const + |(W* - Ŵ) X|²
-            w = fp_target(w, st.hessian, st.cross, recipe.optq_fp_damp)
+            w = fp_target(w, st.hessian, st.cross, recipe.optq_damp)
         if recipe.rounding == "optq":  # OPTQ on the unclipped weights, on the clipped grid
             from qcompile.calibration.optq import optq_quantize
             kw = dict(damp=recipe.optq_damp, block_size=recipe.optq_block_size, act_order=recipe.optq_act_order)
