@@ -49,10 +49,6 @@ class Recipe:
     (``calibration/scale_refit.py``; per-channel weights). ``optq_refit_rounds`` > 1: OPTQ again on the
     refitted grid and refit again, per channel the best round kept (each round costs one OPTQ pass).
 
-    ``optq_fp_target``: OPTQ minimises ``|W X_fp − Ŵ X|²`` (the FP model's inputs as the target, X the
-    quantized model's) instead of ``|(W − Ŵ) X|²``: the error earlier layers left is corrected, not copied
-    (``calibration/engine.py`` ``fp_target``; costs a second, FP stream of hidden states).
-
     ``rotate``: before anything else, rotate the residual stream and the value heads by seeded orthogonal
     matrices folded into the weights (``qcompile/rotation.py``; LLaMA family): same FP outputs, outlier
     channels spread over all channels, nothing added at run time.
@@ -75,7 +71,6 @@ class Recipe:
     optq_act_order: bool = False
     optq_refit_scale: bool = False
     optq_refit_rounds: int = 1
-    optq_fp_target: bool = False
     sink_weight: float = 1.0
     calib_source: str = "c4"
     calib_samples: int = 128
@@ -125,8 +120,7 @@ class Recipe:
                "a number in [0, 1)")
         # torch generators take at most 64 bits and the engine seeds layer i with seed + i
         _check(_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
-        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "optq_fp_target", "fuse_layernorm",
-                      "rotate"):
+        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "fuse_layernorm", "rotate"):
             _check(isinstance(getattr(self, fname), bool), fname, getattr(self, fname), "true or false")
         skip = self.skip
         _check(isinstance(skip, (tuple, list)) and all(isinstance(s, str) for s in skip), "skip", skip,

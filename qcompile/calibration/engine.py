@@ -30,7 +30,7 @@ from qcompile.calibration.fake_quant import fake_quantize_layer
 from qcompile.errors import CalibrationError
 from qcompile.folding import expand_kv_scales, fuse_norm_into_linear, scale_columns, scale_rows
 
-__all__ = ["CalibrationResult", "calibrate", "needs_calibration", "calibration_batches", "fp_target"]
+__all__ = ["CalibrationResult", "calibrate", "needs_calibration", "calibration_batches"]
 
 
 @dataclass
@@ -117,15 +117,12 @@ class _Stats:
         self.n = 0
         self.hn = 0.0
         self.hessian = torch.zeros(k, k, dtype=dtype, device=self.device) if want_hessian else None
-        self.cross = None  # 2 sum_t w_t x_fp,t x_tᵀ / sum_t w_t when the FP model's inputs are given (add)
         self.sink_weight = float(sink_weight)
         self.samples = []
         self.sample_per_batch = sample_per_batch
         self.gen = gen
 
-    def add(self, x, x_fp=None):
-        """Add a batch of inputs ``x`` (``[..., K]``); ``x_fp``: the FP model's inputs at the same tokens,
-        accumulated into ``cross`` with the Hessian's weights and normalisation."""
+    def add(self, x):
         x = x.detach()
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).float().to(self.device)
@@ -143,12 +140,6 @@ class _Stats:
                 total, xw = float(n), xa
             # running weighted mean of 2 X Xᵀ (OPTQ eq. 3)
             self.hessian.mul_(self.hn / (self.hn + total)).add_(xw.T @ xa, alpha=2.0 / (self.hn + total))
-            if x_fp is not None:
-                xf = x_fp.detach().reshape(-1, x.shape[-1]).to(self.device, xa.dtype)
-                xfw = xf if xw is xa else xf * w[:, None]
-                if self.cross is None:
-                    self.cross = torch.zeros_like(self.hessian)
-                self.cross.mul_(self.hn / (self.hn + total)).add_(xfw.T @ xa, alpha=2.0 / (self.hn + total))
             self.hn += total
         self.n += n
         take = torch.randperm(n, generator=self.gen)[: self.sample_per_batch]
@@ -160,8 +151,6 @@ class _Stats:
         self.samples = [x / sc for x in self.samples]
         if self.hessian is not None:
             self.hessian = self.hessian / (sc[:, None] * sc[None, :])
-        if self.cross is not None:
-            self.cross = self.cross / (sc[:, None] * sc[None, :])
 
     def copy(self) -> "_Stats":
         """An independent copy (own tensors): the statistics of another linear reading the same input."""
@@ -169,7 +158,6 @@ class _Stats:
         out.__dict__.update(self.__dict__)
         out.absmax, out.abssum = self.absmax.clone(), self.abssum.clone()
         out.hessian = None if self.hessian is None else self.hessian.clone()
-        out.cross = None if self.cross is None else self.cross.clone()
         out.samples = list(self.samples)
         return out
 
@@ -181,9 +169,7 @@ class _Stats:
         return torch.cat(self.samples)
 
 
-def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=None, fp_inputs=None):
-    """Per-linear input statistics of ``layer`` run on ``inputs``; with ``fp_inputs`` (the FP model's
-    hidden states, batch for batch) also the cross term ``cross`` of the FP and the quantized inputs."""
+def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=None):
     first, total = (0, len(inputs)) if placement is None else placement.batch_position(len(inputs))
     gen = torch.Generator()
     per_batch = max(1, -(-max_search_tokens // max(total, 1)))
@@ -194,25 +180,15 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     if placement is not None:
         where["dtype"] = placement.stats_dtype
     # linears of one group read the same input (q/k/v, gate/up): accumulate once, copy afterwards
-    shared, handles, fp_seen = {}, [], {}
+    shared, handles = {}, []
     for g in arch.groups:
         lin = layer.get_submodule(g.consumers[0])
         shared[g.consumers[0]] = st = _Stats(lin.in_features, want_h, per_batch, gen,
                                              sink_weight=recipe.sink_weight, **where)
-
-        def hook(m, a, st=st, name=g.consumers[0]):
-            if fp_seen.get("capturing"):
-                fp_seen[name] = a[0].detach().clone()
-            else:
-                st.add(a[0], fp_seen.pop(name, None))
-        handles.append(lin.register_forward_pre_hook(hook))
+        handles.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
     try:
         with torch.no_grad():
             for j, (hidden, kwargs, extra) in enumerate(inputs):
-                if fp_inputs is not None:  # the FP model's inputs of every linear, for this batch
-                    fp_seen["capturing"] = True
-                    layer(fp_inputs[j][0], *extra, **kwargs)
-                    fp_seen["capturing"] = False
                 # seeded by the global micro-batch index: any data-parallel shard draws the same rows
                 gen.manual_seed((seed * 1_000_003 + first + j) % 2**63)
                 layer(hidden, *extra, **kwargs)
@@ -323,11 +299,6 @@ def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, devic
     t0 = time.perf_counter()
     with torch.no_grad():
         inputs = hooks.layer_inputs(model, layers, batches, micro_batch, device)
-    fp_inputs = None
-    if recipe.optq_fp_target and recipe.rounding == "optq":
-        if type(hooks) is not Placement:
-            raise CalibrationError("recipe field 'optq_fp_target' runs with the default in-memory placement only")
-        fp_inputs = list(inputs)  # the FP model's hidden states (equal to inputs before layer 0)
     res.seconds["embed"] += time.perf_counter() - t0
     bar = tqdm(range(len(layers)), desc=f"calibrate {recipe.name}", disable=not (progress and hooks.is_main),
                unit="layer")
@@ -339,7 +310,7 @@ def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, devic
         if recipe.fuse_layernorm:
             _fuse_norms(layer, arch)
         t = time.perf_counter()
-        stats = _collect(layer, arch, inputs, recipe, max_search_tokens, recipe.seed + i, hooks, fp_inputs)
+        stats = _collect(layer, arch, inputs, recipe, max_search_tokens, recipe.seed + i, hooks)
         stats = hooks.reduce_stats(stats)  # data-parallel: all-reduced over ranks
         res.seconds["stats"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -359,28 +330,12 @@ def calibrate(model, recipe, batches: torch.Tensor, progress: bool = True, devic
             res.act_stats[f"{prefix}.{name}"] = hooks.keep({"absmax": st.absmax, "absmean": st.absmean})
         res.weights.update({f"{prefix}.{k}": hooks.keep(v) for k, v in codes.items()})
         t = time.perf_counter()
-        if fp_inputs is not None:  # the FP stream goes through the layer before it is quantized
-            with torch.no_grad():
-                fp_inputs = hooks.propagate(layer, fp_inputs)
         fake_quantize_layer(layer, arch, recipe, codes, salient, prefix=prefix)
         with torch.no_grad():
             inputs = hooks.propagate(layer, inputs)
         res.seconds["propagate"] += time.perf_counter() - t
         del layer
     return res
-
-
-def fp_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """``W* = W C H⁻¹``: the weights whose output on the quantized model's inputs ``X`` best matches
-    ``W``'s on the FP model's inputs ``X_fp`` (``C = X_fpᵀ X``, ``H = Xᵀ X``). Rounding W* with OPTQ on H
-    then minimises ``|W X_fp − Ŵ X|²``: the error the layers before left in this layer's input is
-    corrected, not copied. Written as ``W + W (C − H)(H + λI)⁻¹`` (λ = damp · mean diag H, OPTQ's
-    damping), so the damping shrinks only the correction: equal inputs give W back exactly."""
-    h = hessian.double()
-    lam = damp * torch.diagonal(h).mean().clamp_min(1e-12)
-    hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    wd = w.double() @ (cross.double().to(h.device) - h)
-    return (w.double() + torch.linalg.solve(hd, wd.T).T).to(w.dtype)  # H symmetric
 
 
 def _first(out):
@@ -418,8 +373,6 @@ def _round_layer(layer, arch, stats, recipe, prefix, salient_channels, names=Non
         if recipe.clip_search:  # per-block range shrink, judged on the block's output error
             from qcompile.calibration.clip_search import clip_search
             clipped, ratios = clip_search(w, st.sample(), fmt, gran, return_ratios=True, hessian=st.hessian)
-        if st.cross is not None:  # round W* = W C H⁻¹: |W X_fp - Ŵ X|² = const + |(W* - Ŵ) X|²
-            w = fp_target(w, st.hessian, st.cross, recipe.optq_damp)
         if recipe.rounding == "optq":  # OPTQ on the unclipped weights, on the clipped grid
             from qcompile.calibration.optq import optq_quantize
             kw = dict(damp=recipe.optq_damp, block_size=recipe.optq_block_size, act_order=recipe.optq_act_order)
