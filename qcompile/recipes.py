@@ -49,6 +49,9 @@ class Recipe:
     (``calibration/scale_refit.py``; per-channel weights). ``optq_refit_rounds`` > 1: OPTQ again on the
     refitted grid and refit again, per channel the best round kept (each round costs one OPTQ pass).
 
+    ``search_sinks``: the token sample of the scale and clip searches always holds every calibration
+    window's first token (the attention sink; otherwise it is in the sample at the rate of any token).
+
     ``rotate``: before anything else, rotate the residual stream and the value heads by seeded orthogonal
     matrices folded into the weights (``qcompile/rotation.py``; LLaMA family): same FP outputs, outlier
     channels spread over all channels, nothing added at run time.
@@ -71,6 +74,7 @@ class Recipe:
     optq_act_order: bool = False
     optq_refit_scale: bool = False
     optq_refit_rounds: int = 1
+    search_sinks: bool = False
     sink_weight: float = 1.0
     calib_source: str = "c4"
     calib_samples: int = 128
@@ -120,7 +124,8 @@ class Recipe:
                "a number in [0, 1)")
         # torch generators take at most 64 bits and the engine seeds layer i with seed + i
         _check(_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2**63)")
-        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "fuse_layernorm", "rotate"):
+        for fname in ("clip_search", "optq_act_order", "optq_refit_scale", "search_sinks", "fuse_layernorm",
+                      "rotate"):
             _check(isinstance(getattr(self, fname), bool), fname, getattr(self, fname), "true or false")
         skip = self.skip
         _check(isinstance(skip, (tuple, list)) and all(isinstance(s, str) for s in skip), "skip", skip,

@@ -110,7 +110,7 @@ class _Stats:
     """
 
     def __init__(self, k, want_hessian, sample_per_batch, gen, device=None, dtype=torch.float32,
-                 sink_weight: float = 1.0):
+                 sink_weight: float = 1.0, keep_first: bool = False):
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.absmax = torch.zeros(k, device=self.device)
         self.abssum = torch.zeros(k, dtype=dtype, device=self.device)  # sums (and H) in ``dtype``
@@ -118,6 +118,7 @@ class _Stats:
         self.hn = 0.0
         self.hessian = torch.zeros(k, k, dtype=dtype, device=self.device) if want_hessian else None
         self.sink_weight = float(sink_weight)
+        self.keep_first = keep_first  # every window's first token joins the sample (Recipe.search_sinks)
         self.samples = []
         self.sample_per_batch = sample_per_batch
         self.gen = gen
@@ -143,6 +144,9 @@ class _Stats:
             self.hn += total
         self.n += n
         take = torch.randperm(n, generator=self.gen)[: self.sample_per_batch]
+        if self.keep_first and len(lead) >= 2 and lead[-1] > 1:
+            first = torch.arange(0, n, lead[-1])
+            take = torch.cat([first, take[take % lead[-1] != 0]])
         self.samples.append(x[take])
 
     def rescale(self, sc: torch.Tensor) -> None:
@@ -184,7 +188,8 @@ def _collect(layer, arch, inputs, recipe, max_search_tokens, seed, placement=Non
     for g in arch.groups:
         lin = layer.get_submodule(g.consumers[0])
         shared[g.consumers[0]] = st = _Stats(lin.in_features, want_h, per_batch, gen,
-                                             sink_weight=recipe.sink_weight, **where)
+                                             sink_weight=recipe.sink_weight, keep_first=recipe.search_sinks,
+                                             **where)
         handles.append(lin.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
     try:
         with torch.no_grad():

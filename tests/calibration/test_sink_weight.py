@@ -75,3 +75,23 @@ def test_sink_weight_protects_the_sink_output():
 def test_recipe_rejects_bad_sink_weight(bad):
     with pytest.raises(RecipeError, match="sink_weight"):
         Recipe(sink_weight=bad)
+
+
+def test_search_sinks_puts_every_first_token_in_the_sample():
+    """Recipe.search_sinks: the scale/clip search sample holds every window's first token once (and the
+    random rows besides), where a plain sample holds them only by chance."""
+    from qcompile.calibration.engine import _Stats
+    from qcompile.recipes import Recipe
+
+    x = torch.randn(6, 50, 8)
+    x[:, 0] += 100.0  # first tokens are recognisable
+    for keep in (False, True):
+        st = _Stats(8, False, 10, torch.Generator().manual_seed(0), keep_first=keep)
+        st.add(x)
+        firsts = int((st.sample()[:, 0] > 50).sum())
+        if keep:
+            assert firsts == 6 and st.sample().shape[0] >= 6 + 10 - 6
+        else:
+            assert firsts < 6 and st.sample().shape[0] == 10
+    with pytest.raises(Exception, match="search_sinks"):
+        Recipe(search_sinks=1)
