@@ -27,7 +27,7 @@ import torch
 from qcompile.architectures import architecture_of
 from qcompile.errors import ModelError
 
-__all__ = ["rotate_model", "random_rotation"]
+__all__ = ["random_rotation", "rotate_model"]
 
 
 def _hadamard(n: int) -> torch.Tensor:

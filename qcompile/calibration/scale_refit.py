@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from qcompile import formats as F
+from qcompile.calibration.objectives import as_format, as_granularity
 from qcompile.errors import CalibrationError
 
-__all__ = ["output_error", "refit_scales", "optq_refit"]
+__all__ = ["optq_refit", "output_error", "refit_scales"]
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,7 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         hessian: ``[K, K]`` of the layer input (OPTQ's).
         fmt, gran: the codes' grid; ``gran`` must be per channel.
     """
-    fmt = F.FormatSpec.parse(fmt) if isinstance(fmt, str) else fmt
-    gran = F.Granularity.parse(gran) if isinstance(gran, str) else gran
+    fmt, gran = as_format(fmt), as_granularity(gran)
     if gran.kind != "channel":
         raise CalibrationError(f"refit_scales takes per-channel weights, not {gran}")
     w = weight.detach().double()
@@ -64,8 +64,7 @@ def optq_refit(weight: torch.Tensor, hessian: torch.Tensor, fmt, gran, first, ro
     """
     from qcompile.calibration.optq import optq_quantize
 
-    fmt = F.FormatSpec.parse(fmt) if isinstance(fmt, str) else fmt
-    gran = F.Granularity.parse(gran) if isinstance(gran, str) else gran
+    fmt, gran = as_format(fmt), as_granularity(gran)
     if not isinstance(rounds, int) or rounds < 1:
         raise CalibrationError(f"optq_refit rounds must be an integer >= 1, got {rounds!r}")
     w = weight.detach().float()
