@@ -99,12 +99,13 @@ _splitk_decode_kernel = triton.autotune(kern.SPLITK_DECODE_CONFIGS, key=_KEY, pr
                                         do_bench=_fast_bench)(kern.w4_gemm_kernel)
 _fused_decode_kernel = triton.autotune(kern.FUSED_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
                                        do_bench=_fast_bench)(kern.w4_gemm_kernel)
-_gemv_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS, key=["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS",
-                                                              "USE_ASM", "LUT"],
+_GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
+_gemv_kernel = triton.autotune(_GEMV_AUTOTUNED, key=["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM",
+                                                     "LUT"],
                                prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
                                do_bench=_fast_bench)(gemv_kern.w4_gemv_kernel)
-_gemv_group_kernel = triton.autotune(gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS, key=["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT",
-                                                                    "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT"],
+_gemv_group_kernel = triton.autotune(_GEMV_AUTOTUNED, key=["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT", "FUSE_QUANT",
+                                                           "X_WORDS", "USE_ASM", "LUT"],
                                      prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
                                      do_bench=_fast_bench)(gemv_kern.w4_gemv_group_kernel)
 _prefill_kernel = triton.autotune(kern.PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
@@ -203,6 +204,13 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
 INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
 
 
+def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor):
+    """The split-K workspace where this launch may split K (an explicit SPLIT_K > 1, or an autotuned one
+    with K >= SPLITK_MIN_K, the only case its split configs survive pruning); else ``(y, y)``, never read."""
+    split = config.get("SPLIT_K", 1) > 1 if config is not None else k >= gemv_kern.SPLITK_MIN_K
+    return splitk_workspace(device, n) if split else (y, y)
+
+
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
                 split_k=False, lut=None):
@@ -218,15 +226,15 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
                       int_out=int_out, use_asm=use_asm, lut=lut)
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
-    ws, tickets = splitk_workspace(x.device, n)
+    if config is None and interpreting():
+        config = INTERPRET_GEMV_CONFIG
+    ws, tickets = _gemv_workspace(x.device, n, k, config, y)
     args = (x, x_scale, x_zp, x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
             y if bias is None else bias, y, y.stride(0), ws, tickets, m, n, k)
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
-    if config is None and interpreting():
-        config = INTERPRET_GEMV_CONFIG
     if config is not None:
         gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{"SPLIT_K": 1, **config})
     else:
@@ -262,14 +270,14 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
              pw.out_features) for pw, y, b in zip(pws, ys, biases)]
     sets += sets[-1:] * (GROUP_MAX - len(sets))
     ns = [pw.out_features for pw in pws]
-    ws, tickets = splitk_workspace(x.device, sum(ns))
+    if config is None and interpreting():
+        config = INTERPRET_GEMV_CONFIG
+    ws, tickets = _gemv_workspace(x.device, sum(ns), k, config, ys[0])
     args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], ws, tickets, m, k)
 
     def grid(meta_):
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
 
-    if config is None and interpreting():
-        config = INTERPRET_GEMV_CONFIG
     if config is not None:
         gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{"SPLIT_K": 1, **config})
     else:
