@@ -156,7 +156,7 @@ def splitk():
                     return [launch_gemv(*args, ps[0], ys[0], config=cfg, fuse_quant=fuse)]
                 return launch_gemv_group(*args, list(ps), ys, config=cfg, fuse_quant=fuse)
 
-            line, ref = [], None
+            line, ref, top = [], None, float("inf")
             for fuse in (False, True):
                 for sk in (1, 2, 4, 8):
                     best = None
@@ -169,10 +169,11 @@ def splitk():
                         if not all(torch.equal(a, b) for a, b in zip(out, ref)):
                             print(f"   MISMATCH {name} M={m} fuse={fuse} {cfg}", flush=True)
                         t = bench_graph(lambda ps: call(ps, cfg, fuse), pw_sets) + (0 if fuse else quant)
-                        best = min(best or (t, (bn, bw, nw)), (t, (bn, bw, nw)), key=lambda v: v[0])
+                        if best is None or t < best[0]:
+                            best = (t, (bn, bw, nw))
                     if best is not None:
                         line.append(f"{'F' if fuse else 'q+'}s{sk}={best[0]:.1f}{best[1]}")
-            top = min(float(v.split("=")[1].split("(")[0]) for v in line)
+                        top = min(top, best[0])
             print(f"[{time.time() - t0:4.0f}s] {name} M={m}: fp16={fp:.1f} quant={quant:.1f} " + " ".join(line)
                   + f" | best {fp / top:.2f}x fp16", flush=True)
         del pw_sets, w16_sets
