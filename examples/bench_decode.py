@@ -13,6 +13,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --batch 1    # one batch size
     python examples/bench_decode.py --tiny       # smoke test: a 2-layer model (CPU without CUDA)
     python examples/bench_decode.py --inductor-quant   # also lowbit with options={"inductor_quant": True}
+    python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
 """
 import argparse
 import inspect
@@ -40,6 +41,8 @@ parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
 parser.add_argument("--tiny", action="store_true")
 parser.add_argument("--inductor-quant", action="store_true",
                     help="also time lowbit with options={'inductor_quant': True} (inductor_quant.py)")
+parser.add_argument("--profile", action="store_true",
+                    help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 gpu = dev.type == "cuda"
@@ -127,6 +130,7 @@ def decode_run(m, batch, backend, options=None):
             ids.copy_(nxt)
             pos.add_(1)
         times = []
+        prof = profile_steps(graph, pos) if args.profile else None
         for _ in range(5):
             pos.fill_(PROMPT + 3)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -137,7 +141,43 @@ def decode_run(m, batch, backend, options=None):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         del graph
+    if prof is not None:
+        PROFILES[(batch, backend if not options else f"{backend} {options}")] = (prof, statistics.median(times) / STEPS)
     return batch * STEPS / statistics.median(times), first_logits, compile_s, ref_logits
+
+
+PROFILES = {}  # (batch, backend) -> ({kind: (µs per step, kernels per step)}, seconds per step)
+
+
+KINDS = [  # (kind, substrings of the kernel name), first match wins
+    ("W4A8 GEMV (ours)", ("w4_gemv",)), ("W4A8 tiled GEMM (ours)", ("w4_gemm",)),
+    ("activation quantization (ours)", ("quantize_rows", "quantize_kernel", "_quantize")),
+    ("cuBLAS / CUTLASS GEMM, GEMV", ("gemm", "gemv", "sm90_", "cutlass", "splitk", "xmma", "s16816")),
+    ("attention (SDPA)", ("fmha", "flash", "attention", "efficient")),
+    ("Inductor fused (norms, rotary, residual, softmax...)", ("triton_",)),
+]
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(graph, pos, steps=8):
+    """Replay the captured step ``steps`` times under the profiler: {kind: (µs per step, kernels per step)}."""
+    from torch.profiler import ProfilerActivity, profile
+    pos.fill_(PROMPT + 3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            us, n = out.get(kind_of(ev.name), (0.0, 0))
+            out[kind_of(ev.name)] = (us + ev.device_time / steps, n + 1 / steps)
+    return out
 
 
 def linear_bytes():
@@ -198,6 +238,21 @@ for batch, _, _, _, _, l16, l4, report, err, _, err_k in rows:
                  "(quantization error of random weights)"
                  + (f"; inductor_quant on vs off: rel. diff {err_k:.1e}" if args.inductor_quant else "")
                  + f". Report: {report.summary()}")
+if PROFILES:  # one table per batch size: a column per model
+    for batch in args.batch:
+        runs = [(name, PROFILES[(b, name)]) for b, name in PROFILES if b == batch]
+        kinds = sorted({k for _, (prof, _) in runs for k in prof},
+                       key=lambda k: -max(prof.get(k, (0, 0))[0] for _, (prof, _) in runs))
+        lines += ["", f"Where a decode step's GPU time goes, batch {batch} (torch.profiler over 8 replays of the "
+                  "captured step; µs per step, kernels per step in brackets; wall = the timed step):", "",
+                  "| kernel kind | " + " | ".join(name for name, _ in runs) + " |", "|---|" + "---:|" * len(runs)]
+        for k in kinds:
+            lines.append(f"| {k} | " + " | ".join(
+                f"{prof.get(k, (0, 0))[0]:.0f} ({prof.get(k, (0, 0))[1]:.0f})" for _, (prof, _) in runs) + " |")
+        lines.append("| sum of kernel times | " + " | ".join(
+            f"{sum(v[0] for v in prof.values()):.0f} ({sum(v[1] for v in prof.values()):.0f})" for _, (prof, _) in runs)
+            + " |")
+        lines.append("| wall per step (timed) | " + " | ".join(f"{sec * 1e6:.0f}" for _, (_, sec) in runs) + " |")
 table = "\n".join(lines)
 print(table)
 if os.environ.get("OUT"):

@@ -5,7 +5,8 @@
 Tables (calibration: C4 sample; evaluation: Wikipedia sample, windows of 2048 tokens; never the same
 text). Every calibrated row uses its preset from qcompile/recipes.py (the calibration budget is the
 presets'), so ``qcompile quantize --recipe <name>`` reproduces a row.
-  A  W4A8V4 (AQAS paper Table 3): RTN, OPTQ, SQ, SQ+OPTQ, AWQ, AWQ+OPTQ, AQAS, AQAS+OPTQ, AQAS+OPTQ+dINT4
+  A  W4A8V4 (AQAS paper Table 3): RTN, OPTQ, SQ, SQ+OPTQ, AWQ, AWQ+OPTQ, AQAS, AQAS+OPTQ, AQAS+OPTQ+dINT4;
+     perplexity and zero-shot accuracy (PIQA, ARC-Easy, WinoGrande)
   B  dINT4 special value c = 0.5 / 0.25 / 0.125 s with AQAS+OPTQ (Table 9)
   C  W3A8V3 INT3 vs dINT3, RTN and AQAS+OPTQ (Table 10)
   D  W4A16 g64 INT4 / FP4-E3M0 / dINT4 x RTN / OPTQ / AWQ (Tables 12 and 14)
@@ -140,6 +141,7 @@ TABLES = {
 }
 SLAC_LENGTHS = (128, 512, 2048)
 SLAC_TASKS = ("piqa", "arc-easy", "winogrande")
+TASK_TABLES = ("A", "G")  # the tables that also score the zero-shot tasks (as the papers' tables do)
 
 
 def slac_rows():
@@ -169,8 +171,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     C.add_common_args(p, "papers.json")
     p.add_argument("--tables", default="A,B,C,D,E,F,G", help="tables to run (default all: A,B,C,D,E,F,G)")
-    p.add_argument("--task-limit", type=int, default=300, help="zero-shot items per task in table G")
-    p.add_argument("--no-tasks", action="store_true", help="table G without zero-shot tasks")
+    p.add_argument("--task-limit", type=int, default=300, help="zero-shot items per task in tables A and G")
+    p.add_argument("--no-tasks", action="store_true", help="tables A and G without zero-shot tasks")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: render the tables from the JSON (its own machine line)")
     p.add_argument("--block", default="papers-table", help="README block the tables A-F go to")
@@ -179,7 +181,7 @@ def main(argv=None) -> dict:
     unknown = [t for t in tables if t not in TABLES and t != "G"]
     if unknown:
         p.error(f"unknown table(s) {unknown}; tables: {', '.join(TABLES)}, G")
-    command = _command(tables, args.max_windows)
+    command = _command(tables, args.max_windows, None if args.no_tasks else args.task_limit)
     if args.device:
         command += f" --device {args.device}"
     if args.json != p.get_default("json"):
@@ -201,8 +203,8 @@ def main(argv=None) -> dict:
     for t in tables:
         rows = slac_rows() if t == "G" else TABLES[t][1]
         for label, desc, recipe in rows:
-            plan.append((label, desc, recipe, tasks if t == "G" else ()))
-        if t == "G":
+            plan.append((label, desc, recipe, tasks if t in TASK_TABLES else ()))
+        if t in TASK_TABLES and tasks and all(item[0] != "fp32-tasks" for item in plan):
             plan.insert(1, ("fp32-tasks", "FP32", None, tasks))
     seen, todo = set(), []
     for item in plan:
@@ -230,12 +232,13 @@ def main(argv=None) -> dict:
 
 
 def _render(res, tables, args, meta, tasks) -> dict:
-    papers_md = render_tables(res.data, [t for t in tables if t != "G"], args.max_windows, meta)
+    papers_md = render_tables(res.data, [t for t in tables if t != "G"], args.max_windows, meta, tasks,
+                              args.task_limit)
     if papers_md:
         print(papers_md)
         print("->", C.write_block(args.block, papers_md, args.no_readme))
         if "A" in tables:
-            plot_a(res.data)
+            plot_a(res.data, tasks)
     if "G" in tables:
         slac_md = render_slac(res.data, args.max_windows, args.task_limit, tasks, meta)
         print(slac_md)
@@ -251,36 +254,53 @@ def _ppl(data, label, windows, recipe=None):
     return e["ppl"] if recipe is None or e.get("recipe") == recipe.to_dict() else None
 
 
-def _command(tables, windows) -> str:
-    return f"python examples/reproduce_papers.py --tables {','.join(tables)} --max-windows {windows}"
+def _command(tables, windows, task_limit=None) -> str:
+    limit = f" --task-limit {task_limit}" if task_limit and any(t in TASK_TABLES for t in tables) else ""
+    return f"python examples/reproduce_papers.py --tables {','.join(tables)}{limit} --max-windows {windows}"
 
 
-def render_tables(data, tables, windows, meta) -> str:
+def _zero_shot(entry, tasks, limit):
+    """Accuracies (in %) of ``tasks`` and their mean, None where the entry lacks them."""
+    got = entry.get("tasks", {}) if entry and entry.get("task_limit") == limit else {}
+    zs = [got.get(t, {}).get("acc") for t in tasks]
+    avg = sum(zs) / len(zs) if zs and all(z is not None for z in zs) else None
+    return [None if z is None else f"{100 * z:.1f}" for z in zs] + [None if avg is None else f"{100 * avg:.1f}"]
+
+
+def render_tables(data, tables, windows, meta, tasks=(), task_limit=None) -> str:
     fp = _ppl(data, "fp32", windows)
     if fp is None or not tables:
         return ""
     out = [f"SmolLM2-135M-Instruct, Wikipedia sample, {windows} windows x 2048 tokens (FP32 {fp:.2f}); "
            f"calibration on the C4 sample. `{meta.get('command') or _command(tables, windows)}` on "
            f"{meta['machine']}. Gap closed = share of the first row's "
-           "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."]
+           "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."
+           + (f" Zero-shot: accuracy (%) on the first {task_limit} items of {', '.join(tasks)}, avg = their mean "
+              f"(one item's standard error at 200 items is ~3.5 points)." if tasks and "A" in tables else "")]
     for t in tables:
         title, rows, claims = TABLES[t]
         recipes = {label: recipe for label, _, recipe in rows}
+        zero_shot = tasks if t in TASK_TABLES else ()
+        head = ["method", "recipe", "ppl", "vs FP32", "gap closed", "calibration s"]
         body = []
+        if zero_shot:
+            head += [f"{task}" for task in zero_shot] + ["avg"]
+            body.append(["FP32", "–", fp, "–", "–", "–"] + _zero_shot(data.get("fp32-tasks"), zero_shot, task_limit))
         for i, (label, desc, recipe) in enumerate(rows):
             e = data.get(label)
             measured = e is not None and e.get("windows") == windows
             if not measured or e.get("recipe") != recipe.to_dict():
                 status = "not re-run (recipe changed)" if measured else "not run"
-                body.append([desc, f"`{recipe.name}`", status, None, None, None])
+                body.append([desc, f"`{recipe.name}`", status, None, None, None] + [None] * (len(head) - 6))
                 continue
             ref_label = _rtn_reference(rows, i)
             ref = _ppl(data, ref_label, windows, recipes[ref_label]) if ref_label else None
             gap = None if ref_label is None else C.gap_closed(e["ppl"], ref, fp)
             body.append([desc, f"`{recipe.name}`", e["ppl"], f"{e['ppl'] - fp:+.2f}",
-                         None if gap is None else f"{gap:.0f} %", e.get("calibrate_s")])
+                         None if gap is None else f"{gap:.0f} %", e.get("calibrate_s")]
+                        + (_zero_shot(e, zero_shot, task_limit) if zero_shot else []))
         out.append(f"\n**{t}. {title}**\n")
-        out.append(C.markdown_table(["method", "recipe", "ppl", "vs FP32", "gap closed", "calibration s"], body))
+        out.append(C.markdown_table(head, body))
         out.append("\n" + PAPER_SAYS[t] + " " + _claims(data, claims, windows, recipes))
     return "\n".join(out)
 
@@ -342,22 +362,40 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
     return text
 
 
-def plot_a(data) -> None:
+def plot_a(data, tasks=()) -> None:
+    """Table A as bars: perplexity, and (when measured) the zero-shot average beside it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [(d, data[lbl]["ppl"]) for lbl, d, _ in TABLES["A"][1] if lbl in data]
+    rows = [(d, data[lbl]) for lbl, d, _ in TABLES["A"][1] if lbl in data]
     if not rows or "fp32" not in data:
         return
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="tab:blue")
+
+    def avg(e):
+        acc = [e.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
+        return None if not acc or None in acc else 100 * sum(acc) / len(acc)
+
+    zs = [avg(e) for _, e in rows]
+    fp_zs = avg(data.get("fp32-tasks", {}))
+    with_zs = tasks and fp_zs is not None and all(z is not None for z in zs)
+    fig, axes = plt.subplots(1, 2 if with_zs else 1, figsize=(12 if with_zs else 8, 3.8), sharey=True, squeeze=False)
+    names = [d for d, _ in rows][::-1]
+    ax = axes[0][0]
+    ax.barh(names, [e["ppl"] for _, e in rows][::-1], color="tab:blue")
     ax.axvline(data["fp32"]["ppl"], color="k", ls="--", label=f"FP32 {data['fp32']['ppl']:.2f}")
     ax.set_xlabel("Wikipedia perplexity (lower is better)")
-    ax.set_title("W4A8V4 on SmolLM2-135M (table A)")
     ax.legend(loc="lower right")
+    if with_zs:
+        ax = axes[0][1]
+        ax.barh(names, zs[::-1], color="tab:green")
+        ax.axvline(fp_zs, color="k", ls="--", label=f"FP32 {fp_zs:.1f}")
+        ax.set_xlim(min(zs + [fp_zs]) - 5, max(zs + [fp_zs]) + 3)
+        ax.set_xlabel(f"zero-shot accuracy, mean of {', '.join(tasks)} (%, higher is better)")
+        ax.legend(loc="lower right")
+    fig.suptitle("W4A8V4 on SmolLM2-135M (table A)")
     fig.tight_layout()
     fig.savefig(C.RESULTS / "papers_a.png", dpi=120)
     plt.close(fig)

@@ -42,3 +42,24 @@ def test_stale_slac_rows_are_marked():
             "a-rtn": _entry(R.slac_rows()[0][2], 30.0), label: _entry(recipe.replace(sink_weight=1.0), 24.0)}
     md = R.render_slac(data, 8, 200, (), {"machine": "test box"})
     assert "†" in md and "earlier version of the main recipe" in md
+
+
+def test_table_a_zero_shot_columns():
+    rows = dict((label, recipe) for label, _, recipe in R.TABLES["A"][1])
+    tasks = ("piqa", "arc-easy")
+
+    def scored(recipe, ppl, accs, limit=200):
+        return dict(_entry(recipe, ppl), task_limit=limit, tasks={t: {"acc": a} for t, a in zip(tasks, accs)})
+
+    data = {"fp32": _entry(None, 18.0), "fp32-tasks": scored(None, 18.0, (0.6, 0.5)),
+            "a-rtn": scored(rows["a-rtn"], 30.0, (0.5, 0.4)),
+            "a-aqas": scored(rows["a-aqas"], 25.0, (0.55, 0.45), limit=100)}  # another item count: not shown
+    md = R.render_tables(data, ["A"], 8, {"machine": "test box"}, tasks, 200)
+    lines = md.splitlines()
+    assert any(x.startswith("| method |") and x.rstrip().endswith("| piqa | arc-easy | avg |") for x in lines)
+    assert "| FP32 | – | 18.00 |" in md and next(x for x in lines if x.startswith("| FP32 |")).endswith(
+        "| 60.0 | 50.0 | 55.0 |")
+    assert next(x for x in lines if "`w4a8v4-rtn-int4`" in x).endswith("| 50.0 | 40.0 | 45.0 |")
+    assert next(x for x in lines if "`w4a8v4-aqas-int4`" in x).endswith("| – | – | – |")
+    # without tasks the table keeps its six columns
+    assert "| piqa |" not in R.render_tables(data, ["A"], 8, {"machine": "test box"})
