@@ -243,8 +243,8 @@ if PROFILES:  # one table per batch size: a column per model
         runs = [(name, PROFILES[(b, name)]) for b, name in PROFILES if b == batch]
         kinds = sorted({k for _, (prof, _) in runs for k in prof},
                        key=lambda k: -max(prof.get(k, (0, 0))[0] for _, (prof, _) in runs))
-        lines += ["", f"Where a decode step's GPU time goes, batch {batch} (torch.profiler over 8 replays of the "
-                  "captured step; µs per step, kernels per step in brackets; wall = the timed step):", "",
+        lines += ["", (f"Where a decode step's GPU time goes, batch {batch} (torch.profiler over 8 replays of the "
+                       "captured step; µs per step, kernels per step in brackets; wall = the timed step):"), "",
                   "| kernel kind | " + " | ".join(name for name, _ in runs) + " |", "|---|" + "---:|" * len(runs)]
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(

@@ -45,7 +45,7 @@ def test_stale_slac_rows_are_marked():
 
 
 def test_table_a_zero_shot_columns():
-    rows = dict((label, recipe) for label, _, recipe in R.TABLES["A"][1])
+    rows = {label: recipe for label, _, recipe in R.TABLES["A"][1]}
     tasks = ("piqa", "arc-easy")
 
     def scored(recipe, ppl, accs, limit=200):
