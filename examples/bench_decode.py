@@ -175,8 +175,9 @@ def profile_steps(graph, pos, steps=8):
     out = {}
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            us, n = out.get(kind_of(ev.name), (0.0, 0))
-            out[kind_of(ev.name)] = (us + ev.device_time / steps, n + 1 / steps)
+            kind = kind_of(ev.name)
+            us, n = out.get(kind, (0.0, 0))
+            out[kind] = (us + ev.device_time / steps, n + 1 / steps)
     return out
 
 

@@ -259,18 +259,27 @@ def _command(tables, windows, task_limit=None) -> str:
     return f"python examples/reproduce_papers.py --tables {','.join(tables)}{limit} --max-windows {windows}"
 
 
-def _zero_shot(entry, tasks, limit):
-    """Accuracies (in %) of ``tasks`` and their mean, None where the entry lacks them."""
-    got = entry.get("tasks", {}) if entry and entry.get("task_limit") == limit else {}
-    zs = [got.get(t, {}).get("acc") for t in tasks]
-    avg = sum(zs) / len(zs) if zs and all(z is not None for z in zs) else None
-    return [None if z is None else f"{100 * z:.1f}" for z in zs] + [None if avg is None else f"{100 * avg:.1f}"]
+def _accuracies(entry, tasks, limit=None):
+    """Accuracies (in %) of ``tasks`` in ``entry`` (None where missing; all None when ``limit`` is given and
+    the entry was scored on another number of items), and their mean (None unless all are there)."""
+    got = (entry or {}).get("tasks", {}) if limit is None or (entry or {}).get("task_limit") == limit else {}
+    acc = [None if got.get(t, {}).get("acc") is None else 100 * got[t]["acc"] for t in tasks]
+    return acc, (None if not acc or None in acc else sum(acc) / len(acc))
 
 
-def _avg_of(entry, tasks, limit):
-    got = entry.get("tasks", {}) if entry and entry.get("task_limit") == limit else {}
-    acc = [got.get(t, {}).get("acc") for t in tasks]
-    return None if not acc or None in acc else 100 * sum(acc) / len(acc)
+def _avg_of(entry, tasks, limit=None):
+    return _accuracies(entry, tasks, limit)[1]
+
+
+def _zero_shot(entry, tasks, limit=None):
+    """Table cells: each task's accuracy and their mean, as percentages with one decimal."""
+    acc, avg = _accuracies(entry, tasks, limit)
+    return [None if a is None else f"{a:.1f}" for a in acc + [avg]]
+
+
+def _stderr_points(items, tasks=1):
+    """Standard error (accuracy points) of a mean of ``tasks`` accuracies near 50 % on ``items`` items each."""
+    return 100 * (0.25 / items / tasks) ** 0.5
 
 
 def _zero_shot_claim(data, rows, windows, tasks, limit) -> str:
@@ -282,7 +291,8 @@ def _zero_shot_claim(data, rows, windows, tasks, limit) -> str:
     if None in (fp, rtn, best):
         return " Zero-shot average: not measured."
     return (f" Zero-shot average ({best_desc}): {best:.1f} vs RTN {rtn:.1f} and FP32 {fp:.1f}, "
-            f"{'above' if best > rtn else 'not above'} RTN (a mean of three 200-item accuracies has a standard error of ~2 points).")
+            f"{'above' if best > rtn else 'not above'} RTN (the mean of {len(tasks)} accuracies on {limit} items "
+            f"each has a standard error of ~{_stderr_points(limit, len(tasks)):.0f} points).")
 
 
 def render_tables(data, tables, windows, meta, tasks=(), task_limit=None) -> str:
@@ -294,7 +304,8 @@ def render_tables(data, tables, windows, meta, tasks=(), task_limit=None) -> str
            f"{meta['machine']}. Gap closed = share of the first row's "
            "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."
            + (f" Zero-shot: accuracy (%) on the first {task_limit} items of {', '.join(tasks)}, avg = their mean "
-              f"(at 200 items an accuracy's standard error is ~3.5 points)." if tasks and "A" in tables else "")]
+              f"(at {task_limit} items an accuracy's standard error is ~{_stderr_points(task_limit):.1f} points)."
+              if tasks and "A" in tables else "")]
     for t in tables:
         title, rows, claims = TABLES[t]
         recipes = {label: recipe for label, _, recipe in rows}
@@ -364,12 +375,8 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
         if recipe is not None and e.get("recipe") != recipe.to_dict():
             stale = True
             desc += " †"
-        zs = [e.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
-        avg = sum(zs) / len(zs) if zs and all(z is not None for z in zs) else None
         gap = C.gap_closed(e["ppl"], ref, fp) if recipe is not None and label != rows[0][0] else None
-        body.append([desc, e["ppl"], None if gap is None else f"{gap:.0f} %"]
-                    + [None if z is None else f"{100 * z:.1f}" for z in zs]
-                    + ([None if avg is None else f"{100 * avg:.1f}"] if tasks else []))
+        body.append([desc, e["ppl"], None if gap is None else f"{gap:.0f} %"] + (_zero_shot(e, tasks) if tasks else []))
     text = (f"SLAC: the main recipe calibrated at sequence lengths {', '.join(map(str, SLAC_LENGTHS))} with one "
             f"budget of {SLAC_TOKENS} C4 tokens; perplexity on {windows} Wikipedia windows of 2048 tokens"
             + (f", zero-shot accuracy on the first {limit} items of {', '.join(tasks)} (prompts of tens of "
@@ -393,12 +400,8 @@ def plot_a(data, tasks=()) -> None:
     if not rows or "fp32" not in data:
         return
 
-    def avg(e):
-        acc = [e.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
-        return None if not acc or None in acc else 100 * sum(acc) / len(acc)
-
-    zs = [avg(e) for _, e in rows]
-    fp_zs = avg(data.get("fp32-tasks", {}))
+    zs = [_avg_of(e, tasks) for _, e in rows]
+    fp_zs = _avg_of(data.get("fp32-tasks"), tasks)
     with_zs = tasks and fp_zs is not None and all(z is not None for z in zs)
     fig, axes = plt.subplots(1, 2 if with_zs else 1, figsize=(12 if with_zs else 8, 3.8), sharey=True, squeeze=False)
     names = [d for d, _ in rows][::-1]
