@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -54,9 +55,27 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    threads = torch.get_num_threads()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, {cpu} host)"
-    return f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores visible, {threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
+
+
+def machine_line(entries, fallback: str, tags=None) -> str:
+    """Where ``entries`` were measured, from each entry's own ``machine`` (entries older than that field:
+    ``fallback``): one machine as is; several, the most common first, each with the ``tags`` (parallel
+    to ``entries``, e.g. table letters) of its rows, or its row count. A table rendered from cached rows
+    then names the machines its rows came from, not the last run's."""
+    tags = [None] * len(entries) if tags is None else tags
+    rows = [(e.get("machine") or fallback, t) for e, t in zip(entries, tags) if e]
+    counts = Counter(m for m, _ in rows)
+    if len(counts) <= 1:
+        return next(iter(counts), fallback)
+    parts = []
+    for m, n in counts.most_common():
+        named = list(dict.fromkeys(t for mm, t in rows if mm == m and t is not None))
+        parts.append(f"{m} ({'rows of ' + ', '.join(named) if named else f'{n} rows'})")
+    return "; ".join(parts)
 
 
 def peak_rss_gb() -> float:
@@ -128,6 +147,7 @@ def measure(model, tok, wiki: str, calib_text: str, recipe, windows: int, log=pr
         entry["tasks"] = {k: {m: v for m, v in d.items()} for k, d in zs.items()}
         entry["task_limit"] = task_limit
         log("  -> " + ", ".join(f"{k} acc {d['acc']:.3f}" for k, d in zs.items()))
+    entry["machine"] = machine()  # after the run: CUDA is initialised by then when it was used
     log(f"  -> ppl {r['ppl']:.3f} ({r['windows']} windows)"
         + (f", calibration {entry['calibrate_s']} s" if "calibrate_s" in entry else ""))
     return entry

@@ -299,9 +299,13 @@ def render_tables(data, tables, windows, meta, tasks=(), task_limit=None) -> str
     fp = _ppl(data, "fp32", windows)
     if fp is None or not tables:
         return ""
+    shown = [(data["fp32"], None)] + [(data.get(label), t) for t in tables for label, _, recipe in TABLES[t][1]
+                                      if _ppl(data, label, windows, recipe) is not None]
+    if tasks and any(t in TASK_TABLES for t in tables):
+        shown.append((data.get("fp32-tasks"), None))
     out = [f"SmolLM2-135M-Instruct, Wikipedia sample, {windows} windows x 2048 tokens (FP32 {fp:.2f}); "
            f"calibration on the C4 sample. `{meta.get('command') or _command(tables, windows)}` on "
-           f"{meta['machine']}. Gap closed = share of the first row's "
+           f"{C.machine_line([e for e, _ in shown], meta['machine'], [t for _, t in shown])}. Gap closed = share of the first row's "
            "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."
            + (f" Zero-shot: accuracy (%) on the first {task_limit} items of {', '.join(tasks)}, avg = their mean "
               f"(at {task_limit} items an accuracy's standard error is ~{_stderr_points(task_limit):.1f} points)."
@@ -367,11 +371,12 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
     ref = _ppl(data, rows[0][0], windows)
     head = ["calibration (W4A8V4 AQAS+OPTQ+dINT4)", "ppl @2048", "gap closed"] + [f"{t} acc" for t in tasks] + \
         (["zero-shot avg"] if tasks else [])
-    body, stale = [], False
+    body, stale, shown = [], False, []
     for label, desc, recipe in [("fp32-tasks", "FP32", None)] + rows:
         e = data.get(label) or {}
         if not e or e.get("windows") != windows:
             continue
+        shown.append(e)
         if recipe is not None and e.get("recipe") != recipe.to_dict():
             stale = True
             desc += " †"
@@ -381,7 +386,7 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
             f"budget of {SLAC_TOKENS} C4 tokens; perplexity on {windows} Wikipedia windows of 2048 tokens"
             + (f", zero-shot accuracy on the first {limit} items of {', '.join(tasks)} (prompts of tens of "
                "tokens)" if tasks else "") + f". `python examples/reproduce_papers.py --tables G --task-limit {limit} --max-windows "
-            f"{windows}` on {meta['machine']}.\n\n" + C.markdown_table(head, body)
+            f"{windows}` on {C.machine_line(shown, meta['machine'])}.\n\n" + C.markdown_table(head, body)
             + ("\n\n† measured with an earlier version of the main recipe (the row's recipe in the JSON differs "
                "from today's preset); rerun the command to refresh it." if stale else "")
             + "\n\n" + PAPER_SAYS["G"])

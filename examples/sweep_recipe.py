@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
         gap = C.gap_closed(e["ppl"], ref, fp)
         body.append([f"`{label}`", e["ppl"], None if gap is None else f"{gap:.0f} %", e.get("calibrate_s")])
     md = (f"Sweep of `{base.name}` on SmolLM2-135M-Instruct, Wikipedia sample, {args.max_windows} windows x 2048 "
-          f"(FP32 {fp:.2f}, RTN `{rtn.name}` {ref:.2f}); {C.machine()}.\n\n"
+          f"(FP32 {fp:.2f}, RTN `{rtn.name}` {ref:.2f}); "
+          f"{C.machine_line([res.data['fp32'], res.data['rtn']] + [res.data[lb] for lb, _ in rows], C.machine())}.\n\n"
           + C.markdown_table(["change", "ppl", "gap closed", "calibration s"], body))
     print(md)
     if args.md:

@@ -63,3 +63,19 @@ def test_table_a_zero_shot_columns():
     assert next(x for x in lines if "`w4a8v4-aqas-int4`" in x).endswith("| – | – | – |")
     # without tasks the table keeps its six columns
     assert "| piqa |" not in R.render_tables(data, ["A"], 8, {"machine": "test box"})
+
+
+def test_machine_line_comes_from_the_rows_shown():
+    """The machine line names where the shown rows were measured, not where the last run (meta) was."""
+    rows = dict((label, recipe) for label, _, recipe in R.TABLES["A"][1])
+    box1, box2 = "box one, 2 torch threads", "box one, 1 torch thread"
+    data = {"fp32": dict(_entry(None, 18.0), machine=box1), "a-rtn": dict(_entry(rows["a-rtn"], 30.0), machine=box1),
+            "a-aqas": dict(_entry(rows["a-aqas"], 25.0), machine=box2),
+            "g-unshown": dict(_entry(None, 1.0), machine="a GPU")}
+    md = R.render_tables(data, ["A"], 8, {"machine": "last run's GPU"})
+    assert f"on {box1} (rows of A); {box2} (rows of A)." in md and "GPU" not in md
+    del data["a-aqas"]["machine"]  # rows older than the field fall back to the JSON's meta
+    assert f"on {box1} (rows of A); last run's GPU (rows of A)." in R.render_tables(data, ["A"], 8, {"machine": "last run's GPU"})
+    label, _, recipe = R.slac_rows()[1]
+    slac = {"fp32": data["fp32"], label: dict(_entry(recipe, 23.0), machine=box2)}
+    assert f"on {box2}." in R.render_slac(slac, 8, 200, (), {"machine": "last run's GPU"})
