@@ -27,7 +27,6 @@ for ``x`` (``dx = dy @ dequant(W)``), as the reference ``qdq_activation``.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Optional
 
@@ -89,13 +88,8 @@ def cached_packed_weights() -> list[PackedWeight]:
     return [entry[2] for entry in _CACHE.values() if entry[0]() is not None]
 
 
-@functools.lru_cache(maxsize=16)
-def _act_bits(act_fmt: str) -> int:
-    return F.FormatSpec.parse(act_fmt).bits
-
-
 def _run(x, pw, act_fmt, bias):
-    fn = w4a8_linear if _act_bits(act_fmt) == 8 else w4a4_linear
+    fn = w4a8_linear if _parse_format(act_fmt).bits == 8 else w4a4_linear
     return fn(x, pw, bias, act_fmt)
 
 

@@ -100,3 +100,55 @@ def test_device_mismatch():
     pw, _ = _packed()
     with pytest.raises(ValueError, match="device"):
         w4a8_linear(torch.randn(3, 256, device="cuda", dtype=torch.float16), pw)
+
+
+def _quantized_linear(recipe="w4a8-rtn-dint4", seed=0):
+    """A ``QuantizedLinear`` of a tiny LLaMA: the graph's own codes / scale / zero-point tensors."""
+    from qcompile.backends.triton.qmodules import QuantizedLinear, quantize_linears
+    from tests.conftest import tiny_model
+
+    torch.manual_seed(seed)
+    qm = quantize_linears(tiny_model("llama"), recipe)
+    return [m for m in qm.modules() if isinstance(m, QuantizedLinear)]
+
+
+@pytest.mark.parametrize("recipe,act_fmt", [("w4a8-rtn-dint4", "int8"), ("w4a4-g64-rtn", "int4")])
+def test_opcheck_lowering_ops(recipe, act_fmt):
+    """The ops the lowering writes into the graph (``codes_ops.py``) pass opcheck: schema, fake tensors,
+    autograd registration, AOT dispatch."""
+    from qcompile.backends.triton.inductor_quant import quantize_per_token_ops
+
+    ops = torch.ops.qcompile_triton
+    lins = _quantized_linear(recipe)
+    lin = lins[0]
+    sibs = [m for m in lins if m.in_features == lin.in_features][:3]
+    assert len(sibs) >= 2
+    x = torch.randn(2, 3, lin.in_features, requires_grad=True)
+    bias = torch.randn(lin.out_features)
+    for b in (None, bias):
+        torch.library.opcheck(ops.w4_linear_codes.default, (x, lin.codes, lin.scale, lin.zero_point, lin.fmt,
+                                                            lin.granularity, lin.in_features, act_fmt, b))
+    w = torch.randn(lin.out_features, lin.in_features)
+    torch.library.opcheck(ops.w4_linear_rtn.default, (x, w, lin.fmt, lin.granularity, act_fmt, bias))
+    torch.library.opcheck(ops.w4_linear_codes_shared.default,
+                          (x.detach(), [m.codes for m in sibs], [m.scale for m in sibs], [m.zero_point for m in sibs],
+                           lin.fmt, lin.granularity, lin.in_features, act_fmt, [None] * len(sibs)))
+    if act_fmt == "int8":
+        q = quantize_per_token_ops(x.detach(), "int8")
+        torch.library.opcheck(ops.w4_linear_qcodes.default,
+                              (*q, [m.codes for m in sibs], [m.scale for m in sibs], [m.zero_point for m in sibs],
+                               lin.fmt, lin.in_features, act_fmt, [None] * len(sibs), torch.float32))
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (lambda x, lin: (x.double(), lin.codes), TypeError, "float16"),
+    (lambda x, lin: (x[..., :-1], lin.codes), ValueError, "in_features"),
+    (lambda x, lin: (x, lin.codes.float()), TypeError, "uint8"),
+    (lambda x, lin: (x, lin.codes[:, :-1]), ValueError, "codes"),
+])
+def test_lowering_op_bad_input_is_a_clear_error(bad, err, match):
+    lin = _quantized_linear()[0]
+    x, codes = bad(torch.randn(3, lin.in_features), lin)
+    with pytest.raises(err, match=match):
+        torch.ops.qcompile_triton.w4_linear_codes(x, codes, lin.scale, lin.zero_point, lin.fmt, lin.granularity,
+                                                  lin.in_features, "int8", None)
