@@ -17,10 +17,10 @@ to ``$OUT/bench_decode.md`` when OUT is set.
 """
 import argparse
 import inspect
-import types
 import os
 import statistics
 import time
+import types
 
 import torch
 import transformers

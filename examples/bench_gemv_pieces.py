@@ -28,11 +28,11 @@ import time
 import torch
 import torch.nn.functional as F_nn
 from gpu_timing import bench_graph, clones
+
+from qcompile import formats as F
 from qcompile.backends.triton import prepack, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
 from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv, launch_gemv_group, w4_linear_2d_shared
-
-from qcompile import formats as F
 
 CFGS = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (16, 64, 4), (32, 64, 4)]
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]

@@ -27,12 +27,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime
 import torch
-from qcompile.backends.onnx.export import export_onnx_forms
-from qcompile.backends.onnx.markers import trace_to_onnx
-from qcompile.backends.onnx.parity import onnx_parity, ort_session
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qcompile
+from qcompile.backends.onnx.export import export_onnx_forms
+from qcompile.backends.onnx.markers import trace_to_onnx
+from qcompile.backends.onnx.parity import onnx_parity, ort_session
 from qcompile.capture import capture
 
 RECIPES = ["w4a8v4-rtn-int4", "w4a8-rtn-dint4"]

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F_nn
 import triton
 from gpu_timing import bench_graph, clones
+
+from qcompile import formats as F
 from qcompile.backends.triton import prepack, w4a4_linear, w4a8_linear
 from qcompile.backends.triton import w4_linear as W
 from qcompile.backends.triton.quantize_kernel import quantize_rows
-
-from qcompile import formats as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) = (out, in) features
 MS = [int(m) for m in os.environ.get("BENCH_MS", "1,4,16,64,256,1024,4096").split(",")]

@@ -2,6 +2,7 @@
 import statistics
 
 import torch
+
 from qcompile.backends.triton import PackedWeight
 
 __all__ = ["bench_graph", "clones"]

@@ -1,7 +1,7 @@
 """cleanup: dead code, unused attributes, lint, recompile. Changes no numerics."""
 from __future__ import annotations
 
-import torch.fx as fx
+from torch import fx
 
 from qcompile.passes.graph_utils import check_graph
 from qcompile.passes.runner import PassResult

@@ -12,7 +12,7 @@ Invariants: no in-place change; ``meta["val"]`` of new nodes inferred.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile.folding import expand_kv_scales, scale_columns, scale_rows
 from qcompile.passes.fuse_layernorm import _param, _rms_gamma

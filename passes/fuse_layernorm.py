@@ -15,13 +15,13 @@ the linears (same shapes) and dropped nodes are erased; records fused norm modul
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile.folding import fuse_norm_into_linear
 from qcompile.passes.graph_utils import get_attr_node, get_tensor, linear_sites, new_attr, node_module_path
 from qcompile.passes.runner import PassResult, in_scope
 
-__all__ = ["fuse_layernorm", "find_norms"]
+__all__ = ["find_norms", "fuse_layernorm"]
 
 aten = torch.ops.aten
 

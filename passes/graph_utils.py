@@ -11,11 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 __all__ = [
-    "QMETA", "PREFIX", "SiteInfo", "LinearSite", "linear_sites", "get_tensor", "new_attr", "get_attr_node",
-    "infer_val", "module_of", "annotate", "annotation", "node_module_path", "check_graph",
+    "PREFIX",
+    "QMETA",
+    "LinearSite",
+    "SiteInfo",
+    "annotate",
+    "annotation",
+    "check_graph",
+    "get_attr_node",
+    "get_tensor",
+    "infer_val",
+    "linear_sites",
+    "module_of",
+    "new_attr",
+    "node_module_path",
 ]
 
 QMETA = "qcompile"
@@ -48,12 +60,12 @@ def node_module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return path[len(PREFIX):] if path.startswith(PREFIX) else path
+    return path.removeprefix(PREFIX)
 
 
 def module_of(weight_target: str) -> str:
     """``"hf.model.layers.0.fc1.weight"`` -> ``"model.layers.0.fc1"``."""
-    name = weight_target[len(PREFIX):] if weight_target.startswith(PREFIX) else weight_target
+    name = weight_target.removeprefix(PREFIX)
     return name.rsplit(".", 1)[0]
 
 

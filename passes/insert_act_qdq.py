@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile import ops  # noqa: F401  (registers the qcompile:: ops)
 from qcompile.passes.graph_utils import SiteInfo, annotate, annotation, infer_val, linear_sites

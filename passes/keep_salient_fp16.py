@@ -12,11 +12,18 @@ Invariants: outputs unchanged in full precision (up to summation order); ``meta[
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile.errors import CalibrationError
-from qcompile.passes.graph_utils import (SiteInfo, annotate, get_attr_node, get_tensor, infer_val, linear_sites,
-                                         new_attr)
+from qcompile.passes.graph_utils import (
+    SiteInfo,
+    annotate,
+    get_attr_node,
+    get_tensor,
+    infer_val,
+    linear_sites,
+    new_attr,
+)
 from qcompile.passes.runner import PassResult, in_scope
 
 __all__ = ["keep_salient_fp16", "salient_channels"]

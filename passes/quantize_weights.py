@@ -14,12 +14,20 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile import formats as F
 from qcompile import ops
-from qcompile.passes.graph_utils import (SiteInfo, annotate, annotation, get_attr_node, get_tensor, infer_val,
-                                         linear_sites, new_attr)
+from qcompile.passes.graph_utils import (
+    SiteInfo,
+    annotate,
+    annotation,
+    get_attr_node,
+    get_tensor,
+    infer_val,
+    linear_sites,
+    new_attr,
+)
 from qcompile.passes.runner import PassResult, in_scope
 
 __all__ = ["quantize_weights"]

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import difflib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import torch.fx as fx
+from torch import fx
 
-__all__ = ["PassContext", "PassResult", "PassLogEntry", "PASSES", "pass_pipeline", "run_passes",
-           "in_scope"]
+__all__ = [
+    "PASSES",
+    "PassContext",
+    "PassLogEntry",
+    "PassResult",
+    "in_scope",
+    "pass_pipeline",
+    "run_passes",
+]
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ScaleGroup", "Architecture", "ARCHITECTURES", "architecture_of", "SUPPORTED_FAMILIES"]
+__all__ = ["ARCHITECTURES", "SUPPORTED_FAMILIES", "Architecture", "ScaleGroup", "architecture_of"]
 
 
 @dataclass(frozen=True)

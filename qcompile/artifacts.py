@@ -29,7 +29,7 @@ import torch
 
 from qcompile.errors import QcompileError
 
-__all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "ArtifactError", "load", "save"]
 
 FORMAT_NAME = "qcompile-artifact"
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ import torch
 from qcompile.architectures import architecture_of
 from qcompile.errors import ModelError
 
-__all__ = ["capture", "LogitsOnly"]
+__all__ = ["LogitsOnly", "capture"]
 
 
 class LogitsOnly(torch.nn.Module):

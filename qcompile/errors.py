@@ -1,7 +1,7 @@
 """Errors meant for people: each says what was wrong, what was expected and what to do next."""
 from __future__ import annotations
 
-__all__ = ["shown", "QcompileError", "AssetError", "ModelError", "CalibrationError", "ExportError"]
+__all__ = ["AssetError", "CalibrationError", "ExportError", "ModelError", "QcompileError", "shown"]
 
 
 class QcompileError(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["scale_rows", "scale_columns", "expand_kv_scales", "fuse_norm_into_linear"]
+__all__ = ["expand_kv_scales", "fuse_norm_into_linear", "scale_columns", "scale_rows"]
 
 
 def scale_rows(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor):

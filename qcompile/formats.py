@@ -31,9 +31,21 @@ import torch
 from qcompile.errors import QcompileError, shown
 
 __all__ = [
-    "FormatSpec", "Granularity", "FormatError", "FP4_GRIDS", "DINT_RATIOS",
-    "choose_qparams", "quantize", "dequantize", "fake_quantize", "quantize_with_qparams", "GridRounder",
-    "pack_int4", "unpack_int4", "dint_table", "code_values",
+    "DINT_RATIOS",
+    "FP4_GRIDS",
+    "FormatError",
+    "FormatSpec",
+    "Granularity",
+    "GridRounder",
+    "choose_qparams",
+    "code_values",
+    "dequantize",
+    "dint_table",
+    "fake_quantize",
+    "pack_int4",
+    "quantize",
+    "quantize_with_qparams",
+    "unpack_int4",
 ]
 
 DINT_RATIOS = (0.5, 0.25, 0.125)
@@ -92,7 +104,7 @@ class FormatSpec:
         return name
 
     @staticmethod
-    def parse(name: str) -> "FormatSpec":
+    def parse(name: str) -> FormatSpec:
         """``"int4"``, ``"int8_sym"``, ``"dint4"``, ``"dint4_c0.25"``, ``"fp4_e2m1"`` -> FormatSpec."""
         if not isinstance(name, str):
             raise FormatError(f"a format name must be a string, got {type(name).__name__}")
@@ -141,7 +153,7 @@ class Granularity:
         return f"group{self.group_size}" if self.kind == "group" else self.kind
 
     @staticmethod
-    def parse(name: str) -> "Granularity":
+    def parse(name: str) -> Granularity:
         """``"channel"``, ``"token"``, ``"tensor"``, ``"vchannel"``, ``"group64"`` -> Granularity."""
         m = re.fullmatch(r"group([0-9]+)", str(name))
         if m:

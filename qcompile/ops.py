@@ -15,7 +15,7 @@ import torch
 
 from qcompile import formats as F
 
-__all__ = ["dequantize_weight", "qdq_activation", "pack_weight_codes"]
+__all__ = ["dequantize_weight", "pack_weight_codes", "qdq_activation"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -13,7 +13,7 @@ from qcompile.architectures import architecture_of
 from qcompile.errors import CalibrationError, ModelError
 from qcompile.recipes import Recipe, RecipeError, resolve_recipe
 
-__all__ = ["quantize", "QuantizedModel", "check_model", "prepare_model", "run_pipeline_passes"]
+__all__ = ["QuantizedModel", "check_model", "prepare_model", "quantize", "run_pipeline_passes"]
 
 
 class QuantizedModel(torch.nn.Module):

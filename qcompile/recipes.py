@@ -15,7 +15,7 @@ from pathlib import Path
 from qcompile.errors import QcompileError, shown
 from qcompile.formats import FormatError, FormatSpec, Granularity
 
-__all__ = ["Recipe", "RecipeError", "PRESETS", "resolve_recipe", "register_preset"]
+__all__ = ["PRESETS", "Recipe", "RecipeError", "register_preset", "resolve_recipe"]
 
 SCALINGS = ("none", "smoothquant", "awq", "aqas")
 ROUNDINGS = ("rtn", "optq")
@@ -172,7 +172,7 @@ class Recipe:
     def act_gran(self) -> Granularity:
         return Granularity.parse(self.act_granularity)
 
-    def replace(self, **changes) -> "Recipe":
+    def replace(self, **changes) -> Recipe:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -183,7 +183,7 @@ class Recipe:
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         """Build from a plain dict; unknown keys are an error. A ``preset`` key starts from that preset."""
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe must be a mapping of fields, got {type(data).__name__}")
@@ -202,13 +202,13 @@ class Recipe:
             raise RecipeError(f"recipe could not be built: {e}") from None
 
     @classmethod
-    def from_preset(cls, name: str) -> "Recipe":
+    def from_preset(cls, name: str) -> Recipe:
         if not isinstance(name, str) or name not in PRESETS:
             raise RecipeError(f"unknown recipe preset {shown(name)}; presets: {', '.join(sorted(PRESETS))}")
         return PRESETS[name]
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         """Load a ``.json``, ``.yaml`` or ``.yml`` recipe file."""
         path = Path(path)
         if not path.is_file():
@@ -249,7 +249,7 @@ def register_preset(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def resolve_recipe(recipe: "Recipe | str | dict | Path") -> Recipe:
+def resolve_recipe(recipe: Recipe | str | dict | Path) -> Recipe:
     """Accept a Recipe, a preset name, a path to a YAML/JSON file or a dict."""
     if isinstance(recipe, Recipe):
         return recipe

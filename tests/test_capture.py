@@ -1,11 +1,10 @@
 """capture: torch.export of tiny OPT / LLaMA / GQA-LLaMA equals eager at any batch and sequence length."""
 import pytest
 import torch
+from conftest import tiny_model
 
 from qcompile.capture import capture
 from qcompile.errors import ModelError
-
-from conftest import tiny_model
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 7), (2, 40)])

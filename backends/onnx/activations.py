@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from qcompile.backends.onnx.builder import GraphEdit
 
 from qcompile import formats as F
+from qcompile.backends.onnx.builder import GraphEdit
 from qcompile.errors import ExportError
 
 __all__ = ["check_activation_format", "emit_qdq", "emit_quantize_per_token"]

@@ -59,6 +59,7 @@ def export_onnx_forms(qm, paths: dict, opset: int = 21, *, external_data: bool |
     Tracing (``torch.onnx.export``) is most of an export's time; the forms share it.
     """
     import onnx_ir as ir
+
     from qcompile.backends.onnx.lower import check_graph_module, lower_markers
     from qcompile.backends.onnx.markers import trace_to_onnx
 

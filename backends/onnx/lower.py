@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+
 from qcompile.backends.onnx import weights as W
 from qcompile.backends.onnx.activations import check_activation_format, emit_qdq, emit_quantize_per_token
 from qcompile.backends.onnx.builder import GraphEdit
 from qcompile.backends.onnx.markers import DEQUANTIZE_WEIGHT, MARKER_DOMAIN, QDQ_ACTIVATION
-
 from qcompile.errors import ExportError
 
 __all__ = ["check_graph_module", "lower_markers"]

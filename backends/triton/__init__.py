@@ -11,5 +11,12 @@ when a kernel runs, so importing this package does not import triton).
 from .ops import quantize_per_group, quantize_per_token, w4a4_linear, w4a8_linear
 from .packing import PackedWeight, prepack, unpack_values
 
-__all__ = ["PackedWeight", "prepack", "unpack_values", "w4a8_linear", "w4a4_linear", "quantize_per_token",
-           "quantize_per_group"]
+__all__ = [
+    "PackedWeight",
+    "prepack",
+    "quantize_per_group",
+    "quantize_per_token",
+    "unpack_values",
+    "w4a4_linear",
+    "w4a8_linear",
+]

@@ -15,8 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["recip_div", "act_qparams", "act_quantize", "unpack_pure", "unpack_asm", "unpack", "unpack_words", "dp4a",
-           "prmt", "lut_words", "unpack_words_lut"]
+__all__ = [
+    "act_qparams",
+    "act_quantize",
+    "dp4a",
+    "lut_words",
+    "prmt",
+    "recip_div",
+    "unpack",
+    "unpack_asm",
+    "unpack_pure",
+    "unpack_words",
+    "unpack_words_lut",
+]
 
 
 @triton.jit

@@ -38,7 +38,7 @@ from qcompile import ops as _qops  # noqa: F401  (registers qcompile::dequantize
 from .ops import _check_x, _use_triton, w4a4_linear, w4a8_linear
 from .packing import PackedWeight, _parse_format, prepack
 
-__all__ = ["packed_for_codes", "packed_for_weight", "cached_packed_weights"]
+__all__ = ["cached_packed_weights", "packed_for_codes", "packed_for_weight"]
 
 # id(first tensor) -> (weak ref to it, key, PackedWeight); an entry is dropped with its tensor.
 _CACHE: dict[int, tuple] = {}

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from .lower import LoweringReport, lower_linears
 from .inductor_quant import quantize_in_inductor
+from .lower import LoweringReport, lower_linears
 from .share_quant import share_activation_quantization
 
-__all__ = ["lowbit_backend", "last_report", "reports", "OPTIONS"]
+__all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
 OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False}
 _REPORTS: list[LoweringReport] = []

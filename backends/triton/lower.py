@@ -33,15 +33,23 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile import formats as F
 from qcompile import ops as _qops  # noqa: F401  (registers the qcompile:: ops)
 
 from .codes_ops import packed_for_codes
 
-__all__ = ["LINEAR_TARGETS", "SiteReport", "LoweringReport", "lower_linears", "site_name", "module_path", "act_plan",
-           "erase_if_unused"]
+__all__ = [
+    "LINEAR_TARGETS",
+    "LoweringReport",
+    "SiteReport",
+    "act_plan",
+    "erase_if_unused",
+    "lower_linears",
+    "module_path",
+    "site_name",
+]
 
 LINEAR_TARGETS = (torch.ops.aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear)
 _DEQUANT = torch.ops.qcompile.dequantize_weight.default

@@ -28,7 +28,7 @@ from qcompile import formats as F
 from .packing import PackedWeight, unpack_values
 from .reference import linear_reference, quantize_rows_reference
 
-__all__ = ["w4a8_linear", "w4a4_linear", "quantize_per_token", "quantize_per_group"]
+__all__ = ["quantize_per_group", "quantize_per_token", "w4a4_linear", "w4a8_linear"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -39,7 +39,7 @@ import torch
 
 from qcompile import formats as F
 
-__all__ = ["PackedWeight", "prepack", "pack_k_for", "unpack_values", "weight_values"]
+__all__ = ["PackedWeight", "pack_k_for", "prepack", "unpack_values", "weight_values"]
 
 DINT_SPECIAL_FIRST = 14  # codes 14 (+c) and 15 (-c) of dINT4 (p = 13 uniform steps)
 
@@ -93,7 +93,7 @@ class PackedWeight:
     def device(self) -> torch.device:
         return self.qweight.device
 
-    def to(self, device) -> "PackedWeight":
+    def to(self, device) -> PackedWeight:
         """A copy on ``device``."""
         move = {k: getattr(self, k).to(device) for k in ("qweight", "unit_scale", "code_sum", "zero_byte")}
         return PackedWeight(**move, fmt=self.fmt, group_size=self.group_size, in_features=self.in_features,

@@ -31,7 +31,7 @@ from qcompile import formats as F
 from qcompile import ops as qops
 from qcompile.errors import QcompileError
 
-__all__ = ["QuantizedLinear", "to_module_form", "quantize_linears", "ModuleFormError"]
+__all__ = ["ModuleFormError", "QuantizedLinear", "quantize_linears", "to_module_form"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

@@ -12,7 +12,7 @@ from qcompile import formats as F
 
 from .packing import PackedWeight, unpack_values
 
-__all__ = ["quantize_rows_reference", "gemm_reference", "linear_reference"]
+__all__ = ["gemm_reference", "linear_reference", "quantize_rows_reference"]
 
 
 def quantize_rows_reference(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0):

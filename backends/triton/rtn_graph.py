@@ -18,14 +18,14 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from qcompile import ops as _qops  # noqa: F401  (registers qcompile::qdq_activation)
 
 from .codes_ops import packed_for_weight
 from .lower import SiteReport, _Constants, _is_linear, _linear_args, act_plan, module_path
 
-__all__ = ["quantize_float_linears", "module_name"]
+__all__ = ["module_name", "quantize_float_linears"]
 
 _RTN = torch.ops.qcompile_triton.w4_linear_rtn.default
 _QDQ = torch.ops.qcompile.qdq_activation.default

@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from . import codes_ops as _codes_ops  # noqa: F401  (registers the ops)
 

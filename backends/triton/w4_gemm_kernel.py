@@ -31,8 +31,14 @@ import triton.language as tl
 
 from ._common import act_qparams, act_quantize, unpack
 
-__all__ = ["DECODE_CONFIGS", "FUSED_DECODE_CONFIGS", "SPLITK_DECODE_CONFIGS", "PREFILL_CONFIGS", "w4_gemm_kernel",
-           "expand_kernel"]
+__all__ = [
+    "DECODE_CONFIGS",
+    "FUSED_DECODE_CONFIGS",
+    "PREFILL_CONFIGS",
+    "SPLITK_DECODE_CONFIGS",
+    "expand_kernel",
+    "w4_gemm_kernel",
+]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -199,7 +205,7 @@ def w4_gemm_kernel(
     acc_f = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, :]
-    for it in range(0, tl.cdiv(unit_hi - unit_lo, UNITS_PER_ITER)):
+    for it in range(tl.cdiv(unit_hi - unit_lo, UNITS_PER_ITER)):
         for uu in tl.static_range(UNITS_PER_ITER):
             unit = unit_lo + it * UNITS_PER_ITER + uu
             unit_ok_n = offs_n * 0 + unit < unit_hi

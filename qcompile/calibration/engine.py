@@ -30,7 +30,7 @@ from qcompile.calibration.fake_quant import fake_quantize_layer
 from qcompile.errors import CalibrationError
 from qcompile.folding import expand_kv_scales, fuse_norm_into_linear, scale_columns, scale_rows
 
-__all__ = ["CalibrationResult", "calibrate", "needs_calibration", "calibration_batches"]
+__all__ = ["CalibrationResult", "calibrate", "calibration_batches", "needs_calibration"]
 
 
 @dataclass
@@ -156,7 +156,7 @@ class _Stats:
         if self.hessian is not None:
             self.hessian = self.hessian / (sc[:, None] * sc[None, :])
 
-    def copy(self) -> "_Stats":
+    def copy(self) -> _Stats:
         """An independent copy (own tensors): the statistics of another linear reading the same input."""
         out = _Stats.__new__(_Stats)
         out.__dict__.update(self.__dict__)

@@ -24,7 +24,7 @@ import torch
 from qcompile.calibration.clip_search import clip_weight
 from qcompile.calibration.objectives import as_format, as_granularity, check_weights
 from qcompile.errors import CalibrationError
-from qcompile.formats import FormatSpec, GridRounder, Granularity, choose_qparams
+from qcompile.formats import FormatSpec, Granularity, GridRounder, choose_qparams
 
 __all__ = ["hessian_accumulate", "optq_quantize"]
 

@@ -67,7 +67,7 @@ def _quantized_model(args):
     return quantize(model, recipe, calibration=calib_text, tokenizer=tokenizer)
 
 
-def _parity_batches(args) -> "torch.Tensor":
+def _parity_batches(args) -> torch.Tensor:
     import torch
 
     from qcompile.assets import read_text

@@ -15,8 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-from qcompile.cli import (add_model_argument, add_threads_argument, apply_threads, check_writable, format_rows,
-                          read_user_text)
+from qcompile.cli import (
+    add_model_argument,
+    add_threads_argument,
+    apply_threads,
+    check_writable,
+    format_rows,
+    read_user_text,
+)
 from qcompile.commands.quantize import _calibration_text, resolve_cli_recipe
 
 __all__ = ["add_arguments", "run"]

@@ -14,11 +14,21 @@ import sys
 import time
 from pathlib import Path
 
-from qcompile.cli import (add_eval_arguments, add_model_argument, add_threads_argument, apply_threads, check_writable,
-                          eval_texts, format_rows, read_user_text, resolve_tasks, run_evaluation)
+from qcompile.cli import (
+    add_eval_arguments,
+    add_model_argument,
+    add_threads_argument,
+    apply_threads,
+    check_writable,
+    eval_texts,
+    format_rows,
+    read_user_text,
+    resolve_tasks,
+    run_evaluation,
+)
 from qcompile.errors import QcompileError
 
-__all__ = ["add_arguments", "run", "resolve_cli_recipe"]
+__all__ = ["add_arguments", "resolve_cli_recipe", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,12 +19,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import qcompile
 from qcompile.errors import CalibrationError
 from qcompile.recipes import PRESETS, RecipeError, resolve_recipe
-
-from conftest import tiny_model
 
 CALIBRATED = sorted(n for n, r in PRESETS.items() if r.scaling != "none" or r.rounding == "optq" or r.clip_search)
 SMALL = dict(calib_samples=8, calib_seq_len=64, calib_search_tokens=512)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import qcompile
 from qcompile.recipes import PRESETS
-
-from conftest import tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

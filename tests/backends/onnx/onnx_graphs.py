@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from qcompile.backends.onnx.builder import GraphEdit
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 from onnx_graphs import run_graph
-from qcompile.backends.onnx.activations import check_activation_format, emit_qdq, emit_quantize_per_token
 
 from qcompile import formats as F
 from qcompile import ops  # noqa: F401  (registers qcompile::qdq_activation)
+from qcompile.backends.onnx.activations import check_activation_format, emit_qdq, emit_quantize_per_token
 from qcompile.errors import ExportError
 
 CASES = [("int8", "token"), ("int8_sym", "token"), ("int4", "token"), ("int4", "group16"), ("int8", "group32"),

@@ -16,12 +16,12 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_model
-from qcompile.backends.onnx.export import export_onnx_forms
-from qcompile.backends.onnx.parity import ort_session
 
 import qcompile
-from qcompile.errors import ExportError
 from qcompile import formats as F
+from qcompile.backends.onnx.export import export_onnx_forms
+from qcompile.backends.onnx.parity import ort_session
+from qcompile.errors import ExportError
 
 # (family, recipe, lowering counts expected in the fast form); tiny models have 2 decoder layers of 7 / 6 linears
 CASES = {

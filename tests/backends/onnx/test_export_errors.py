@@ -11,9 +11,9 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_model
-from qcompile.backends.onnx import markers
 
 import qcompile
+from qcompile.backends.onnx import markers
 from qcompile.errors import ExportError
 from qcompile.recipes import Recipe
 

@@ -6,10 +6,10 @@ import onnx_ir as ir
 import pytest
 import torch
 from conftest import tiny_model
+
 from qcompile.backends.onnx.markers import trace_to_onnx
 from qcompile.backends.onnx.parity import ort_session
 from qcompile.backends.onnx.simplify import drop_softmax_nan_guards
-
 from qcompile.capture import capture
 from qcompile.errors import ExportError
 

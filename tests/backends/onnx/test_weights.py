@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 from onnx_graphs import run_graph
-from qcompile.backends.onnx import weights as W
 
 from qcompile import formats as F
 from qcompile import ops
+from qcompile.backends.onnx import weights as W
 
 CASES = [("int4", "channel"), ("int4", "group32"), ("int4_sym", "channel"), ("int3", "channel"),
          ("int8", "channel"), ("int8", "group16"), ("dint4", "channel"), ("dint4", "group32"),

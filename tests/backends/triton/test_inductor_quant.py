@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import qcompile
 from qcompile.backends.triton import dynamo
 from qcompile.backends.triton.codes_ops import w4_linear_codes, w4_linear_qcodes
 from qcompile.backends.triton.inductor_quant import quantize_in_inductor, quantize_per_token_ops
 from qcompile.backends.triton.lower import lower_linears
 from qcompile.backends.triton.reference import quantize_rows_reference
 from qcompile.backends.triton.share_quant import share_activation_quantization
-
-import qcompile
 from tests.conftest import tiny_model
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))

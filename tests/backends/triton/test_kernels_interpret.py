@@ -33,10 +33,11 @@ def test_interpreter_suite():
 
 if INTERPRET:
     import torch
+    from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
+
     from qcompile.backends.triton import w4a4_linear, w4a8_linear
     from qcompile.backends.triton.quantize_kernel import quantize_rows
     from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm, launch_gemv
-    from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
 
     torch.manual_seed(0)
 
@@ -148,9 +149,8 @@ if INTERPRET:
     @pytest.mark.parametrize("m", [1, 5, 20])
     def test_shared_quantization_op_matches_the_single_ops(m):
         """``w4_linear_codes_shared`` (one quantize_rows, then each GEMM on the codes) = the per-site op, bitwise."""
-        from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
-
         from qcompile import formats as F
+        from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
 
         sites = [F.quantize(torch.randn(n, 200, generator=torch.Generator().manual_seed(n)),
                             F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")) for n in (16, 24, 40)]
@@ -239,6 +239,7 @@ if INTERPRET:
     def test_quantize_ops_match_the_kernel_with_cuda_division(sym):
         """With CUDA's division by 255 (times the float32 reciprocal) the torch ops give the kernel's codes."""
         import triton as tr
+
         from qcompile.backends.triton.inductor_quant import quantize_per_token_ops
         from qcompile.backends.triton.quantize_kernel import _config, _quantize_rows_kernel
 

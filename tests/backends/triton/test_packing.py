@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qcompile.backends.triton import prepack, unpack_values
-from qcompile.backends.triton.packing import weight_values
 
 from qcompile import formats as F
+from qcompile.backends.triton import prepack, unpack_values
+from qcompile.backends.triton.packing import weight_values
 
 FORMATS = ["dint4", "dint4_sym", "dint4_c0.25", "dint4_c0.125", "int4", "int4_sym"]
 

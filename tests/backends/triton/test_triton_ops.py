@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qcompile.backends.triton import prepack, quantize_per_group, quantize_per_token, w4a4_linear, w4a8_linear
 
 from qcompile import formats as F
+from qcompile.backends.triton import prepack, quantize_per_group, quantize_per_token, w4a4_linear, w4a8_linear
 
 pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1",
                                 reason="CPU reference fallback tests (the interpreter is tested elsewhere)")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 
 import torch
+
+from qcompile import formats as F
 from qcompile.backends.triton import prepack
 from qcompile.backends.triton.reference import gemm_reference, quantize_rows_reference
 
-from qcompile import formats as F
-
-__all__ = ["make_weight", "fp_tolerance", "check_quantize", "check_gemm", "check_linear"]
+__all__ = ["check_gemm", "check_linear", "check_quantize", "fp_tolerance", "make_weight"]
 
 # Output rounding, relative. The interpreter converts fp32 -> bf16 by truncation (a full ulp, 2^-7;
 # triton/runtime/interpreter.py _convert_float), the GPU rounds to nearest (half an ulp).
