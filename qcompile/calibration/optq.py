@@ -186,7 +186,9 @@ def optq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: FormatSpec |
             x, e = wt[j], err[j]
             c, q = rounder.codes_and_values(x)
             torch.sub(x, q, out=e).div_(diag[i])
-            wt[j + 1:].addr_(hblk[j, j + 1:], e, alpha=-1.0)  # in-block update of the later columns
+            # in-block update of the later columns; the fused addr_ rounds differently from multiply-then-
+            # subtract, enough to flip a few near-tie codes, which OPTQ's error feedback then spreads (README)
+            wt[j + 1:].addr_(hblk[j, j + 1:], e, alpha=-1.0)
             ct[j] = c
         codes[:, perm[i1:i2]] = ct.T.to(torch.uint8)
         w[:, i2:] -= err.T @ hinv[i1:i2, i2:]  # lazy update of the columns after the block
