@@ -19,7 +19,10 @@ packed weights, the best of ``CFGS`` per shape beside FP16 ``F.linear``, in TB/s
 model shapes and the q/k/v, gate/up groups at M in {1, 16}, the best config per SPLIT_K (codes given,
 and quantization fused), outputs checked bitwise equal to SPLIT_K = 1.
 
-    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk]
+``--pipeline``: instead, the best register-buffered GEMV config against the best compiler-pipelined one
+(``PIPELINE`` > 1: cp.async weight stream) of ``GEMV_CONFIGS``, model shapes and groups at M in {1, 4, 16}.
+
+    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -179,8 +182,56 @@ def splitk():
         del pw_sets, w16_sets
 
 
+def pipeline():
+    """Best register-buffered config (PIPELINE = 0) vs best pipelined one (cp.async stream) of
+    ``GEMV_CONFIGS`` per shape / group and M, on pre-quantized codes, outputs checked bitwise equal."""
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; GEMV weight stream: register prefetch vs compiler-pipelined "
+          "(cp.async), best config of each, GPU time per call in us", flush=True)
+    cfgs = [dict(c.kwargs, num_warps=c.num_warps) for c in GEMV_CONFIGS]
+    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
+    for name, ns, k in cases:
+        w16 = [(torch.randn(n, k, device="cuda") * 0.02).half() for n in ns]
+        packed = [prepack(*F.quantize(w.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
+                          "dint4", "channel") for w in w16]
+        pw_sets = list(zip(*(clones(pw, 4) for pw in packed)))
+        w16_sets = list(zip(*(clones(w, 2) for w in w16)))
+        mb = sum(n * k for n in ns) / 2 / 1e6
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda").half()
+            ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
+            xq, xs, xz = quantize_rows(x, 8, False)
+            fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
+
+            def call(ps, cfg):
+                if len(ns) == 1:
+                    return [launch_gemv(xq, xs, xz, ps[0], ys[0], config=cfg)]
+                return launch_gemv_group(xq, xs, xz, list(ps), ys, config=cfg)
+
+            best, ref = {}, None
+            for cfg in cfgs:
+                if m * cfg["BLOCK_N"] * cfg["BLOCK_W"] > 64 * 32 * cfg["num_warps"] or cfg["SPLIT_K"] > 1:
+                    continue
+                out = [o.clone() for o in call(pw_sets[0], cfg)]
+                ref = out if ref is None else ref
+                if not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                    print(f"   MISMATCH {name} M={m} {cfg}", flush=True)
+                t = bench_graph(lambda ps: call(ps, cfg), pw_sets)
+                kind = "pipelined" if cfg["PIPELINE"] > 1 else "register"
+                if kind not in best or t < best[kind][0]:
+                    best[kind] = (t, (cfg["BLOCK_N"], cfg["BLOCK_W"], cfg["num_warps"], cfg["PIPELINE"]))
+            cells = [f"{kind} {t:.1f} us = {mb / t:.2f} TB/s {c}" for kind, (t, c) in sorted(best.items())]
+            print(f"[{time.time() - t0:4.0f}s] {name} M={m} ({mb:.1f} MB): fp16 {fp:.1f} us; " + "; ".join(cells)
+                  + f"; pipelined / register = {best['register'][0] / best['pipelined'][0]:.2f}x", flush=True)
+        del pw_sets, w16_sets
+
+
 if __name__ == "__main__":
-    if "--splitk" in sys.argv:
+    if "--pipeline" in sys.argv:
+        pipeline()
+    elif "--splitk" in sys.argv:
         splitk()
     elif "--slope" in sys.argv:
         slope()

@@ -21,6 +21,13 @@ step's tile already in flight (registers, double-buffered by hand), and keeps an
 quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
 then quantizes the slice it needs): one launch instead of two.
 
+``PIPELINE`` > 1 leaves the prefetch to the compiler: every step loads its own tile inside a
+``tl.range(num_stages=PIPELINE)`` loop, which Triton's software pipeliner turns into cp.async copies through
+shared memory, PIPELINE - 1 tiles ahead, with no registers held for them (the hand-made register buffer
+above caps the bytes in flight; the launch option ``num_stages`` alone pipelines nothing here, offline
+sm_90 compiles show no cp.async with it, only with the loop's own ``num_stages``).
+Same arithmetic, bitwise the same outputs.
+
 ``LUT`` swaps the arithmetic dINT unpacker for a table one (``_common._ASM_LUT``: 12 instead of 19
 instructions per 8 codes); on the H200 both timed the same, so the dispatch leaves it off.
 
@@ -40,16 +47,23 @@ __all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "prune_gemv_configs", "w4_gemv
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def _cfg(bn, bw, warps, split_k=1):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": split_k}, num_warps=warps, num_stages=1)
+def _cfg(bn, bw, warps, split_k=1, pipeline=0):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": split_k, "PIPELINE": pipeline}, num_warps=warps,
+                         num_stages=1)
 
 
 # BLOCK_W words per row and step = BLOCK_W / 16 chunks of 128 codes. A step's weight tile is
-# BLOCK_N * BLOCK_W * 4 bytes; two are in flight per program (the prefetch). SPLIT_K > 1 cuts K into
-# that many slices, one program each, summed in an int32 workspace (more programs, shorter streams).
+# BLOCK_N * BLOCK_W * 4 bytes. PIPELINE = 0: the next tile is prefetched into registers (one in flight
+# per program, next to the accumulator and the unpacked tile: ~120 registers at 8 KB tiles, so at most
+# ~32 KB in flight per SM on every config). PIPELINE = s > 1: the compiler pipelines the stream through
+# shared memory (cp.async), s - 1 tiles in flight at ~50 registers: 2-5x the bytes in flight per SM
+# (``examples/gemv_occupancy.py``, offline sm_90 compiles). SPLIT_K > 1 cuts K into that many slices,
+# one program each, summed in an int32 workspace (more programs, shorter streams).
 GEMV_CONFIGS = [_cfg(bn, bw, warps) for bn, bw, warps in [
     (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8),
     (8, 64, 2), (16, 32, 4),
+]] + [_cfg(bn, bw, warps, pipeline=stages) for bn, bw, warps, stages in [
+    (4, 256, 4, 4), (8, 256, 4, 3), (4, 512, 4, 3), (8, 128, 4, 6), (16, 128, 4, 4), (8, 64, 4, 6),
 ]]
 # Split-K only pays where K is long (down_proj, K = 11008: 18.5 us with 2 slices vs 19.9 unsplit on the
 # H200 at M = 1); at K = 4096 every split timed slower (``bench_gemv_pieces.py --splitk``).
@@ -102,7 +116,8 @@ def _gemv_block(
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+        PIPELINE: tl.constexpr):
     """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
     ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
@@ -128,8 +143,10 @@ def _gemv_block(
     if LUT:
         t0, t1, t2, t3 = lut_words(zb, DINT, DINT_R)
 
-    # The first weight tile goes out before the activation prologue, so HBM is busy from the start.
-    w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), other=0)
+    if PIPELINE > 1:  # each step loads its own tile; the pipeliner keeps PIPELINE - 1 tiles in flight
+        w_next = tl.zeros([BLOCK_N, BLOCK_W], tl.int32)  # never read
+    else:  # hand-made double buffer in registers: the first tile goes out before the activation prologue
+        w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), other=0)
     x_zpf = tl.zeros([BLOCK_M], tl.float32)  # read by _x_words only when FUSE_QUANT
     if FUSE_QUANT:
         x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
@@ -142,11 +159,14 @@ def _gemv_block(
     shape: tl.constexpr = [BLOCK_M, BLOCK_N, BLOCK_W]
     acc = tl.zeros(shape, tl.int32)
     x_sum = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)  # LUT: sum_k x_k, for the table's +64 bias
-    for it in range(tl.cdiv(c_end - c_begin, CH)):
+    for it in tl.range(tl.cdiv(c_end - c_begin, CH), num_stages=PIPELINE if PIPELINE > 1 else 1):
         c0 = c_begin + it * CH
-        w_cur = w_next
-        nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end)
-        w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
+        if PIPELINE > 1:
+            w_cur = tl.load(w32 + it * step + w_off, mask=n_ok[:, None] & (c0 + chunk_of[None, :] < c_end), other=0)
+        else:
+            w_cur = w_next
+            nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end)
+            w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
         k_base = (c0 + chunk_of) * PACK_K + word_of * 4
         x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS, X_QMAX,
@@ -224,11 +244,12 @@ def w4_gemv_kernel(
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+        PIPELINE: tl.constexpr):
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
                 w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
-                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K)
+                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -245,7 +266,8 @@ def w4_gemv_group_kernel(
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+        PIPELINE: tl.constexpr):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     pid = tl.program_id(0)
@@ -256,14 +278,14 @@ def w4_gemv_group_kernel(
         _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
                     y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
-                    BLOCK_N, BLOCK_W, SPLIT_K)
+                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
         _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
                     b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K)
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
     elif G == 3:
         _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
                     z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
-                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K)
+                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)

@@ -216,7 +216,8 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
                 split_k=False, lut=None):
     """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
     per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps`` and
-    optionally ``SPLIT_K`` (default 1).
+    optionally ``SPLIT_K`` (default 1) and ``PIPELINE`` (stages of the compiler-pipelined weight stream;
+    default 0, the hand-made register double buffer).
     ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``."""
     m, k = x.shape
     n = pw.out_features
@@ -236,7 +237,7 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
     if config is not None:
-        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{"SPLIT_K": 1, **config})
+        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{"SPLIT_K": 1, "PIPELINE": 0, **config})
     else:
         _gemv_kernel[grid](*args, **meta)
     return y
@@ -279,7 +280,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
 
     if config is not None:
-        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{"SPLIT_K": 1, **config})
+        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{"SPLIT_K": 1, "PIPELINE": 0, **config})
     else:
         _gemv_group_kernel[grid](*args, G=len(pws), **metas[0])
     return ys

@@ -146,6 +146,30 @@ if INTERPRET:
             assert not ws.any() and not tickets.any()
 
     @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 300), ("int4", 3, 20, 700), ("dint4_c0.25", 16, 8, 130)])
+    def test_w4a8_gemv_pipelined_stream_is_exact(fmt, m, n, k):
+        """``PIPELINE`` > 1 (each step loads its own tile; on a GPU the compiler's pipeliner keeps
+        PIPELINE - 1 tiles in flight through shared memory) = the hand-made register double buffer, bitwise:
+        one weight, split-K, and the group launch; K past the last step, odd N and M."""
+        from qcompile.backends.triton.w4_linear import launch_gemv, launch_gemv_group
+
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
+        x = make_x(m, k, "cpu", seed=m)
+        xq, xs, xz = quantize_rows(x, 8, False, 0)
+        one = dict(BLOCK_N=4, BLOCK_W=32, num_warps=2)
+        bias = torch.randn(n)
+        for fuse, split in ((False, 1), (True, 1), (False, 3)):
+            args = (x, None, None) if fuse else (xq, xs, xz)
+            ys = [launch_gemv(*args, pw, torch.empty(m, n), fuse_quant=fuse, bias=bias,
+                              config={**one, "SPLIT_K": split, "PIPELINE": p}) for p in (0, 3)]
+            assert torch.equal(ys[0], ys[1]), (fuse, split)
+        check_gemm(x, pw, launch_gemv, config={**one, "PIPELINE": 4})
+        pws = [pw, make_weight(2 * n + 1, k, fmt, "channel", "cpu", seed=7)]
+        outs = [launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws],
+                                  config={**one, "PIPELINE": p}) for p in (0, 3)]
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+    @child_only
     @pytest.mark.parametrize("m", [1, 5, 20])
     def test_shared_quantization_op_matches_the_single_ops(m):
         """``w4_linear_codes_shared`` (one quantize_rows, then each GEMM on the codes) = the per-site op, bitwise."""

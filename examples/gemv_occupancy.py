@@ -1,0 +1,108 @@
+"""Bytes in flight of the decode GEMV's configs, from offline sm_90 compiles (no GPU needed).
+
+At M = 1 a W4A8 linear is a weight stream, and by Little's law a stream runs at (bytes in flight) /
+(memory latency). This compiles ``w4_gemv_kernel`` for Hopper (sm_90) with the ptxas that ships with
+Triton, reads registers and shared memory per program from the cubin, and prints, per config and weight
+shape, how many programs fit on an SM (registers, shared memory, threads, and the grid itself) and how
+many weight bytes each SM then has requested and not yet received:
+
+    in flight per SM = programs per SM x tile bytes x tiles ahead
+    tiles ahead      = 1 (PIPELINE = 0: the register prefetch) or PIPELINE - 1 (cp.async stages),
+                       at most the K loop's trip count (K = 4096 here)
+
+It also counts the cp.async copies in the PTX, which shows whether the compiler pipelined the stream.
+
+    python examples/gemv_occupancy.py            # every GEMV config, LLaMA-2-7B decode shapes
+    python examples/gemv_occupancy.py --sms 132  # H100 SXM / H200 have 132 SMs
+
+A model of the hardware, not a timing: ``examples/bench_gemv_pieces.py`` on the GPU says what is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SHAPES = (4096, 11008, 14336)  # N of the LLaMA-2-7B / LLaMA-3-8B decode GEMVs (K = 4096)
+REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, PROGRAMS_PER_SM = 65536, 228 * 1024, 2048, 32
+ARG_TYPES = dict(x_ptr="*i8", x_scale_ptr="*fp32", x_zp_ptr="*i32", stride_xm="i32", w_ptr="*u8",
+                 w_scale_ptr="*fp32", w_sum_ptr="*i32", w_zero_ptr="*u8", bias_ptr="*fp16", y_ptr="*fp16",
+                 stride_ym="i32", ws_ptr="*i32", cnt_ptr="*i32", M="i32", N="i32", K="i32")
+ALIGNED = {"N", "K", "stride_xm", "stride_ym"}  # multiples of 16 at the model shapes, like the pointers
+
+
+def compile_gemv(config, k: int = 4096, block_m: int = 1):
+    """``w4_gemv_kernel`` compiled for sm_90 with one autotune ``config`` (dINT4, int8 codes given)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qcompile.backends.triton.w4_gemv_kernel import w4_gemv_kernel as fn
+
+    const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True, FUSE_QUANT=False,
+                 X_WORDS=True, LUT=False, X_QMAX=255, X_SYMMETRIC=False, X_RECIP_DIV=False, STAT_BLOCK=k,
+                 BLOCK_M=block_m, **config.kwargs)
+    names = fn.arg_names
+    signature = {n: ARG_TYPES.get(n, "constexpr") for n in names}
+    aligned = [i for i, n in enumerate(names) if n in ARG_TYPES and (ARG_TYPES[n][0] == "*" or n in ALIGNED)]
+    src = ASTSource(fn, signature, {(names.index(n),): v for n, v in const.items()},
+                    {(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def resources(kernel) -> dict:
+    """Registers per thread and shared bytes per program (cuobjdump of the cubin), cp.async count (PTX)."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    return {"regs": regs, "smem": kernel.metadata.shared,
+            "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", kernel.asm["ptx"]))}
+
+
+def in_flight(config, res: dict, n: int, sms: int, k: int = 4096) -> tuple[float, float]:
+    """(programs per SM, KB of weights requested and not yet received per SM) for a ``[n, k]`` weight."""
+    kw, threads = config.kwargs, 32 * config.num_warps
+    steps = math.ceil(math.ceil(k / 128) / (kw["BLOCK_W"] // 16))  # K loop trips (128 codes per chunk)
+    per_sm = min(REGS_PER_SM // (math.ceil(res["regs"] / 8) * 8 * threads), THREADS_PER_SM // threads,
+                 SMEM_PER_SM // max(res["smem"], 1), PROGRAMS_PER_SM)
+    programs = min(math.ceil(n / kw["BLOCK_N"]) / sms, per_sm)
+    ahead = min(kw.get("PIPELINE", 0) - 1 if kw.get("PIPELINE", 0) > 1 else 1, steps)
+    return programs, programs * kw["BLOCK_N"] * kw["BLOCK_W"] * 4 * ahead / 1024
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sms", type=int, default=132, help="SMs of the GPU (H100 SXM / H200: 132)")
+    args = p.parse_args(argv)
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS
+
+    head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "regs", "smem KB", "cp.async"]
+    head += [f"N={n}: progs/SM, KB in flight/SM" for n in SHAPES]
+    print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
+    rows = []
+    for cfg in GEMV_CONFIGS:
+        res = resources(compile_gemv(cfg))
+        kw = cfg.kwargs
+        cells = [kw["BLOCK_N"], kw["BLOCK_W"], cfg.num_warps, kw.get("PIPELINE", 0), res["regs"],
+                 f"{res['smem'] / 1024:.1f}", res["cp_async"]]
+        flights = [in_flight(cfg, res, n, args.sms) for n in SHAPES]
+        cells += [f"{p:.1f}, {kb:.0f}" for p, kb in flights]
+        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+        rows.append(dict(config=dict(kw, num_warps=cfg.num_warps), **res, in_flight_kb=[kb for _, kb in flights]))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
