@@ -133,6 +133,15 @@ def slope():
         del pws, w16s
 
 
+def _weight_sets(ns, k):
+    """Random fp16 weights ``[n, k]`` for each n of a shape / group, as sets to cycle through in a graph:
+    4 copies of their dINT4 packings, 2 of the fp16 weights (each set one copy of every weight)."""
+    w16 = [(torch.randn(n, k, device="cuda") * 0.02).half() for n in ns]
+    packed = [prepack(*F.quantize(w.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
+                      "dint4", "channel") for w in w16]
+    return list(zip(*(clones(pw, 4) for pw in packed))), list(zip(*(clones(w, 2) for w in w16)))
+
+
 SPLITK_CFGS = [(8, 128, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (4, 256, 4), (16, 32, 4), (8, 64, 4)]
 
 
@@ -141,11 +150,7 @@ def splitk():
     print(f"device: {torch.cuda.get_device_name()}; split-K GEMV, GPU time per call in us", flush=True)
     cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES[::-1]] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
     for name, ns, k in cases:
-        w16 = [(torch.randn(n, k, device="cuda") * 0.02).half() for n in ns]
-        packed = [prepack(*F.quantize(w.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
-                          "dint4", "channel") for w in w16]
-        pw_sets = list(zip(*(clones(pw, 4) for pw in packed)))
-        w16_sets = list(zip(*(clones(w, 2) for w in w16)))
+        pw_sets, w16_sets = _weight_sets(ns, k)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").half()
             ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
@@ -193,11 +198,7 @@ def pipeline():
     cfgs = [dict(c.kwargs, num_warps=c.num_warps) for c in GEMV_CONFIGS]
     cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
     for name, ns, k in cases:
-        w16 = [(torch.randn(n, k, device="cuda") * 0.02).half() for n in ns]
-        packed = [prepack(*F.quantize(w.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
-                          "dint4", "channel") for w in w16]
-        pw_sets = list(zip(*(clones(pw, 4) for pw in packed)))
-        w16_sets = list(zip(*(clones(w, 2) for w in w16)))
+        pw_sets, w16_sets = _weight_sets(ns, k)
         mb = sum(n * k for n in ns) / 2 / 1e6
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda").half()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -84,3 +85,23 @@ def save_tiny_model(folder, family: str = "llama", **overrides):
     tiny_model(family, **overrides).save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch):
+    """``QCOMPILE_HOME`` in ``tmp_path``: the CLI sees no asset the test did not make (the CLI test modules
+    use it for every test through ``pytestmark``)."""
+    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+_PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+")  # a tqdm bar (model loading prints one): progress, not an error
+
+
+def error_line(err: str) -> str:
+    """The single ``qcompile: error: ...`` line a failed CLI call leaves on stderr (progress bars aside),
+    asserting there is nothing else: no second line, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip() and not _PROGRESS.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("qcompile: error: "), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model, tiny_model, word_text, word_tokenizer
+from conftest import error_line, save_tiny_model, tiny_model, word_text, word_tokenizer
 
 from qcompile import (
     cli,
@@ -104,9 +104,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
     return e
 
 
-@pytest.fixture(autouse=True)
-def empty_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("empty_home")
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -114,14 +112,6 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*"))}
 
 
-_PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+")  # a tqdm bar (model loading prints one): progress, not an error
-
-
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not _PROGRESS.search(line)]
-    assert len(lines) == 1 and lines[0].startswith("qcompile: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------ the catalogue
@@ -202,7 +192,7 @@ def test_bad_input_one_line_exit_2_nothing_written(env, tmp_path, capsys, case):
     before = _tree_digest(env["model"].parent)
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
-    line = _error_line(captured.err)
+    line = error_line(captured.err)
     assert re.search(message, line), line
     assert list(out.iterdir()) == []
     assert _tree_digest(env["model"].parent) == before   # inputs untouched, no temporary leftovers
@@ -225,7 +215,7 @@ def test_process_level_exit_2_one_line(env, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qcompile", *_quantize(env, model="nan")], capture_output=True,
                           text=True, timeout=300, check=False, env={**os.environ, "QCOMPILE_HOME": str(tmp_path)})
     assert proc.returncode == 2, proc.stderr
-    assert "NaN or Inf" in _error_line(proc.stderr)
+    assert "NaN or Inf" in error_line(proc.stderr)
     assert proc.stdout == ""
 
 
@@ -260,7 +250,7 @@ def test_read_only_output_folder(env, tmp_path):
                     rc = cli.main(argv)
                 err = buf.getvalue()
             assert rc == 2, err
-            assert f"cannot write the {what} {target}: folder {locked} is not writable" in _error_line(err)
+            assert f"cannot write the {what} {target}: folder {locked} is not writable" in error_line(err)
             assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)

@@ -7,29 +7,16 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import WORDS, error_line, tiny_model, word_tokenizer
 
 from qcompile import cli, evaluate
-
-WORDS = [f"w{i}" for i in range(100)]
-
-
-def _word_tokenizer():
-    """An offline word-level HF tokenizer over WORDS (ids < 128, the tiny models' vocab)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(folder)
-    _word_tokenizer().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -41,17 +28,7 @@ def text_file(tmp_path):
     return path
 
 
-@pytest.fixture(autouse=True)
-def empty_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qcompile: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("empty_home")
 
 
 def test_eval_ppl_text_writes_flat_json(model_dir, text_file, tmp_path, capsys):
@@ -92,7 +69,7 @@ def test_errors_are_one_line_exit_2(argv, message, capsys):
     import re
 
     assert cli.main(argv) == 2
-    assert re.search(message, _error_line(capsys))
+    assert re.search(message, error_line(capsys.readouterr().err))
 
 
 def test_debug_shows_the_traceback(capsys):

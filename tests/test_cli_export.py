@@ -11,9 +11,7 @@ from qcompile import cli
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def empty_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("empty_home")
 
 
 @pytest.fixture(scope="module")

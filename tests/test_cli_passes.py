@@ -8,10 +8,7 @@ from conftest import save_tiny_model, word_text
 
 from qcompile import cli
 
-
-@pytest.fixture(autouse=True)
-def empty_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("empty_home")
 
 
 @pytest.mark.parametrize("family, n_linears", [("opt", 2 * 6), ("gqa", 2 * 7)])

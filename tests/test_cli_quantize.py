@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_model, word_text
+from conftest import error_line, save_tiny_model, word_text
 
 import qcompile
 from qcompile import cli
@@ -24,16 +24,7 @@ def texts(tmp_path):
     return ppl, calib
 
 
-@pytest.fixture(autouse=True)
-def empty_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qcompile: error: "), err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("empty_home")
 
 
 def test_rtn_quantize_table_json_and_save(model_dir, texts, tmp_path, capsys):
@@ -92,6 +83,6 @@ def test_bad_input_one_line_nothing_written(model_dir, texts, tmp_path, capsys, 
             "--threads", "1"]
     # later --recipe wins in argparse; put the case's flags last
     assert cli.main(argv + extra) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys.readouterr().err)
     assert message in line, line
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["calib.txt", "eval.txt"]
