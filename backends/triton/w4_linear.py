@@ -18,6 +18,7 @@ across launch sequences — and caches the winner. Set a path name to force it (
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -91,25 +92,29 @@ def _fast_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+def _autotune(configs, key, prune, kernel):
+    """``triton.autotune`` with our benchmark; the tuning results kept on disk in Triton's cache (keyed by
+    Triton, target, kernel source, key values and configs) where this Triton can (>= 3.4), so a second
+    process compiles only the winning config of each shape instead of all of them. ``QCOMPILE_AUTOTUNE_CACHE=0``
+    turns that off."""
+    extra = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        extra["cache_results"] = os.environ.get("QCOMPILE_AUTOTUNE_CACHE", "1") != "0"
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=_fast_bench,
+                           **extra)(kernel)
+
+
 _KEY = ["M_BUCKET", "N", "K", "n_units", "W_KIND", "GROUPED", "X_GROUPED", "USE_ASM", "FUSE_QUANT"]
-_PRUNE = {"early_config_prune": kern.prune_configs}
-_decode_kernel = triton.autotune(kern.DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
-                                 do_bench=_fast_bench)(kern.w4_gemm_kernel)
-_splitk_decode_kernel = triton.autotune(kern.SPLITK_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
-                                        do_bench=_fast_bench)(kern.w4_gemm_kernel)
-_fused_decode_kernel = triton.autotune(kern.FUSED_DECODE_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
-                                       do_bench=_fast_bench)(kern.w4_gemm_kernel)
+_decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
+_splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
+_fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
-_gemv_kernel = triton.autotune(_GEMV_AUTOTUNED, key=["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM",
-                                                     "LUT"],
-                               prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
-                               do_bench=_fast_bench)(gemv_kern.w4_gemv_kernel)
-_gemv_group_kernel = triton.autotune(_GEMV_AUTOTUNED, key=["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT", "FUSE_QUANT",
-                                                           "X_WORDS", "USE_ASM", "LUT"],
-                                     prune_configs_by={"early_config_prune": gemv_kern.prune_gemv_configs},
-                                     do_bench=_fast_bench)(gemv_kern.w4_gemv_group_kernel)
-_prefill_kernel = triton.autotune(kern.PREFILL_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
-                                  do_bench=_fast_bench)(kern.w4_gemm_kernel)
+_gemv_kernel = _autotune(_GEMV_AUTOTUNED, ["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT"],
+                         gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_kernel)
+_gemv_group_kernel = _autotune(_GEMV_AUTOTUNED, ["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT", "FUSE_QUANT", "X_WORDS",
+                                                 "USE_ASM", "LUT"],
+                               gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_group_kernel)
+_prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 
 
 def _use_asm(device: torch.device, use_asm: bool | None) -> bool:
