@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import dispatch_cache
 from . import w4_gemm_kernel as kern
 from . import w4_gemv_kernel as gemv_kern
 from ._common import recip_div
@@ -317,8 +318,9 @@ def _gpu_time(fn) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def _choose_path(key, candidates: dict, forced: str) -> str:
-    """``forced`` if set, else the fastest candidate for ``key`` (timed once, cached)."""
+def _choose_path(key, candidates: dict, forced: str, device: torch.device) -> str:
+    """``forced`` if set, else the fastest candidate for ``key`` on ``device``: timed once, kept in this
+    process and on disk (``dispatch_cache``: a later process takes it without timing or compiling the rest)."""
     if forced != "auto":
         if forced not in candidates:
             raise ValueError(f"path {forced!r} is not available here; candidates: {sorted(candidates)}")
@@ -329,11 +331,17 @@ def _choose_path(key, candidates: dict, forced: str) -> str:
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if len(candidates) == 1 or interpreting() or capturing or torch.compiler.is_compiling():
         return first
+    env = dispatch_cache.environment(device)
+    stored = dispatch_cache.lookup(env, key)
+    if stored in candidates:
+        _PATH_CACHE[key] = stored
+        return stored
     times = {}
     for name, fn in candidates.items():
         fn()  # compiles and autotunes this path's kernels first
         times[name] = _gpu_time(fn)
     _PATH_CACHE[key] = min(times, key=times.get)
+    dispatch_cache.store(env, key, _PATH_CACHE[key])
     return _PATH_CACHE[key]
 
 
@@ -368,7 +376,7 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         forced = DISPATCH.prefill_path
     key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
            pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
-    return candidates[_choose_path(key, candidates, forced)]()
+    return candidates[_choose_path(key, candidates, forced, x.device)]()
 
 
 def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool, biases: list) -> list:
@@ -397,7 +405,7 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
                                                           act_bits=act_bits, act_sym=act_sym)
     key = ("group", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws), pws[0].in_features,
            pws[0].fmt, act_bits, act_sym, x.dtype, biases[0] is not None, x.device)
-    return cands[_choose_path(key, cands, DISPATCH.group_path)]()
+    return cands[_choose_path(key, cands, DISPATCH.group_path, x.device)]()
 
 
 def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws: list, act_bits: int,
@@ -418,7 +426,7 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     forced = DISPATCH.group_path if DISPATCH.group_path in cands else "auto"
     key = ("group_codes", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws),
            pws[0].in_features, pws[0].fmt, act_bits, act_sym, out_dtype, biases[0] is not None, xq.device)
-    return cands[_choose_path(key, cands, forced)]()
+    return cands[_choose_path(key, cands, forced, xq.device)]()
 
 
 def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym) -> dict:
@@ -460,5 +468,5 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym) -> list:
         cands, forced = candidates(pw, y, bias)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
                pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
-        cands[_choose_path(key, cands, forced)]()
+        cands[_choose_path(key, cands, forced, xq.device)]()
     return ys

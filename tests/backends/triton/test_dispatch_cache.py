@@ -1,0 +1,82 @@
+"""backends/triton/dispatch_cache.py: the auto dispatch's timed path choices survive the process."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from qcompile.backends.triton import dispatch_cache, w4_linear
+
+KEY = (True, 1, 4096, 4096, "dint4", 0, 8, False, 0, torch.float16, False, torch.device("cpu"))
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def timing(tmp_path, monkeypatch):
+    """A fresh cache home and process state; ``timing["times"]`` are the fake GPU times of the paths,
+    ``timing["calls"]`` counts the candidate runs."""
+    monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(w4_linear, "interpreting", lambda: False)
+    monkeypatch.setattr(w4_linear, "_PATH_CACHE", {})
+    monkeypatch.setattr(dispatch_cache, "_memory", {})
+    state = {"times": {"fused": 3.0, "gemv": 2.0}, "calls": 0}
+
+    def fake_time(fn):
+        return state["times"][fn()]
+
+    monkeypatch.setattr(w4_linear, "_gpu_time", fake_time)
+    return state
+
+
+def _candidates(state):
+    def run(name):
+        state["calls"] += 1
+        return name
+    return {"fused": lambda: run("fused"), "gemv": lambda: run("gemv")}
+
+
+def _new_process(monkeypatch):
+    monkeypatch.setattr(w4_linear, "_PATH_CACHE", {})
+    monkeypatch.setattr(dispatch_cache, "_memory", {})
+
+
+def test_a_later_process_takes_the_stored_winner(timing, tmp_path, monkeypatch):
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "gemv"
+    assert timing["calls"] == 4  # each path run once to compile, once timed
+    stored = json.loads((tmp_path / "home" / "triton" / "dispatch_paths.json").read_text())
+    (env, entries), = stored.items()
+    assert "kernels " in env and entries == {repr(KEY): "gemv"}
+    _new_process(monkeypatch)
+    timing["times"] = {"fused": 1.0, "gemv": 2.0}  # would now pick fused if it timed again
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "gemv"
+    assert timing["calls"] == 4  # nothing run, nothing compiled
+    assert w4_linear._choose_path(KEY, _candidates(timing), "fused", CPU) == "fused"  # forcing still wins
+
+
+def test_another_environment_or_missing_path_times_again(timing, monkeypatch):
+    w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU)
+    _new_process(monkeypatch)
+    monkeypatch.setattr(dispatch_cache, "_source_digest", lambda: "edited kernels")
+    timing["times"] = {"fused": 1.0, "gemv": 2.0}
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "fused"
+    _new_process(monkeypatch)
+    cands = _candidates(timing)
+    del cands["fused"]  # a stored path this build no longer offers is ignored
+    cands["splitk"] = lambda: "gemv"
+    timing["calls"] = 0
+    assert w4_linear._choose_path(KEY, cands, "auto", CPU) in cands and timing["calls"] == 2
+
+
+def test_switch_off_and_unwritable_home(timing, tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_AUTOTUNE_CACHE", "0")
+    w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU)
+    assert not (tmp_path / "home").exists()
+    monkeypatch.delenv("QCOMPILE_AUTOTUNE_CACHE")
+    _new_process(monkeypatch)
+    (tmp_path / "home").write_text("a file where the folder should be")
+    monkeypatch.setattr(dispatch_cache, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="cannot keep the timed dispatch paths"):
+        assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "gemv"
+    assert not list(tmp_path.glob("**/*.tmp"))
