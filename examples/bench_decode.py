@@ -172,12 +172,19 @@ def profile_steps(graph, pos, steps=8):
         for _ in range(steps):
             graph.replay()
         torch.cuda.synchronize()
+    return kinds_per_step(prof.key_averages(), steps)
+
+
+def kinds_per_step(averages, steps):
+    """``{kind: (µs per step, kernels per step)}`` from profiler averages (one entry per kernel name; only
+    kernels carry GPU time of their own)."""
     out = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            kind = kind_of(ev.name)
-            us, n = out.get(kind, (0.0, 0))
-            out[kind] = (us + ev.device_time / steps, n + 1 / steps)
+    for entry in averages:
+        us = getattr(entry, "self_device_time_total", 0.0)
+        if us > 0:
+            kind = kind_of(entry.key)
+            total, n = out.get(kind, (0.0, 0.0))
+            out[kind] = (total + us / steps, n + entry.count / steps)
     return out
 
 
