@@ -58,7 +58,8 @@ with torch.device(dev):
     model = transformers.LlamaForCausalLM(config).to(dtype).eval()
 qmodel = quantize_linears(model, RECIPE)
 log(f"[{time.time() - t_start:4.0f}s] model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
-    f"{torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}, transformers {transformers.__version__}")
+    f"{torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}, "
+    f"transformers {transformers.__version__}")
 CACHE_ARG = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -43,8 +43,10 @@ EVAL_WINDOWS, EVAL_WINDOW = 8, 2048
 OUT = os.environ.get("OUT")
 torch.manual_seed(0)
 torch.set_num_threads(1)
-cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+cpu = platform.machine()
+if Path("/proc/cpuinfo").exists():
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), cpu)
 load_before = os.getloadavg()
 
 # 1. the model: the real default model if its assets are present, else random weights of its shapes

@@ -293,7 +293,8 @@ def dp_smoke(device: str) -> dict:
     if hooks is None:
         raise SystemExit("--dp-smoke runs under torchrun")
     shape = SHAPES["tiny"] if device == "cpu" else {
-        "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4}
+        "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 2, "num_attention_heads": 16,
+        "num_key_value_heads": 4}
     model = build_model(shape, 2)
     batches = torch.randint(0, VOCAB, (16, 256), generator=torch.Generator().manual_seed(2))
     t = time.perf_counter()
@@ -346,7 +347,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     path = OUT / "scale.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, recipe {RECIPE.name}", flush=True)
+    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"recipe {RECIPE.name}", flush=True)
     for item in args.models.split(","):
         name, _, blocks = item.partition(":")
         n = int(blocks or SHAPES[name]["num_hidden_layers"])

@@ -58,7 +58,8 @@ def machine() -> str:
     threads = torch.get_num_threads()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, {cpu} host)"
-    return f"{cpu}, {os.cpu_count()} cores visible, {threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
+    return (f"{cpu}, {os.cpu_count()} cores visible, {threads} torch thread{'s' if threads != 1 else ''}, "
+            f"torch {torch.__version__}")
 
 
 def machine_line(entries, fallback: str, tags=None) -> str:

@@ -39,8 +39,8 @@ MAIN = P["w4a8v4-aqas-optq-dint4"]
 MAIN_2048 = MAIN.replace(calib_samples=16, calib_seq_len=2048)
 W4A16G64 = dict(weight_format="int4", weight_granularity="group64", act_format=None, v_format=None)
 # OPTQ settings and calibration budget of the main recipe, for the OPTQ rows of table D
-_OPTQ_OF_MAIN = {k: getattr(MAIN_2048, k) for k in ("rounding", "optq_damp", "optq_act_order", "sink_weight", "calib_samples",
-                                               "calib_seq_len", "calib_search_tokens")}
+_OPTQ_OF_MAIN = {k: getattr(MAIN_2048, k) for k in ("rounding", "optq_damp", "optq_act_order", "sink_weight",
+                                                     "calib_samples", "calib_seq_len", "calib_search_tokens")}
 SLAC_TOKENS = 16 * 1024  # one budget for every calibration length in table G
 
 
@@ -305,8 +305,9 @@ def render_tables(data, tables, windows, meta, tasks=(), task_limit=None) -> str
         shown.append((data.get("fp32-tasks"), None))
     out = [f"SmolLM2-135M-Instruct, Wikipedia sample, {windows} windows x 2048 tokens (FP32 {fp:.2f}); "
            f"calibration on the C4 sample. `{meta.get('command') or _command(tables, windows)}` on "
-           f"{C.machine_line([e for e, _ in shown], meta['machine'], [t for _, t in shown])}. Gap closed = share of the first row's "
-           "(RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = wall seconds of `calibrate` (machine shared with other jobs)."
+           f"{C.machine_line([e for e, _ in shown], meta['machine'], [t for _, t in shown])}. Gap closed = share "
+           "of the first row's (RTN) gap to FP32, or of the nearest RTN row above on the same grid; calibration s = "
+           "wall seconds of `calibrate` (machine shared with other jobs)."
            + (f" Zero-shot: accuracy (%) on the first {task_limit} items of {', '.join(tasks)}, avg = their mean "
               f"(at {task_limit} items an accuracy's standard error is ~{_stderr_points(task_limit):.1f} points)."
               if tasks and "A" in tables else "")]
@@ -385,7 +386,8 @@ def render_slac(data, windows, limit, tasks, meta) -> str:
     text = (f"SLAC: the main recipe calibrated at sequence lengths {', '.join(map(str, SLAC_LENGTHS))} with one "
             f"budget of {SLAC_TOKENS} C4 tokens; perplexity on {windows} Wikipedia windows of 2048 tokens"
             + (f", zero-shot accuracy on the first {limit} items of {', '.join(tasks)} (prompts of tens of "
-               "tokens)" if tasks else "") + f". `python examples/reproduce_papers.py --tables G --task-limit {limit} --max-windows "
+               "tokens)" if tasks else "")
+            + f". `python examples/reproduce_papers.py --tables G --task-limit {limit} --max-windows "
             f"{windows}` on {C.machine_line(shown, meta['machine'])}.\n\n" + C.markdown_table(head, body)
             + ("\n\n† measured with an earlier version of the main recipe (the row's recipe in the JSON differs "
                "from today's preset); rerun the command to refresh it." if stale else "")

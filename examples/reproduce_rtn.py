@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
         table.append([desc, q, e["ppl"], None if recipe is None else f"{100 * (e['ppl'] / fp - 1):+.1f} %",
                       e.get("quantize_s")])
     text = (f"SmolLM2-135M-Instruct, Wikipedia sample, {args.max_windows} windows × 2048 tokens, "
-            f"`python examples/reproduce_rtn.py --max-windows {args.max_windows}` on {C.machine_line(shown, meta['machine'])}. "
+            f"`python examples/reproduce_rtn.py --max-windows {args.max_windows}` on "
+            f"{C.machine_line(shown, meta['machine'])}. "
             "All 210 decoder linears quantized (lm_head kept); RTN, asymmetric min-max unless FP4.\n\n"
             + C.markdown_table(["scheme", "recipe", "ppl", "vs FP32", "quantize s"], table))
     where = C.write_block("rtn-table", text, args.no_readme)

@@ -1,7 +1,8 @@
 """fuse_layernorm: fold a norm's affine parameters into the linears it feeds.
 
 Rewrites
-  * OPT:   ``linear(layer_norm(x, shape, gamma, beta), W, b)`` -> ``linear(layer_norm(x, shape), W diag(gamma), b + W beta)``
+  * OPT:   ``linear(layer_norm(x, shape, gamma, beta), W, b)``
+           -> ``linear(layer_norm(x, shape), W diag(gamma), b + W beta)``
   * LLaMA: ``linear(mul(gamma, rmsnorm_chain(x)), W)``        -> ``linear(rmsnorm_chain(x), W diag(gamma))``
            (RMSNorm is matched from its decomposed ``pow/mean/add/rsqrt/mul`` chain: the final ``mul`` by a
            1-D parameter inside an ``*RMSNorm`` module).
@@ -79,7 +80,8 @@ def fuse_layernorm(gm: fx.GraphModule, ctx) -> PassResult:
             w = get_tensor(gm, site.weight.target)
             b_node = site.node.args[2] if len(site.node.args) > 2 else None
             w2, b2 = fuse_norm_into_linear(w, _param(gm, b_node), gamma, beta)
-            site.node.replace_input_with(site.weight, get_attr_node(gm, new_attr(gm, site.module + ".w", w2), site.node))
+            new_w = get_attr_node(gm, new_attr(gm, site.module + ".w", w2), site.node)
+            site.node.replace_input_with(site.weight, new_w)
             if b2 is not None:
                 b_attr = get_attr_node(gm, new_attr(gm, site.module + ".b", b2), site.node)
                 site.node.args = (site.node.args[0], site.node.args[1], b_attr)

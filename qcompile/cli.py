@@ -236,8 +236,10 @@ COMMANDS: dict[str, Command] = {
     "passes": Command("qcompile.commands.passes:add_arguments", "qcompile.commands.passes:run",
                       "run the passes with per-pass graph dumps and diffs, then per-linear SQNR vs FP"),
     "export": Command("qcompile.commands.export:add_arguments", "qcompile.commands.export:run",
-                      "write an ONNX QDQ (exact) or fused (fast) model; --check compares onnxruntime with the reference"),
-    "report": Command("qcompile.commands.report:add_arguments", "qcompile.commands.report:run", "numerics report (HTML)"),
+                      "write an ONNX QDQ (exact) or fused (fast) model; --check compares onnxruntime with the "
+                      "reference"),
+    "report": Command("qcompile.commands.report:add_arguments", "qcompile.commands.report:run",
+                      "numerics report (HTML)"),
 }
 
 

@@ -300,8 +300,8 @@ def compare(qm, input_ids: torch.Tensor, backends=("onnx", "triton"), tol: float
 
     Returns:
         A Table, one row per backend and linear (``backend, module, lowering, reason, rel_err, in_rel_err,
-        excess_err, max_abs_err, sqnr_db, diverged, first``); ``meta["first_divergence"][backend]`` is the first diverging linear
-        (or None), ``meta["status"][backend]`` says whether it ran ("ok") or why not.
+        excess_err, max_abs_err, sqnr_db, diverged, first``); ``meta["first_divergence"][backend]`` is the first
+        diverging linear (or None), ``meta["status"][backend]`` says whether it ran ("ok") or why not.
     """
     from qcompile.report.backends import compare_backends
     return compare_backends(qm, input_ids, backends, tol, **options)

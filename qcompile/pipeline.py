@@ -63,9 +63,9 @@ def _check_group_sizes(model, recipe: Recipe) -> None:
     from qcompile.passes.keep_salient_fp16 import salient_channels
     from qcompile.passes.runner import in_scope
 
-    groups = [(f, gran.group_size) for f, gran, fmt in (("weight_granularity", recipe.weight_gran, recipe.weight_format),
-                                                        ("act_granularity", recipe.act_gran, recipe.act_format))
-              if fmt is not None and gran.kind == "group"]
+    grids = (("weight_granularity", recipe.weight_gran, recipe.weight_format),
+             ("act_granularity", recipe.act_gran, recipe.act_format))
+    groups = [(f, gran.group_size) for f, gran, fmt in grids if fmt is not None and gran.kind == "group"]
     for name, module in model.named_modules() if groups else ():
         if not isinstance(module, torch.nn.Linear) or not in_scope(name, recipe):
             continue

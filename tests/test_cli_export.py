@@ -23,9 +23,9 @@ def test_export_both_forms_with_check(model_dir, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(word_text(200), encoding="utf-8")
     out, res = tmp_path / "m.onnx", tmp_path / "r.json"
-    rc = cli.main(["export", "--model", str(model_dir), "--recipe", "w4a8-rtn-dint4", "--out", str(out), "--form", "both",
-                   "--check", "--check-text", str(text), "--window", "64", "--max-windows", "2", "--json", str(res),
-                   "--threads", "1"])
+    rc = cli.main(["export", "--model", str(model_dir), "--recipe", "w4a8-rtn-dint4", "--out", str(out),
+                   "--form", "both", "--check", "--check-text", str(text), "--window", "64", "--max-windows", "2",
+                   "--json", str(res), "--threads", "1"])
     assert rc == 0
     r = json.loads(res.read_text())
     assert out.is_file() and (tmp_path / "m.fast.onnx").is_file()

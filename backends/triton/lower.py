@@ -182,7 +182,8 @@ def act_plan(act_fmt: str | None, act_gran: str, w_gran: F.Granularity) -> tuple
     desc = f"{act_fmt} {act_gran}"
     if act_fmt in ("int8", "int8_sym") and act_gran == "token":
         return "w4a8", desc, ""
-    if act_fmt in ("int4", "int4_sym") and (act_gran == w_gran.name or (act_gran == "token" and w_gran.kind == "channel")):
+    same_grid = act_gran == w_gran.name or (act_gran == "token" and w_gran.kind == "channel")
+    if act_fmt in ("int4", "int4_sym") and same_grid:
         return "w4a4", desc, ""  # per token = one group of all of K, like a per-channel weight
     return None, desc, (f"activations {desc}: the kernels take int8 per token, or int4 per group of the "
                         f"weight's group size ({w_gran.name})")

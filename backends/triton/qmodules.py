@@ -189,7 +189,8 @@ def to_module_form(qm, model: torch.nn.Module | None = None) -> torch.nn.Module:
             lin.bias = torch.nn.Parameter(b.detach(), requires_grad=False) if b is not None else None
             continue
         codes, scale, zp = (_tensor(gm, a) for a in w.args[:3])
-        act = x.args[1:3] if getattr(x, "target", None) is torch.ops.qcompile.qdq_activation.default else (None, "token")
+        is_qdq = getattr(x, "target", None) is torch.ops.qcompile.qdq_activation.default
+        act = x.args[1:3] if is_qdq else (None, "token")
         _set_submodule(hf, name, QuantizedLinear(codes, scale, zp, *w.args[3:7], bias=b, act_fmt=act[0],
                                                  act_granularity=act[1], v_fmt=v_formats.get(name)))
     return hf

@@ -15,9 +15,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qcompile.cli import add_model_argument, add_threads_argument, apply_threads, format_rows, read_user_text
 from qcompile.errors import QcompileError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_arguments", "run"]
 

@@ -124,7 +124,9 @@ def onnx_linear_outputs(qm, input_ids, form: str = "fast", onnx_path=None, threa
         ir.save(model, probe)
         session = ort_session(probe, threads or torch.get_num_threads())
         outs = session.run(None, {"input_ids": input_ids.numpy().astype(np.int64)})
-    flat = lambda y: torch.from_numpy(y).reshape(-1, y.shape[-1]).float()
+    def flat(y):
+        return torch.from_numpy(y).reshape(-1, y.shape[-1]).float()
+
     by_value = dict(zip(out_values, outs))
     ys = {names[n]: flat(by_value[values[n]]) for n in found}
     xs = {m: flat(by_value[v]) for m, v in probes.items() if v in by_value}
@@ -194,9 +196,11 @@ def _rows_for(backend, ref: dict, ys: dict, xs: dict | None, lowering: dict, tol
                "in_rel_err": None, "excess_err": None, "max_abs_err": None, "sqnr_db": None, "diverged": False,
                "first": False}
         if y is not None and y.shape == rec.y.shape:
-            row.update(rel_err=rel_error(rec.y, y), max_abs_err=(rec.y - y).abs().max().item(), sqnr_db=sqnr_db(rec.y, y))
+            row.update(rel_err=rel_error(rec.y, y), max_abs_err=(rec.y - y).abs().max().item(),
+                       sqnr_db=sqnr_db(rec.y, y))
             x = (xs or {}).get(module)
-            row["in_rel_err"] = rel_error(rec.x, x) if x is not None and x.shape == rec.x.shape else (0.0 if xs is None else None)
+            same_input = x is not None and x.shape == rec.x.shape
+            row["in_rel_err"] = rel_error(rec.x, x) if same_input else (0.0 if xs is None else None)
             row["excess_err"] = row["rel_err"] - (row["in_rel_err"] or 0.0)
             row["diverged"] = row["excess_err"] > tol
             if row["diverged"] and first is None:

@@ -88,7 +88,8 @@ def check_in_browser(html: Path, screenshot: Path | None = None, size: tuple[int
     check.layer_rows = table.group(1).count("<tr") if table else 0
     check.plot_ids = re.findall(r'id="plot-([\w-]+)"', dom.stdout)
     if screenshot is not None:
-        shot = run_chromium(exe, html, f"--window-size={size[0]},{size[1]}", f"--screenshot={Path(screenshot).resolve()}")
+        shot = run_chromium(exe, html, f"--window-size={size[0]},{size[1]}",
+                            f"--screenshot={Path(screenshot).resolve()}")
         check.console += [c for c in console_lines(shot.stderr) if c not in check.console]
         if shot.returncode != 0 or not Path(screenshot).is_file():
             raise QcompileError(f"chromium could not take a screenshot of {html}: {shot.stderr[-500:]}")

@@ -39,7 +39,8 @@ def summarize_split(rows: list[dict]) -> dict:
     """The paper's qualitative check (Fig. 4(b)/(d)): does dINT4 lower the underflow error vs INT4?"""
     if not rows:
         return {}
-    tot = {f: {k: sum(r[f"{f}_{k}"] for r in rows) for k in ("underflow", "rounding", "total")} for f in ("int4", "dint4")}
+    tot = {f: {k: sum(r[f"{f}_{k}"] for r in rows) for k in ("underflow", "rounding", "total")}
+           for f in ("int4", "dint4")}
     lower = sum(r["dint4_underflow"] < r["int4_underflow"] for r in rows)
     return {"int4": tot["int4"], "dint4": tot["dint4"], "linears": len(rows), "dint4_lower_underflow": lower,
             "dint4_lowers_underflow": tot["dint4"]["underflow"] < tot["int4"]["underflow"],

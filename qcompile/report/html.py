@@ -43,7 +43,8 @@ document.querySelectorAll("table.sortable th").forEach(function(th, i){
 window.addEventListener("load", function(){
   var imgs = Array.from(document.images), ok = imgs.filter(function(i){ return i.complete && i.naturalWidth > 0; });
   document.body.dataset.imagesOk = ok.length + "/" + imgs.length;
-  if (ok.length !== imgs.length) console.error("qcompile report: " + (imgs.length - ok.length) + " figure(s) did not decode");
+  if (ok.length !== imgs.length)
+    console.error("qcompile report: " + (imgs.length - ok.length) + " figure(s) did not decode");
 });
 """
 
@@ -142,8 +143,9 @@ def _backends(numbers: dict) -> str:
     if not comp:
         return '<p class="note">No backend asked for (use --backends reference,onnx,triton).</p>'
     parts = ['<p class="note">rel err = ‖y − y_ref‖ / ‖y_ref‖ of each quantized linear\'s output; a linear diverges '
-             'when its rel err exceeds the rel err of its own input by more than the tolerance (onnxruntime runs end to '
-             'end, so error that only propagates is not blamed on it; Triton kernels run on the reference input).</p>']
+             'when its rel err exceeds the rel err of its own input by more than the tolerance (onnxruntime runs '
+             'end to end, so error that only propagates is not blamed on it; Triton kernels run on the reference '
+             'input).</p>']
     for backend, status in comp["status"].items():
         rows = [r for r in comp["rows"] if r["backend"] == backend]
         first = comp["first_divergence"].get(backend)
@@ -168,10 +170,13 @@ def render(numbers: dict, plots: dict[str, Path], title: str, json_name: str | N
     s = numbers["seconds"]
     figs = {name: _img(p, name) for name, p in plots.items()}
     recipe = numbers["recipe"]
-    low = lambda key, r: "bad" if isinstance(r.get(key), float) and key.startswith("sqnr") and r[key] < 10 else ""
+    def low(key, r):
+        return "bad" if isinstance(r.get(key), float) and key.startswith("sqnr") and r[key] < 10 else ""
+
     sections = [
         f"<h1>{_e(title)}</h1>",
-        f'<p>recipe <b>{_e(recipe["name"])}</b>: weights {_e(recipe["weight_format"])} {_e(recipe["weight_granularity"])}, '
+        f'<p>recipe <b>{_e(recipe["name"])}</b>: weights {_e(recipe["weight_format"])} '
+        f'{_e(recipe["weight_granularity"])}, '
         f'activations {_e(recipe["act_format"])} {_e(recipe["act_granularity"])}, V {_e(recipe["v_format"])}, '
         f'scaling {_e(recipe["scaling"])}, rounding {_e(recipe["rounding"])}. Errors on {numbers["tokens"]["errors"]} '
         f'tokens, ranges on {numbers["tokens"]["ranges"]}. Built in {sum(s.values()):.1f} s '

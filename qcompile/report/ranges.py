@@ -53,7 +53,9 @@ class RangeCollector:
         """Index of the input with the largest abs range over the full window (the plot of Fig. 1(d))."""
         if not self.inputs:
             return -1
-        last = lambda r: max(abs(v) for v in (*r["min"].values(), *r["max"].values()))
+        def last(r):
+            return max(abs(v) for v in (*r["min"].values(), *r["max"].values()))
+
         return max(range(len(self.inputs)), key=lambda i: last(self.inputs[i]))
 
     def channel_max(self, index: int) -> dict:

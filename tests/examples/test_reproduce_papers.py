@@ -75,7 +75,8 @@ def test_machine_line_comes_from_the_rows_shown():
     md = R.render_tables(data, ["A"], 8, {"machine": "last run's GPU"})
     assert f"on {box1} (rows of A); {box2} (rows of A)." in md and "GPU" not in md
     del data["a-aqas"]["machine"]  # rows older than the field fall back to the JSON's meta
-    assert f"on {box1} (rows of A); last run's GPU (rows of A)." in R.render_tables(data, ["A"], 8, {"machine": "last run's GPU"})
+    md = R.render_tables(data, ["A"], 8, {"machine": "last run's GPU"})
+    assert f"on {box1} (rows of A); last run's GPU (rows of A)." in md
     label, _, recipe = R.slac_rows()[1]
     slac = {"fp32": data["fp32"], label: dict(_entry(recipe, 23.0), machine=box2)}
     assert f"on {box2}." in R.render_slac(slac, 8, 200, (), {"machine": "last run's GPU"})

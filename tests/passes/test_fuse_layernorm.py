@@ -34,7 +34,8 @@ def test_fuse_layernorm_removes_affines(model):
         if n.target == aten.layer_norm.default and "final_layer_norm" not in str(n.meta.get("nn_module_stack")):
             assert n.args[2] is None
     # LLaMA: the gamma mul of every decoder RMSNorm is gone
-    muls = [n for n in gm.graph.nodes if n.target == aten.mul.Tensor and "RMSNorm" in str(n.meta.get("nn_module_stack", {}))
+    muls = [n for n in gm.graph.nodes
+            if n.target == aten.mul.Tensor and "RMSNorm" in str(n.meta.get("nn_module_stack", {}))
             and any(a.op == "get_attr" for a in n.args if isinstance(a, torch.fx.Node))]
     assert len(muls) <= 1  # only the final model.norm (feeds lm_head)
 

@@ -17,11 +17,11 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
+from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x  # noqa: E402
 
-from qcompile.backends.triton import w4a4_linear, w4a8_linear
-from qcompile.backends.triton.quantize_kernel import quantize_rows
-from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm, launch_gemv
+from qcompile.backends.triton import w4a4_linear, w4a8_linear  # noqa: E402
+from qcompile.backends.triton.quantize_kernel import quantize_rows  # noqa: E402
+from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm, launch_gemv  # noqa: E402
 
 DEV = "cuda"
 DECODE = dict(BLOCK_M=16, BLOCK_N=32, UNITS_PER_ITER=4, GROUP_M=1, num_warps=4, num_stages=3)

@@ -268,7 +268,8 @@ if INTERPRET:
         from qcompile.backends.triton.quantize_kernel import _config, _quantize_rows_kernel
 
         x = make_x(7, 300, "cpu", torch.float16, seed=5)
-        codes, scale, zp = (torch.empty(7, 300, dtype=torch.int8), torch.empty(7, 1), torch.empty(7, 1, dtype=torch.int32))
+        codes, scale, zp = (torch.empty(7, 300, dtype=torch.int8), torch.empty(7, 1),
+                            torch.empty(7, 1, dtype=torch.int32))
         cfg = _config(7, 300)
         _quantize_rows_kernel[(tr.cdiv(7, cfg["ROWS"]),)](x, codes, scale, zp, 7, 300, QMAX=255, SYMMETRIC=sym,
                                                           RECIP_DIV=True, **cfg)
