@@ -14,12 +14,14 @@ It also counts the cp.async copies in the PTX, which shows whether the compiler 
 
     python examples/gemv_occupancy.py            # every GEMV config, LLaMA-2-7B decode shapes
     python examples/gemv_occupancy.py --sms 132  # H100 SXM / H200 have 132 SMs
+    python examples/gemv_occupancy.py --variants # every variant the autotuner may compile: failures, lost cp.async
 
 A model of the hardware, not a timing: ``examples/bench_gemv_pieces.py`` on the GPU says what is fast.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import re
 import subprocess
@@ -31,27 +33,61 @@ REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, PROGRAMS_PER_SM = 65536, 228 * 1024, 2
 ARG_TYPES = dict(x_ptr="*i8", x_scale_ptr="*fp32", x_zp_ptr="*i32", stride_xm="i32", w_ptr="*u8",
                  w_scale_ptr="*fp32", w_sum_ptr="*i32", w_zero_ptr="*u8", bias_ptr="*fp16", y_ptr="*fp16",
                  stride_ym="i32", ws_ptr="*i32", cnt_ptr="*i32", M="i32", N="i32", K="i32")
+for _g in range(3):  # the group kernel's per-weight arguments
+    ARG_TYPES.update({f"w{_g}_ptr": "*u8", f"s{_g}_ptr": "*fp32", f"t{_g}_ptr": "*i32", f"z{_g}_ptr": "*u8",
+                      f"b{_g}_ptr": "*fp16", f"y{_g}_ptr": "*fp16", f"stride_y{_g}": "i32", f"N{_g}": "i32"})
 ALIGNED = {"N", "K", "stride_xm", "stride_ym"}  # multiples of 16 at the model shapes, like the pointers
 
 
-def compile_gemv(config, k: int = 4096, block_m: int = 1):
-    """``w4_gemv_kernel`` compiled for sm_90 with one autotune ``config`` (dINT4, int8 codes given)."""
+def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = False, group: int = 0):
+    """The decode GEMV compiled for sm_90 with one autotune ``config`` (dINT4): ``w4_gemv_kernel``, or
+    ``w4_gemv_group_kernel`` for ``group`` = 2 or 3 weights; int8 codes given, or fp16 activations
+    quantized in the kernel (``fuse_quant``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from qcompile.backends.triton.w4_gemv_kernel import w4_gemv_kernel as fn
+    from qcompile.backends.triton import w4_gemv_kernel as G
 
-    const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True, FUSE_QUANT=False,
-                 X_WORDS=True, LUT=False, X_QMAX=255, X_SYMMETRIC=False, X_RECIP_DIV=False, STAT_BLOCK=k,
-                 BLOCK_M=block_m, **config.kwargs)
+    fn = G.w4_gemv_group_kernel if group else G.w4_gemv_kernel
+    const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True,
+                 FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
+                 X_RECIP_DIV=False, STAT_BLOCK=min(k, max(256, 4096 // block_m)), BLOCK_M=block_m, **config.kwargs)
+    if group:
+        const["G"] = group
     names = fn.arg_names
     signature = {n: ARG_TYPES.get(n, "constexpr") for n in names}
+    if fuse_quant:
+        signature["x_ptr"] = "*fp16"
     aligned = [i for i, n in enumerate(names) if n in ARG_TYPES and (ARG_TYPES[n][0] == "*" or n in ALIGNED)]
     src = ASTSource(fn, signature, {(names.index(n),): v for n, v in const.items()},
                     {(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def check_variants(configs) -> int:
+    """Compile every variant the autotuner can meet (single and group kernel, codes given or quantization
+    fused, BLOCK_M 1 / 4 / 16 where the config survives pruning); print failures and pipelined configs that
+    came out without cp.async. Returns the number of problems."""
+    problems = n = 0
+    for cfg in configs:
+        for group, fuse, bm in itertools.product((0, 3), (False, True), (1, 4, 16)):
+            if bm * cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_W"] > 64 * 32 * cfg.num_warps:
+                continue  # pruned at this M (prune_gemv_configs: the accumulator's register budget)
+            n += 1
+            try:
+                res = resources(compile_gemv(cfg, block_m=bm, fuse_quant=fuse, group=group))
+            except Exception as e:  # noqa: BLE001  (report any compiler failure, keep going)
+                problems += 1
+                print(f"FAILED {cfg.kwargs} warps={cfg.num_warps} group={group} fused={fuse} BLOCK_M={bm}: "
+                      f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            if cfg.kwargs.get("PIPELINE", 0) > 1 and not res["cp_async"]:
+                problems += 1
+                print(f"NOT PIPELINED {cfg.kwargs} group={group} fused={fuse} BLOCK_M={bm}", flush=True)
+    print(f"{n} variants compiled for sm_90, {problems} problem(s)")
+    return problems
 
 
 def resources(kernel) -> dict:
@@ -85,8 +121,13 @@ def in_flight(config, res: dict, n: int, sms: int, k: int = 4096) -> tuple[float
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sms", type=int, default=132, help="SMs of the GPU (H100 SXM / H200: 132)")
+    p.add_argument("--variants", action="store_true",
+                   help="instead: compile every kernel variant of every config the autotuner can meet (~1-2 min)")
     args = p.parse_args(argv)
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, GEMV_SPLITK_CONFIGS
+
+    if args.variants:
+        return [{"problems": check_variants(GEMV_CONFIGS + GEMV_SPLITK_CONFIGS)}]
 
     head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "regs", "smem KB", "cp.async"]
     head += [f"N={n}: progs/SM, KB in flight/SM" for n in SHAPES]
