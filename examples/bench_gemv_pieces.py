@@ -190,12 +190,12 @@ def splitk():
 def pipeline():
     """Best register-buffered config (PIPELINE = 0) vs best pipelined one (cp.async stream) of
     ``GEMV_CONFIGS`` per shape / group and M, on pre-quantized codes, outputs checked bitwise equal."""
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, accumulator_fits
 
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; GEMV weight stream: register prefetch vs compiler-pipelined "
           "(cp.async), best config of each, GPU time per call in us", flush=True)
-    cfgs = [dict(c.kwargs, num_warps=c.num_warps) for c in GEMV_CONFIGS]
+    cfgs = [c for c in GEMV_CONFIGS if c.kwargs["SPLIT_K"] == 1]
     cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
@@ -212,9 +212,10 @@ def pipeline():
                 return launch_gemv_group(xq, xs, xz, list(ps), ys, config=cfg)
 
             best, ref = {}, None
-            for cfg in cfgs:
-                if m * cfg["BLOCK_N"] * cfg["BLOCK_W"] > 64 * 32 * cfg["num_warps"] or cfg["SPLIT_K"] > 1:
+            for c in cfgs:
+                if not accumulator_fits(c, m):  # m in {1, 4, 16}: its own BLOCK_M
                     continue
+                cfg = dict(c.kwargs, num_warps=c.num_warps)
                 out = [o.clone() for o in call(pw_sets[0], cfg)]
                 ref = out if ref is None else ref
                 if not all(torch.equal(a, b) for a, b in zip(out, ref)):

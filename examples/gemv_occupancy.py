@@ -70,11 +70,13 @@ def check_variants(configs) -> int:
     """Compile every variant the autotuner can meet (single and group kernel, codes given or quantization
     fused, BLOCK_M 1 / 4 / 16 where the config survives pruning); print failures and pipelined configs that
     came out without cp.async. Returns the number of problems."""
+    from qcompile.backends.triton.w4_gemv_kernel import accumulator_fits
+
     problems = n = 0
     for cfg in configs:
         for group, fuse, bm in itertools.product((0, 3), (False, True), (1, 4, 16)):
-            if bm * cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_W"] > 64 * 32 * cfg.num_warps:
-                continue  # pruned at this M (prune_gemv_configs: the accumulator's register budget)
+            if not accumulator_fits(cfg, bm):
+                continue  # pruned at this M
             n += 1
             try:
                 res = resources(compile_gemv(cfg, block_m=bm, fuse_quant=fuse, group=group))

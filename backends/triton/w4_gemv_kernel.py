@@ -43,7 +43,8 @@ import triton.language as tl
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
-__all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "prune_gemv_configs", "w4_gemv_group_kernel", "w4_gemv_kernel"]
+__all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "accumulator_fits", "prune_gemv_configs", "w4_gemv_group_kernel",
+           "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -71,11 +72,17 @@ GEMV_SPLITK_CONFIGS = [_cfg(16, 128, 4, 2), _cfg(8, 128, 4, 2), _cfg(16, 128, 4,
 SPLITK_MIN_K = 8192
 
 
+def accumulator_fits(config, block_m: int) -> bool:
+    """Whether ``config``'s int32 accumulator (BLOCK_M x BLOCK_N x BLOCK_W) stays within ~64 registers per
+    thread: the configs the autotuner keeps at this BLOCK_M (``config`` a ``triton.Config``)."""
+    return block_m * config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_W"] <= 64 * 32 * config.num_warps
+
+
 def prune_gemv_configs(configs, named_args, **meta):
-    """Keep the int32 accumulator (BLOCK_M x BLOCK_N x BLOCK_W) within ~64 registers per thread, and
-    split-K configs only for K >= SPLITK_MIN_K."""
+    """Keep the configs whose accumulator fits (``accumulator_fits``), and split-K configs only for
+    K >= SPLITK_MIN_K."""
     bm = meta.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    kept = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_W"] <= 64 * 32 * c.num_warps
+    kept = [c for c in configs if accumulator_fits(c, bm)
             and (c.kwargs.get("SPLIT_K", 1) == 1 or named_args.get("K", 0) >= SPLITK_MIN_K)]
     return kept or [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1][-1:]
 

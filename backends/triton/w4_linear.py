@@ -100,7 +100,7 @@ def _autotune(configs, key, prune, kernel):
     turns that off."""
     extra = {}
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        extra["cache_results"] = os.environ.get("QCOMPILE_AUTOTUNE_CACHE", "1") != "0"
+        extra["cache_results"] = dispatch_cache.enabled()
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=_fast_bench,
                            **extra)(kernel)
 
