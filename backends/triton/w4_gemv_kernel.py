@@ -150,9 +150,8 @@ def _gemv_block(
     if LUT:
         t0, t1, t2, t3 = lut_words(zb, DINT, DINT_R)
 
-    if PIPELINE > 1:  # each step loads its own tile; the pipeliner keeps PIPELINE - 1 tiles in flight
-        w_next = tl.zeros([BLOCK_N, BLOCK_W], tl.int32)  # never read
-    else:  # hand-made double buffer in registers: the first tile goes out before the activation prologue
+    if PIPELINE <= 1:  # hand-made double buffer in registers: the first tile goes out before the activation
+        # prologue (PIPELINE > 1: each step loads its own tile; the pipeliner keeps PIPELINE - 1 in flight)
         w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), other=0)
     x_zpf = tl.zeros([BLOCK_M], tl.float32)  # read by _x_words only when FUSE_QUANT
     if FUSE_QUANT:
