@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import qcompile
 from qcompile import debug
-from tests.conftest import tiny_model
 
 IDS = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(5))
 
@@ -122,7 +122,7 @@ def test_compare_unknown_backend(llama_qm):
 
 def test_layer_errors_of_a_loaded_calibrated_artifact(tmp_path):
     """Artifacts keep the folded scales, so the FP twin of a loaded model is the same as of the original."""
-    from tests.conftest import word_text, word_tokenizer
+    from conftest import word_text, word_tokenizer
 
     model = tiny_model("llama")
     recipe = qcompile.Recipe("sq", weight_format="int4", act_format="int8", scaling="smoothquant",

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_model, tiny_model, word_text
 
 from qcompile.cli import main
-from tests.conftest import save_tiny_model, tiny_model, word_text
 
 IDS = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(4))
 

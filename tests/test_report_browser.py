@@ -10,9 +10,9 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from qcompile.report.browser import check_in_browser, console_lines, find_chromium, run_chromium
-from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.slow
 

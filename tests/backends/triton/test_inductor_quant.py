@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import qcompile
 from qcompile.backends.triton import dynamo
@@ -11,7 +12,6 @@ from qcompile.backends.triton.inductor_quant import quantize_in_inductor, quanti
 from qcompile.backends.triton.lower import lower_linears
 from qcompile.backends.triton.reference import quantize_rows_reference
 from qcompile.backends.triton.share_quant import share_activation_quantization
-from tests.conftest import tiny_model
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
 

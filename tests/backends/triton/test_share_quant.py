@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import qcompile
 from qcompile.backends.triton import dynamo
-from tests.conftest import tiny_model
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
 

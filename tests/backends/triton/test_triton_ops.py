@@ -104,8 +104,9 @@ def test_device_mismatch():
 
 def _quantized_linear(recipe="w4a8-rtn-dint4", seed=0):
     """A ``QuantizedLinear`` of a tiny LLaMA: the graph's own codes / scale / zero-point tensors."""
+    from conftest import tiny_model
+
     from qcompile.backends.triton.qmodules import QuantizedLinear, quantize_linears
-    from tests.conftest import tiny_model
 
     torch.manual_seed(seed)
     qm = quantize_linears(tiny_model("llama"), recipe)
