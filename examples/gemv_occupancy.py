@@ -52,7 +52,7 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     fn = G.w4_gemv_group_kernel if group else G.w4_gemv_kernel
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True,
                  FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
-                 X_RECIP_DIV=False, STAT_BLOCK=min(k, max(256, 4096 // block_m)), BLOCK_M=block_m, **config.kwargs)
+                 X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, **config.kwargs)
     if group:
         const["G"] = group
     names = fn.arg_names

@@ -43,8 +43,8 @@ import triton.language as tl
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
-__all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "accumulator_fits", "prune_gemv_configs", "w4_gemv_group_kernel",
-           "w4_gemv_kernel"]
+__all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "accumulator_fits", "prune_gemv_configs", "stat_block",
+           "w4_gemv_group_kernel", "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -76,6 +76,12 @@ def accumulator_fits(config, block_m: int) -> bool:
     """Whether ``config``'s int32 accumulator (BLOCK_M x BLOCK_N x BLOCK_W) stays within ~64 registers per
     thread: the configs the autotuner keeps at this BLOCK_M (``config`` a ``triton.Config``)."""
     return block_m * config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_W"] <= 64 * 32 * config.num_warps
+
+
+def stat_block(k: int, block_m: int) -> int:
+    """``STAT_BLOCK``: columns per step of the fused quantization's row min / max (``FUSE_QUANT``): the whole
+    row up to 256-4096 columns, fewer as more rows share the registers."""
+    return min(triton.next_power_of_2(k), max(256, 4096 // block_m))
 
 
 def prune_gemv_configs(configs, named_args, **meta):

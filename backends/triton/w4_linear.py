@@ -204,7 +204,7 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
     return dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=has_bias,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
-                STAT_BLOCK=min(triton.next_power_of_2(k), max(256, 4096 // block_m)), BLOCK_M=block_m)
+                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m)
 
 
 INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
@@ -318,9 +318,10 @@ def _gpu_time(fn) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def _choose_path(key, candidates: dict, forced: str, device: torch.device) -> str:
-    """``forced`` if set, else the fastest candidate for ``key`` on ``device``: timed once, kept in this
-    process and on disk (``dispatch_cache``: a later process takes it without timing or compiling the rest)."""
+def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
+    """``forced`` if set, else the fastest candidate for ``key`` (the call's shapes and options, ending with
+    its device): timed once, kept in this process and on disk (``dispatch_cache``: a later process takes it
+    without timing or compiling the rest)."""
     if forced != "auto":
         if forced not in candidates:
             raise ValueError(f"path {forced!r} is not available here; candidates: {sorted(candidates)}")
@@ -331,7 +332,7 @@ def _choose_path(key, candidates: dict, forced: str, device: torch.device) -> st
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     if len(candidates) == 1 or interpreting() or capturing or torch.compiler.is_compiling():
         return first
-    env = dispatch_cache.environment(device)
+    env = dispatch_cache.environment(key[-1])
     stored = dispatch_cache.lookup(env, key)
     if stored in candidates:
         _PATH_CACHE[key] = stored
@@ -376,7 +377,7 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         forced = DISPATCH.prefill_path
     key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
            pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
-    return candidates[_choose_path(key, candidates, forced, x.device)]()
+    return candidates[_choose_path(key, candidates, forced)]()
 
 
 def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool, biases: list) -> list:
@@ -405,7 +406,7 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
                                                           act_bits=act_bits, act_sym=act_sym)
     key = ("group", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws), pws[0].in_features,
            pws[0].fmt, act_bits, act_sym, x.dtype, biases[0] is not None, x.device)
-    return cands[_choose_path(key, cands, DISPATCH.group_path, x.device)]()
+    return cands[_choose_path(key, cands, DISPATCH.group_path)]()
 
 
 def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws: list, act_bits: int,
@@ -426,7 +427,7 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     forced = DISPATCH.group_path if DISPATCH.group_path in cands else "auto"
     key = ("group_codes", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws),
            pws[0].in_features, pws[0].fmt, act_bits, act_sym, out_dtype, biases[0] is not None, xq.device)
-    return cands[_choose_path(key, cands, forced, xq.device)]()
+    return cands[_choose_path(key, cands, forced)]()
 
 
 def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym) -> dict:
@@ -468,5 +469,5 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym) -> list:
         cands, forced = candidates(pw, y, bias)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
                pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
-        cands[_choose_path(key, cands, forced, xq.device)]()
+        cands[_choose_path(key, cands, forced)]()
     return ys

@@ -10,7 +10,6 @@ pytest.importorskip("triton")
 from qcompile.backends.triton import dispatch_cache, w4_linear
 
 KEY = (True, 1, 4096, 4096, "dint4", 0, 8, False, 0, torch.float16, False, torch.device("cpu"))
-CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -43,40 +42,40 @@ def _new_process(monkeypatch):
 
 
 def test_a_later_process_takes_the_stored_winner(timing, tmp_path, monkeypatch):
-    assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "gemv"
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
     assert timing["calls"] == 4  # each path run once to compile, once timed
     stored = json.loads((tmp_path / "home" / "triton" / "dispatch_paths.json").read_text())
     (env, entries), = stored.items()
     assert "kernels " in env and entries == {repr(KEY): "gemv"}
     _new_process(monkeypatch)
     timing["times"] = {"fused": 1.0, "gemv": 2.0}  # would now pick fused if it timed again
-    assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "gemv"
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
     assert timing["calls"] == 4  # nothing run, nothing compiled
-    assert w4_linear._choose_path(KEY, _candidates(timing), "fused", CPU) == "fused"  # forcing still wins
+    assert w4_linear._choose_path(KEY, _candidates(timing), "fused") == "fused"  # forcing still wins
 
 
 def test_another_environment_or_missing_path_times_again(timing, monkeypatch):
-    w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU)
+    w4_linear._choose_path(KEY, _candidates(timing), "auto")
     _new_process(monkeypatch)
     monkeypatch.setattr(dispatch_cache, "_source_digest", lambda: "edited kernels")
     timing["times"] = {"fused": 1.0, "gemv": 2.0}
-    assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "fused"
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "fused"
     _new_process(monkeypatch)
     cands = _candidates(timing)
     del cands["fused"]  # a stored path this build no longer offers is ignored
     cands["splitk"] = lambda: "gemv"
     timing["calls"] = 0
-    assert w4_linear._choose_path(KEY, cands, "auto", CPU) in cands and timing["calls"] == 2
+    assert w4_linear._choose_path(KEY, cands, "auto") in cands and timing["calls"] == 2
 
 
 def test_switch_off_and_unwritable_home(timing, tmp_path, monkeypatch):
     monkeypatch.setenv("QCOMPILE_AUTOTUNE_CACHE", "0")
-    w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU)
+    w4_linear._choose_path(KEY, _candidates(timing), "auto")
     assert not (tmp_path / "home").exists()
     monkeypatch.delenv("QCOMPILE_AUTOTUNE_CACHE")
     _new_process(monkeypatch)
     (tmp_path / "home").write_text("a file where the folder should be")
     monkeypatch.setattr(dispatch_cache, "_warned", False)
     with pytest.warns(RuntimeWarning, match="cannot keep the timed dispatch paths"):
-        assert w4_linear._choose_path(KEY, _candidates(timing), "auto", CPU) == "gemv"
+        assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
     assert not list(tmp_path.glob("**/*.tmp"))
