@@ -20,7 +20,7 @@ model shapes and the q/k/v, gate/up groups at M in {1, 16}, the best config per 
 and quantization fused), outputs checked bitwise equal to SPLIT_K = 1.
 
 ``--pipeline``: instead, the best register-buffered GEMV config against the best compiler-pipelined one
-(``PIPELINE`` > 1: cp.async weight stream) of ``GEMV_CONFIGS``, model shapes and groups at M in {1, 4, 16}.
+(``PIPELINE`` > 1: cp.async weight stream, ``GEMV_PIPELINED_CONFIGS``), model shapes and groups at M in {1, 4, 16}.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline]
 """
@@ -188,14 +188,15 @@ def splitk():
 
 
 def pipeline():
-    """Best register-buffered config (PIPELINE = 0) vs best pipelined one (cp.async stream) of
-    ``GEMV_CONFIGS`` per shape / group and M, on pre-quantized codes, outputs checked bitwise equal."""
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, accumulator_fits
+    """Best register-buffered config (PIPELINE = 0, ``GEMV_CONFIGS``) vs best pipelined one (cp.async
+    stream, ``GEMV_PIPELINED_CONFIGS``) per shape / group and M, on pre-quantized codes, outputs checked
+    bitwise equal."""
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, GEMV_PIPELINED_CONFIGS, accumulator_fits
 
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; GEMV weight stream: register prefetch vs compiler-pipelined "
           "(cp.async), best config of each, GPU time per call in us", flush=True)
-    cfgs = [c for c in GEMV_CONFIGS if c.kwargs["SPLIT_K"] == 1]
+    cfgs = GEMV_CONFIGS + GEMV_PIPELINED_CONFIGS
     cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)

@@ -126,16 +126,16 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", action="store_true",
                    help="instead: compile every kernel variant of every config the autotuner can meet (~1-2 min)")
     args = p.parse_args(argv)
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, GEMV_SPLITK_CONFIGS
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, GEMV_PIPELINED_CONFIGS, GEMV_SPLITK_CONFIGS
 
     if args.variants:
-        return [{"problems": check_variants(GEMV_CONFIGS + GEMV_SPLITK_CONFIGS)}]
+        return [{"problems": check_variants(GEMV_CONFIGS + GEMV_SPLITK_CONFIGS + GEMV_PIPELINED_CONFIGS)}]
 
     head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "regs", "smem KB", "cp.async"]
     head += [f"N={n}: progs/SM, KB in flight/SM" for n in SHAPES]
     print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
     rows = []
-    for cfg in GEMV_CONFIGS:
+    for cfg in GEMV_CONFIGS + GEMV_PIPELINED_CONFIGS:
         res = resources(compile_gemv(cfg))
         kw = cfg.kwargs
         cells = [kw["BLOCK_N"], kw["BLOCK_W"], cfg.num_warps, kw.get("PIPELINE", 0), res["regs"],

@@ -43,8 +43,8 @@ import triton.language as tl
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
-__all__ = ["GEMV_CONFIGS", "GEMV_SPLITK_CONFIGS", "accumulator_fits", "prune_gemv_configs", "stat_block",
-           "w4_gemv_group_kernel", "w4_gemv_kernel"]
+__all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_SPLITK_CONFIGS", "accumulator_fits", "prune_gemv_configs",
+           "stat_block", "w4_gemv_group_kernel", "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -56,14 +56,20 @@ def _cfg(bn, bw, warps, split_k=1, pipeline=0):
 # BLOCK_W words per row and step = BLOCK_W / 16 chunks of 128 codes. A step's weight tile is
 # BLOCK_N * BLOCK_W * 4 bytes. PIPELINE = 0: the next tile is prefetched into registers (one in flight
 # per program, next to the accumulator and the unpacked tile: ~120 registers at 8 KB tiles, so at most
-# ~32 KB in flight per SM on every config). PIPELINE = s > 1: the compiler pipelines the stream through
-# shared memory (cp.async), s - 1 tiles in flight at ~50 registers: 2-5x the bytes in flight per SM
-# (``examples/gemv_occupancy.py``, offline sm_90 compiles). SPLIT_K > 1 cuts K into that many slices,
-# one program each, summed in an int32 workspace (more programs, shorter streams).
+# ~32 KB in flight per SM on every config). SPLIT_K > 1 cuts K into that many slices, one program each,
+# summed in an int32 workspace (more programs, shorter streams). The autotuner sees these; on the H100
+# at M = 1 the smallest tiles won (8 x 64 words, 2 warps: most programs per SM), so three smaller ones
+# joined (``bench_gemv_pieces.py --pipeline`` prints the best of each list per shape).
 GEMV_CONFIGS = [_cfg(bn, bw, warps) for bn, bw, warps in [
     (4, 256, 4), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8),
-    (8, 64, 2), (16, 32, 4),
-]] + [_cfg(bn, bw, warps, pipeline=stages) for bn, bw, warps, stages in [
+    (8, 64, 2), (16, 32, 4), (4, 128, 2), (8, 32, 2), (4, 64, 1),
+]]
+# PIPELINE = s > 1: the compiler pipelines the stream through shared memory (cp.async), s - 1 tiles in
+# flight at ~50 registers: 2-5x the bytes in flight per SM (``examples/gemv_occupancy.py``, offline
+# sm_90 compiles), yet on the H100 the best of these timed 0.79-1.02x the best register config at
+# M = 1 and 4 and 0.40-0.59x at M = 16 (2026-12-05), so the autotuner does not see them (each one
+# only lengthened a cold compile); kept, bitwise equal and tested, for the comparison on other GPUs.
+GEMV_PIPELINED_CONFIGS = [_cfg(bn, bw, warps, pipeline=stages) for bn, bw, warps, stages in [
     (4, 256, 4, 4), (8, 256, 4, 3), (4, 512, 4, 3), (8, 128, 4, 6), (16, 128, 4, 4), (8, 64, 4, 6),
 ]]
 # Split-K only pays where K is long (down_proj, K = 11008: 18.5 us with 2 slices vs 19.9 unsplit on the

@@ -197,7 +197,7 @@ def test_opcheck_cuda():
 def test_w4a8_gemv_pipelined_exact(fmt, m, n, k):
     """Every pipelined GEMV config (cp.async weight stream) on model shapes: the reference's codes and
     output, bitwise the register-buffered GEMV, single and grouped."""
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, accumulator_fits
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_PIPELINED_CONFIGS, accumulator_fits
     from qcompile.backends.triton.w4_linear import launch_gemv_group
 
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
@@ -207,7 +207,7 @@ def test_w4a8_gemv_pipelined_exact(fmt, m, n, k):
     pws = [pw, make_weight(512, k, fmt, "channel", DEV, seed=1)]
     ref = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features, device=DEV, dtype=torch.half)
                                               for q in pws], config=GEMV)
-    piped = [c for c in GEMV_CONFIGS if c.kwargs.get("PIPELINE", 0) > 1]
+    piped = GEMV_PIPELINED_CONFIGS
     assert piped
     for c in piped:
         if not accumulator_fits(c, triton.next_power_of_2(m)):
