@@ -67,27 +67,35 @@ def test_smollm2_w4a8_lowbit_matches_reference():
     qm = qcompile.quantize(model, RECIPE, progress=False)
     fast = torch.compile(qm, backend="lowbit")
     window = ids[:2048].view(1, -1).cuda()
+    f64 = _float64_linears(qm)
     with torch.no_grad():
-        ref_logits, fast_logits = qm(window), fast(window)
+        ref_logits, fast_logits, f64_logits = qm(window), fast(window), f64(window)
     report = dynamo.last_report()
     assert len(report.lowered) == len(report.sites) == 210, report.table()
-    rel = ((fast_logits - ref_logits).norm() / ref_logits.norm()).item()
-    top1 = (fast_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+
+    def vs_ref(logits):  # (relative error, top-1 agreement) against the reference's window-1 logits
+        logits = getattr(logits, "logits", logits)
+        ref = getattr(ref_logits, "logits", ref_logits)
+        return ((logits - ref).norm() / ref.norm()).item(), (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+    (rel, top1), (rel64, top1_64) = vs_ref(fast_logits), vs_ref(f64_logits)
     ppl_ref = qcompile.perplexity(qm, ids, window=2048, max_windows=WINDOWS, progress=False)["ppl"]
     ppl_fast = qcompile.perplexity(fast, ids, window=2048, max_windows=WINDOWS, progress=False)["ppl"]
     ppl_fp = qcompile.perplexity(model, ids, window=2048, max_windows=WINDOWS, progress=False)["ppl"]
-    ppl_f64 = qcompile.perplexity(_float64_linears(qm), ids, window=2048, max_windows=WINDOWS, progress=False)["ppl"]
+    ppl_f64 = qcompile.perplexity(f64, ids, window=2048, max_windows=WINDOWS, progress=False)["ppl"]
     ppl4 = [qcompile.perplexity(m, ids, window=2048, max_windows=4, progress=False)["ppl"] for m in (qm, fast)]
     print(f"\nSmolLM2-135M {RECIPE} on {torch.cuda.get_device_name()}, {WINDOWS} windows x 2048: perplexity FP32 "
           f"{ppl_fp:.3f}, reference backend {ppl_ref:.4f}, lowbit {ppl_fast:.4f} (ratio {ppl_fast / ppl_ref:.6f}); "
           f"reference with float64 GEMMs {ppl_f64:.4f} (ratio {ppl_f64 / ppl_ref:.6f}: rounding noise alone); "
-          f"first 4 windows: reference {ppl4[0]:.4f}, lowbit {ppl4[1]:.4f}; logits (window 1) rel. err {rel:.2e}, "
-          f"top-1 agreement {top1:.4f}; {report.summary()}")
+          f"first 4 windows: reference {ppl4[0]:.4f}, lowbit {ppl4[1]:.4f}; window 1 vs the reference: lowbit "
+          f"logits rel. err {rel:.2e}, top-1 agreement {top1:.4f}; float64 GEMMs {rel64:.2e}, {top1_64:.4f}; "
+          f"{report.summary()}")
     # Each lowered linear is exact in int32 + fp32 scaling (~2e-7 relative from the reference's fp32 GEMM);
     # upstream float differences (Inductor's fused norms, that rounding) flip an int8 activation code now
-    # and then, and this W4A8 model amplifies flips: on CPU, 2 windows x 256, float64 instead of float32
-    # GEMMs in the reference itself moved logits by 6 % and perplexity by 2 % (27.57 -> 27.01). So the
-    # logits bound is loose by nature; the perplexity target is the issue's.
-    assert rel < 0.1
-    assert top1 > 0.95
+    # and then, and this W4A8 model amplifies flips: the reference with float64 GEMMs (same codes, only a
+    # finer rounding) is itself 6.8e-02 from the fp32 reference in logits and agrees on 0.914 of the top-1
+    # tokens (CPU, window 1). So the logits are bounded by that noise floor, measured in the same run (the
+    # first GPU run, with a fixed top-1 > 0.95 guessed before the floor was measured, failed at 0.924 on
+    # the H200: the floor's level, not a kernel error); the perplexity target is the issue's.
+    assert rel < 1.5 * rel64 and top1 > top1_64 - 0.03, (rel, rel64, top1, top1_64)
     assert abs(ppl_fast / ppl_ref - 1) < 1e-3  # the target: perplexity equal within 0.1 %
