@@ -22,7 +22,10 @@ and quantization fused), outputs checked bitwise equal to SPLIT_K = 1.
 ``--pipeline``: instead, the best register-buffered GEMV config against the best compiler-pipelined one
 (``PIPELINE`` > 1: cp.async weight stream, ``GEMV_PIPELINED_CONFIGS``), model shapes and groups at M in {1, 4, 16}.
 
-    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline]
+``--pdl``: instead, quantize_rows + GEMV as two plain launches vs the GEMV as a programmatic dependent
+launch of the quantization (its weight prologue overlaps it), model shapes and 7B groups at M in {1, 4}.
+
+    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -231,8 +234,59 @@ def pipeline():
         del pw_sets, w16_sets
 
 
+def pdl():
+    """Activation quantization + GEMV, the two launches of a W4A8 decode linear, plain vs as a programmatic
+    dependent launch (the GEMV's weight prologue overlaps ``quantize_rows``), best register config of each,
+    M = 1 and 4, outputs checked bitwise equal; beside FP16 and the GEMV alone on given codes."""
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, accumulator_fits
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; quantize_rows + GEMV, plain vs programmatic dependent "
+          "launch (PDL), best config of each, GPU time per call in us", flush=True)
+    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
+    for name, ns, k in cases:
+        pw_sets, w16_sets = _weight_sets(ns, k)
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda").half()
+            ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
+            xq, xs, xz = quantize_rows(x, 8, False)
+            fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
+
+            def call(ps, cfg, on, codes=None):
+                q = codes or quantize_rows(x, 8, False, pdl=on)
+                if len(ns) == 1:
+                    return [launch_gemv(*q, ps[0], ys[0], config=cfg, pdl=on)]
+                return launch_gemv_group(*q, list(ps), ys, config=cfg, pdl=on)
+
+            best, ref = {}, None
+            for c in GEMV_CONFIGS:
+                if not accumulator_fits(c, m):
+                    continue
+                cfg = dict(c.kwargs, num_warps=c.num_warps)
+                for kind, on, codes in (("codes given", False, (xq, xs, xz)), ("plain", False, None),
+                                        ("PDL", True, None)):
+                    out = [o.clone() for o in call(pw_sets[0], cfg, on, codes)]
+                    ref = out if ref is None else ref
+                    if not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                        print(f"   MISMATCH {name} M={m} {kind} {cfg}", flush=True)
+                    try:
+                        t = bench_graph(lambda ps: call(ps, cfg, on, codes), pw_sets)
+                    except RuntimeError as e:  # e.g. a CUDA graph that cannot capture the PDL launch
+                        print(f"   {name} M={m} {kind} {cfg}: {type(e).__name__}: {e}", flush=True)
+                        continue
+                    if kind not in best or t < best[kind][0]:
+                        best[kind] = (t, (cfg["BLOCK_N"], cfg["BLOCK_W"], cfg["num_warps"]))
+            cells = [f"{kind} {best[kind][0]:.1f} {best[kind][1]}" for kind in ("codes given", "plain", "PDL")]
+            print(f"[{time.time() - t0:4.0f}s] {name} M={m}: fp16 {fp:.1f}; " + "; ".join(cells)
+                  + f"; PDL saves {best['plain'][0] - best['PDL'][0]:.1f} us: {fp / best['PDL'][0]:.2f}x fp16 "
+                  f"(plain {fp / best['plain'][0]:.2f}x)", flush=True)
+        del pw_sets, w16_sets
+
+
 if __name__ == "__main__":
-    if "--pipeline" in sys.argv:
+    if "--pdl" in sys.argv:
+        pdl()
+    elif "--pipeline" in sys.argv:
         pipeline()
     elif "--splitk" in sys.argv:
         splitk()

@@ -39,10 +39,11 @@ for _g in range(3):  # the group kernel's per-weight arguments
 ALIGNED = {"N", "K", "stride_xm", "stride_ym"}  # multiples of 16 at the model shapes, like the pointers
 
 
-def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = False, group: int = 0):
+def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = False, group: int = 0,
+                 pdl: bool = False):
     """The decode GEMV compiled for sm_90 with one autotune ``config`` (dINT4): ``w4_gemv_kernel``, or
     ``w4_gemv_group_kernel`` for ``group`` = 2 or 3 weights; int8 codes given, or fp16 activations
-    quantized in the kernel (``fuse_quant``)."""
+    quantized in the kernel (``fuse_quant``); ``pdl``: as a programmatic dependent launch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -52,7 +53,8 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     fn = G.w4_gemv_group_kernel if group else G.w4_gemv_kernel
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True,
                  FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
-                 X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, **config.kwargs)
+                 X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
+                 **config.kwargs)
     if group:
         const["G"] = group
     names = fn.arg_names
@@ -63,7 +65,7 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     src = ASTSource(fn, signature, {(names.index(n),): v for n, v in const.items()},
                     {(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl))
 
 
 def check_variants(configs) -> int:

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,11 @@ def _round_half_even(v):
     # fp32 (v + 1.5*2^23) - 1.5*2^23 rounds |v| < 2^22 to an integer, ties to even (= torch.round).
     # Here |v| <= QMAX by construction (|x| <= (hi - lo) = QMAX * scale up to rounding).
     return (v + 12582912.0) - 12582912.0
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def recip_div(device) -> bool:

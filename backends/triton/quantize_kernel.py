@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
-from ._common import act_qparams, act_quantize, recip_div
+from ._common import act_qparams, act_quantize, interpreting, recip_div
 
 __all__ = ["quantize_rows"]
 
@@ -49,8 +50,11 @@ def _quantize_rows_kernel(
         n_rows, row_len,
         QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,  # format: INT-b, QMAX = 2^b - 1
         RECIP_DIV: tl.constexpr,  # divide by QMAX as torch does on this device (see _common.act_qparams)
-        ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+        ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+        PDL: tl.constexpr):  # let a programmatic dependent launch (the GEMV's weight prologue) start now
     OFFSET: tl.constexpr = (QMAX + 1) // 2
+    if PDL:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     base = rows.to(tl.int64)[:, None] * row_len
@@ -89,8 +93,10 @@ def _quantize_rows_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- wrapper
-def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0):
+def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False):
     """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
+    ``pdl``: let the next kernel, if launched as a programmatic dependent (``launch_gemv(pdl=True)``),
+    start at once (CUDA only; its reads of these outputs wait for this kernel all the same).
 
     Returns ``(codes int8 [M, K], scale fp32 [M, G], zp int32 [M, G])`` with the signed convention of
     the module docstring (``G = 1`` per token). ``x`` must be 2-D and contiguous (callers check).
@@ -106,7 +112,8 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     cfg = _config(n_rows, row_len)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]),)
     _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
-                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), **cfg)
+                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl and not interpreting(),
+                                **cfg)
     return codes, scale, zp
 
 

@@ -28,6 +28,11 @@ above caps the bytes in flight; the launch option ``num_stages`` alone pipelines
 sm_90 compiles show no cp.async with it, only with the loop's own ``num_stages``).
 Same arithmetic, bitwise the same outputs.
 
+``PDL`` (programmatic dependent launch, Hopper): the launch may start while the previous kernel (the
+activation quantization, which lets it go at its start) still runs; each program issues its first weight
+loads and waits (``gdc_wait``) only before it reads the activation. Hides a launch and a kernel tail per
+linear; same outputs.
+
 ``LUT`` swaps the arithmetic dINT unpacker for a table one (``_common._ASM_LUT``: 12 instead of 19
 instructions per 8 codes); on the H200 both timed the same, so the dispatch leaves it off.
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
@@ -136,7 +142,7 @@ def _gemv_block(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr):
     """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
     ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
@@ -165,6 +171,9 @@ def _gemv_block(
     if PIPELINE <= 1:  # hand-made double buffer in registers: the first tile goes out before the activation
         # prologue (PIPELINE > 1: each step loads its own tile; the pipeliner keeps PIPELINE - 1 in flight)
         w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), other=0)
+    if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
+        # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
+        gdc_wait()
     x_zpf = tl.zeros([BLOCK_M], tl.float32)  # read by _x_words only when FUSE_QUANT
     if FUSE_QUANT:
         x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
@@ -263,11 +272,11 @@ def w4_gemv_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr):
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
                 w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
-                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
+                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -285,7 +294,7 @@ def w4_gemv_group_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     pid = tl.program_id(0)
@@ -296,14 +305,14 @@ def w4_gemv_group_kernel(
         _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
                     y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
-                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
+                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
         _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
                     b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
     elif G == 3:
         _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
                     z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
-                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE)
+                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)

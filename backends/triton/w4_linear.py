@@ -19,7 +19,6 @@ across launch sequences — and caches the winner. Set a path name to force it (
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import triton
 from . import dispatch_cache
 from . import w4_gemm_kernel as kern
 from . import w4_gemv_kernel as gemv_kern
-from ._common import recip_div
+from ._common import interpreting, recip_div
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
@@ -83,10 +82,6 @@ def splitk_workspace(device, n: int):
         _WORKSPACES[key] = (torch.zeros((SPLITK_MAX_M, n), dtype=torch.int32, device=device),
                             torch.zeros((triton.cdiv(n, 4) + 4,), dtype=torch.int32, device=device))
     return _WORKSPACES[key]
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _fast_bench(fn, quantiles):
@@ -204,7 +199,12 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
     return dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=has_bias,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
-                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m)
+                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=False)
+
+
+def _pdl(pdl: bool, device) -> bool:
+    """Programmatic dependent launch where it exists: CUDA, compiled kernels."""
+    return bool(pdl) and device.type == "cuda" and not interpreting()
 
 
 INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
@@ -219,18 +219,22 @@ def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor
 
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
-                split_k=False, lut=None):
+                split_k=False, lut=None, pdl=False):
     """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
     per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps`` and
     optionally ``SPLIT_K`` (default 1) and ``PIPELINE`` (stages of the compiler-pipelined weight stream;
     default 0, the hand-made register double buffer).
-    ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``."""
+    ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``.
+    ``pdl``: launch as a programmatic dependent of the previous kernel (``quantize_rows(pdl=True)``): the
+    weight prologue overlaps that kernel (Hopper; CUDA only, off in the interpreter)."""
     m, k = x.shape
     n = pw.out_features
     if x_grouped or w_expanded is not None or split_k:
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
     meta = _gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=bias is not None,
                       int_out=int_out, use_asm=use_asm, lut=lut)
+    pdl = _pdl(pdl, x.device)
+    meta.update(PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
     if config is None and interpreting():
@@ -253,7 +257,7 @@ GROUP_MAX = 3  # weights per w4_gemv_group_kernel launch
 
 
 def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_sym=False, fuse_quant=False,
-                      biases=None, int_out=False, config=None, use_asm=None, lut=None):
+                      biases=None, int_out=False, config=None, use_asm=None, lut=None, pdl=False):
     """``launch_gemv`` for 2 or 3 weights of one activation in a single launch (``w4_gemv_group_kernel``).
 
     Every weight must have the same format (dINT R), pack width and ``in_features`` = ``x.shape[1]``;
@@ -271,6 +275,8 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
                         int_out=int_out, use_asm=use_asm, lut=lut) for pw in pws]
     if any(md != metas[0] for md in metas) or any(pw.in_features != k for pw in pws):
         raise ValueError("launch_gemv_group: the weights differ in format, packing or in_features")
+    pdl = _pdl(pdl, x.device)
+    metas[0].update(PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
     sets = [(pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, y if b is None else b, y, y.stride(0),

@@ -26,3 +26,14 @@ def test_pipelined_stream_goes_through_shared_memory():
     assert r_piped["smem"] >= 2 * 16 * 128 * 4  # at least two 8 KB weight tiles staged
     assert r_piped["regs"] < r_hand["regs"]
     assert O.in_flight(piped, r_piped, 11008, 132)[1] > 2 * O.in_flight(hand, r_hand, 11008, 132)[1]
+
+
+def test_pdl_waits_after_the_weight_prologue():
+    """As a programmatic dependent launch, the GEMV issues weight loads before ``griddepcontrol.wait``
+    (that is what overlaps the previous kernel) and has no wait otherwise."""
+    cfg = _cfg(8, 64, 2)
+    ptx = O.compile_gemv(cfg, pdl=True).asm["ptx"].splitlines()
+    waits = [i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line]
+    loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
+    assert len(waits) == 1 and loads and loads[0] < waits[0]
+    assert "griddepcontrol" not in O.compile_gemv(cfg).asm["ptx"]

@@ -219,3 +219,25 @@ def test_w4a8_gemv_pipelined_exact(fmt, m, n, k):
         ys = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features, device=DEV, dtype=torch.half)
                                                  for q in pws], config=cfg)
         assert all(torch.equal(a, b) for a, b in zip(ys, ref)), cfg
+
+
+@pytest.mark.parametrize("fmt,m,ns,k", [("dint4", 1, (4096,), 4096), ("int4", 4, (1000,), 4160),
+                                        ("dint4", 1, (4096, 1024, 1024), 4096), ("dint4_sym", 3, (333, 520), 1002)])
+def test_w4a8_gemv_pdl_exact(fmt, m, ns, k):
+    """quantize_rows + GEMV with the GEMV as a programmatic dependent launch: the same codes and outputs,
+    bitwise, as the two plain launches (single and group GEMV), repeated so a missing wait would show."""
+    from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+    pws = [make_weight(n, k, fmt, "channel", DEV, seed=n + i) for i, n in enumerate(ns)]
+    x = make_x(m, k, DEV, seed=m)
+
+    def run(pdl):
+        q = quantize_rows(x, 8, False, pdl=pdl)
+        ys = [torch.empty(m, p.out_features, device=DEV, dtype=torch.half) for p in pws]
+        if len(pws) == 1:
+            return [*q, launch_gemv(*q, pws[0], ys[0], config=GEMV, pdl=pdl)]
+        return [*q, *launch_gemv_group(*q, pws, ys, config=GEMV, pdl=pdl)]
+
+    ref = run(False)
+    for _ in range(20):
+        assert all(torch.equal(a, b) for a, b in zip(run(True), ref))

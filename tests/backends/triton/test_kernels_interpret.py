@@ -272,7 +272,7 @@ if INTERPRET:
                             torch.empty(7, 1, dtype=torch.int32))
         cfg = _config(7, 300)
         _quantize_rows_kernel[(tr.cdiv(7, cfg["ROWS"]),)](x, codes, scale, zp, 7, 300, QMAX=255, SYMMETRIC=sym,
-                                                          RECIP_DIV=True, **cfg)
+                                                          RECIP_DIV=True, PDL=False, **cfg)
         got = quantize_per_token_ops(x, "int8_sym" if sym else "int8", recip_div=True)
         assert torch.equal(got[0], codes) and torch.equal(got[1], scale) and torch.equal(got[2], zp)
         # and the two divisions do differ somewhere on these rows (else this test would not test the switch)
