@@ -13,6 +13,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --batch 1    # one batch size
     python examples/bench_decode.py --tiny       # smoke test: a 2-layer model (CPU without CUDA)
     python examples/bench_decode.py --inductor-quant   # also lowbit with options={"inductor_quant": True}
+    python examples/bench_decode.py --pdl        # also lowbit with the GEMVs as programmatic dependent launches
     python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
 """
 import argparse
@@ -27,6 +28,7 @@ import transformers
 
 from qcompile.backends.triton import codes_ops, dynamo
 from qcompile.backends.triton.qmodules import QuantizedLinear, quantize_linears
+from qcompile.backends.triton.w4_linear import DISPATCH
 
 RECIPE = "w4a8-rtn-dint4"
 SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -41,6 +43,9 @@ parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
 parser.add_argument("--tiny", action="store_true")
 parser.add_argument("--inductor-quant", action="store_true",
                     help="also time lowbit with options={'inductor_quant': True} (inductor_quant.py)")
+parser.add_argument("--pdl", action="store_true",
+                    help="also time lowbit with DISPATCH.gemv_pdl = True (the decode GEMV launched as a "
+                         "programmatic dependent of its activation quantization)")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -102,8 +107,8 @@ def eager_step_logits(m, batch, prompt):
         return make_step(m, cache)(prompt[:, -1:].clone(), pos)[1].float()
 
 
-def decode_run(m, batch, backend, options=None):
-    """Prefill eagerly, compile the decode step, capture it in a CUDA graph.
+def decode_run(m, batch, backend, options=None, label=None):
+    """Prefill eagerly, compile the decode step, capture it in a CUDA graph (``label``: its profile's name).
 
     Returns (tokens/s, first-step logits, compile seconds, first-step logits of eager ``m``)."""
     prompt = torch.randint(0, config.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -143,7 +148,7 @@ def decode_run(m, batch, backend, options=None):
             times.append(start.elapsed_time(end) / 1e3)
         del graph
     if prof is not None:
-        PROFILES[(batch, backend if not options else f"{backend} {options}")] = (prof, statistics.median(times) / STEPS)
+        PROFILES[(batch, label or backend)] = (prof, statistics.median(times) / STEPS)
     return batch * STEPS / statistics.median(times), first_logits, compile_s, ref_logits
 
 
@@ -214,13 +219,21 @@ for batch in args.batch:
     err = ((logits4 - ref4).norm() / ref4.norm()).item()
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
         f"first-step logits vs the eager reference: rel. err {err:.1e}")
-    tps_k = err_k = float("nan")
+    extras = {}  # label -> (tok/s, first-step logits rel. diff from the default lowbit run)
     if args.inductor_quant:  # the activation quantization as Inductor-fused torch ops instead of quantize_rows
-        tps_k, logits_k, _, _ = decode_run(qmodel, batch, "lowbit", {"inductor_quant": True})
-        err_k = ((logits_k - logits4).norm() / logits4.norm()).item()
-        log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, inductor_quant on: {tps_k:8.1f} tok/s; first-step "
-            f"logits vs off: rel. diff {err_k:.1e}")
-    rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, tps_k, err_k))
+        tps_k, logits_k, _, _ = decode_run(qmodel, batch, "lowbit", {"inductor_quant": True}, "lowbit inductor_quant")
+        extras["inductor_quant on"] = (tps_k, ((logits_k - logits4).norm() / logits4.norm()).item())
+    if args.pdl:  # the GEMVs as programmatic dependent launches of their quantization (same codes and outputs)
+        DISPATCH.gemv_pdl = True
+        try:
+            tps_p, logits_p, _, _ = decode_run(qmodel, batch, "lowbit", label="lowbit PDL")
+        finally:
+            DISPATCH.gemv_pdl = False
+        extras["PDL"] = (tps_p, ((logits_p - logits4).norm() / logits4.norm()).item())
+    for name, (tps, diff) in extras.items():
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps:8.1f} tok/s; first-step logits vs the "
+            f"default lowbit run: rel. diff {diff:.1e}")
+    rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras))
     if gpu:
         torch.cuda.empty_cache()
 
@@ -231,21 +244,21 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          f"{torch.cuda.get_device_name() if gpu else 'CPU'}; torch {torch.__version__}. W4A8 = {RECIPE} "
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
          "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
-         + (" lowbit, inductor_quant on | its speed-up |" if args.inductor_quant else ""),
-         "|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.inductor_quant else "")]
-for batch, tps16, tps4, c16, c4, _, _, report, _, tps_k, _ in rows:
+         + "".join(f" lowbit, {name} | its speed-up |" for name in rows[0][-1]),
+         "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(rows[0][-1])]
+for batch, tps16, tps4, c16, c4, _, _, report, _, extras in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
                  f"{len(report.lowered)}/{len(report.sites)} |"
-                 + (f" {tps_k:.1f} | {tps_k / tps16:.2f}x |" if args.inductor_quant else ""))
+                 + "".join(f" {tps:.1f} | {tps / tps16:.2f}x |" for tps, _ in extras.values()))
 lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {packed_b / fp16_b:.3f}x their FP16 bytes "
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
-for batch, _, _, _, _, l16, l4, report, err, _, err_k in rows:
+for batch, _, _, _, _, l16, l4, report, err, extras in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
                  f"{err:.1e}; vs the FP16 model: rel. diff {((l4 - l16).norm() / l16.norm()).item():.3f} "
                  "(quantization error of random weights)"
-                 + (f"; inductor_quant on vs off: rel. diff {err_k:.1e}" if args.inductor_quant else "")
+                 + "".join(f"; {name} vs default: rel. diff {diff:.1e}" for name, (_, diff) in extras.items())
                  + f". Report: {report.summary()}")
 if PROFILES:  # one table per batch size: a column per model
     for batch in args.batch:

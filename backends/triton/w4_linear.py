@@ -62,6 +62,10 @@ class Dispatch:
     # Sibling linears of one input at decode (w4_linear_2d_shared): "auto" | "per_weight" | "gemv_group" |
     # "gemv_group_fused"
     group_path: str = "auto"
+    # The decode GEMV launched as a programmatic dependent of its activation quantization (Hopper; the
+    # weight prologue overlaps quantize_rows): 0.7-1.8 us less per linear on the H100 (bench_gemv_pieces
+    # --pdl, bitwise the same outputs); off until the decode benchmark has timed it.
+    gemv_pdl: bool = False
 
 
 DISPATCH = Dispatch()
@@ -306,8 +310,9 @@ def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_
 
 
 def _quantized_gemv(x, pw, y, act_bits, act_sym, bias):
-    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0)
-    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias)
+    pdl = DISPATCH.gemv_pdl
+    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
+    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl)
 
 
 _PATH_CACHE: dict = {}
@@ -405,7 +410,9 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
     ys = [torch.empty((m, pw.out_features), dtype=x.dtype, device=x.device) for pw in pws]
     if m == 0:
         return ys
-    cands = _codes_candidates(lambda: quantize_rows(x, act_bits, act_sym, 0), pws, ys, biases, act_bits, act_sym)
+    pdl = DISPATCH.gemv_pdl
+    cands = _codes_candidates(lambda: quantize_rows(x, act_bits, act_sym, 0, pdl=pdl), pws, ys, biases, act_bits,
+                              act_sym, pdl)
     if not _groupable(m, pws, biases):
         return cands["per_weight"]()
     cands["gemv_group_fused"] = lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
@@ -436,12 +443,13 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     return cands[_choose_path(key, cands, forced)]()
 
 
-def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym) -> dict:
+def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False) -> dict:
     """The decode paths both shared entry points time on activation codes ``codes()`` = ``(xq, xs, xz)``
-    (called inside each candidate, so a quantizing ``codes`` is part of what is timed)."""
+    (called inside each candidate, so a quantizing ``codes`` is part of what is timed); ``pdl``: the group
+    GEMV as a programmatic dependent of ``codes()``'s quantization."""
     return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym),
             "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
-                                                    act_sym=act_sym)}
+                                                    act_sym=act_sym, pdl=pdl)}
 
 
 def _groupable(m: int, pws: list, biases: list) -> bool:

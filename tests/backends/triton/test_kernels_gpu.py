@@ -241,3 +241,20 @@ def test_w4a8_gemv_pdl_exact(fmt, m, ns, k):
     ref = run(False)
     for _ in range(20):
         assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
+
+
+def test_w4a8_linear_gemv_pdl_autotuned():
+    """The public op with ``DISPATCH.gemv_pdl`` (autotuned GEMV launched with ``launch_pdl``): bitwise the
+    output with it off."""
+    from qcompile.backends.triton.w4_linear import DISPATCH
+
+    pw = make_weight(4096, 4096, "dint4", "channel", DEV)
+    x = make_x(1, 4096, DEV)
+    DISPATCH.decode_path = "gemv"
+    try:
+        off = w4a8_linear(x, pw)
+        DISPATCH.gemv_pdl = True
+        on = [w4a8_linear(x, pw) for _ in range(5)]
+    finally:
+        DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", False
+    assert all(torch.equal(y, off) for y in on)

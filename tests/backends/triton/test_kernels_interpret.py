@@ -227,6 +227,26 @@ if INTERPRET:
             DISPATCH.group_path = "auto"
         _assert_single_ops_equal(x, sites, ys)
 
+    @child_only
+    def test_gemv_pdl_switch_keeps_the_outputs():
+        """``DISPATCH.gemv_pdl`` (a launch attribute on CUDA, off in the interpreter) leaves the shared and
+        single decode GEMV paths' outputs bitwise as they are."""
+        from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops)
+        from qcompile.backends.triton.w4_linear import DISPATCH
+
+        sites = _sibling_sites()
+        x = make_x(1, 200, "cpu")
+        args = (x, *[[s[i] for s in sites] for i in range(3)], "dint4", "channel", 200, "int8", [None] * 3)
+        DISPATCH.group_path, DISPATCH.decode_path = "gemv_group", "gemv"
+        try:
+            off = torch.ops.qcompile_triton.w4_linear_codes_shared(*args)
+            DISPATCH.gemv_pdl = True
+            on = torch.ops.qcompile_triton.w4_linear_codes_shared(*args)
+            single = torch.ops.qcompile_triton.w4_linear_codes(x, *sites[0], "dint4", "channel", 200, "int8", None)
+        finally:
+            DISPATCH.group_path, DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", "auto", False
+        assert all(torch.equal(a, b) for a, b in zip(on, off)) and torch.equal(single, off[0])
+
     def _sibling_sites():
         """Three dINT4 per-channel weights (N = 16, 24, 40; K = 200) as ``formats.quantize`` outputs."""
         from qcompile import formats as F
