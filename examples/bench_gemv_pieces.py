@@ -145,6 +145,32 @@ def _weight_sets(ns, k):
     return list(zip(*(clones(pw, 4) for pw in packed))), list(zip(*(clones(w, 2) for w in w16)))
 
 
+def _decode_inputs(ns, k, m, w16_sets):
+    """A random fp16 activation ``x [m, k]``, one output per weight, ``x``'s int8 codes ``(xq, xs, xz)`` and
+    the FP16 ``F.linear`` time of the shape / group."""
+    x = torch.randn(m, k, device="cuda").half()
+    ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
+    fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
+    return x, ys, quantize_rows(x, 8, False), fp
+
+
+def _gemv_call(q, ps, ys, cfg, **kw):
+    """One GEMV launch on the activation (or its codes) ``q``: ``launch_gemv`` for a single weight,
+    ``launch_gemv_group`` for siblings."""
+    if len(ps) == 1:
+        return [launch_gemv(*q, ps[0], ys[0], config=cfg, **kw)]
+    return launch_gemv_group(*q, list(ps), ys, config=cfg, **kw)
+
+
+def _same_as(ref, out, what):
+    """A copy of ``out`` becomes the reference when there is none; otherwise it is compared bitwise and a
+    mismatch printed. Returns the reference."""
+    out = [o.clone() for o in out]
+    if ref is not None and not all(torch.equal(a, b) for a, b in zip(out, ref)):
+        print(f"   MISMATCH {what}", flush=True)
+    return out if ref is None else ref
+
+
 SPLITK_CFGS = [(8, 128, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (4, 256, 4), (16, 32, 4), (8, 64, 4)]
 
 
@@ -155,17 +181,11 @@ def splitk():
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         for m in (1, 16):
-            x = torch.randn(m, k, device="cuda").half()
-            ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
-            xq, xs, xz = quantize_rows(x, 8, False)
-            fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
+            x, ys, q, fp = _decode_inputs(ns, k, m, w16_sets)
             quant = bench_graph(lambda _: quantize_rows(x, 8, False), [None])
 
             def call(ps, cfg, fuse):
-                args = (x, None, None) if fuse else (xq, xs, xz)
-                if len(ns) == 1:
-                    return [launch_gemv(*args, ps[0], ys[0], config=cfg, fuse_quant=fuse)]
-                return launch_gemv_group(*args, list(ps), ys, config=cfg, fuse_quant=fuse)
+                return _gemv_call((x, None, None) if fuse else q, ps, ys, cfg, fuse_quant=fuse)
 
             line, ref, top = [], None, float("inf")
             for fuse in (False, True):
@@ -175,10 +195,7 @@ def splitk():
                         if m * bn * bw > 64 * 32 * nw:
                             continue
                         cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "SPLIT_K": sk}
-                        out = [o.clone() for o in call(pw_sets[0], cfg, fuse)]
-                        ref = out if ref is None else ref
-                        if not all(torch.equal(a, b) for a, b in zip(out, ref)):
-                            print(f"   MISMATCH {name} M={m} fuse={fuse} {cfg}", flush=True)
+                        ref = _same_as(ref, call(pw_sets[0], cfg, fuse), f"{name} M={m} fuse={fuse} {cfg}")
                         t = bench_graph(lambda ps: call(ps, cfg, fuse), pw_sets) + (0 if fuse else quant)
                         if best is None or t < best[0]:
                             best = (t, (bn, bw, nw))
@@ -205,26 +222,14 @@ def pipeline():
         pw_sets, w16_sets = _weight_sets(ns, k)
         mb = sum(n * k for n in ns) / 2 / 1e6
         for m in (1, 4, 16):
-            x = torch.randn(m, k, device="cuda").half()
-            ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
-            xq, xs, xz = quantize_rows(x, 8, False)
-            fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
-
-            def call(ps, cfg):
-                if len(ns) == 1:
-                    return [launch_gemv(xq, xs, xz, ps[0], ys[0], config=cfg)]
-                return launch_gemv_group(xq, xs, xz, list(ps), ys, config=cfg)
-
+            _, ys, q, fp = _decode_inputs(ns, k, m, w16_sets)
             best, ref = {}, None
             for c in cfgs:
                 if not accumulator_fits(c, m):  # m in {1, 4, 16}: its own BLOCK_M
                     continue
                 cfg = dict(c.kwargs, num_warps=c.num_warps)
-                out = [o.clone() for o in call(pw_sets[0], cfg)]
-                ref = out if ref is None else ref
-                if not all(torch.equal(a, b) for a, b in zip(out, ref)):
-                    print(f"   MISMATCH {name} M={m} {cfg}", flush=True)
-                t = bench_graph(lambda ps: call(ps, cfg), pw_sets)
+                ref = _same_as(ref, _gemv_call(q, pw_sets[0], ys, cfg), f"{name} M={m} {cfg}")
+                t = bench_graph(lambda ps: _gemv_call(q, ps, ys, cfg), pw_sets)
                 kind = "pipelined" if cfg["PIPELINE"] > 1 else "register"
                 if kind not in best or t < best[kind][0]:
                     best[kind] = (t, (cfg["BLOCK_N"], cfg["BLOCK_W"], cfg["num_warps"], cfg["PIPELINE"]))
@@ -247,28 +252,18 @@ def pdl():
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         for m in (1, 4):
-            x = torch.randn(m, k, device="cuda").half()
-            ys = [torch.empty(m, n, device="cuda", dtype=torch.half) for n in ns]
-            xq, xs, xz = quantize_rows(x, 8, False)
-            fp = bench_graph(lambda ws: [F_nn.linear(x, w) for w in ws], w16_sets)
+            x, ys, q, fp = _decode_inputs(ns, k, m, w16_sets)
 
             def call(ps, cfg, on, codes=None):
-                q = codes or quantize_rows(x, 8, False, pdl=on)
-                if len(ns) == 1:
-                    return [launch_gemv(*q, ps[0], ys[0], config=cfg, pdl=on)]
-                return launch_gemv_group(*q, list(ps), ys, config=cfg, pdl=on)
+                return _gemv_call(codes or quantize_rows(x, 8, False, pdl=on), ps, ys, cfg, pdl=on)
 
             best, ref = {}, None
             for c in GEMV_CONFIGS:
                 if not accumulator_fits(c, m):
                     continue
                 cfg = dict(c.kwargs, num_warps=c.num_warps)
-                for kind, on, codes in (("codes given", False, (xq, xs, xz)), ("plain", False, None),
-                                        ("PDL", True, None)):
-                    out = [o.clone() for o in call(pw_sets[0], cfg, on, codes)]
-                    ref = out if ref is None else ref
-                    if not all(torch.equal(a, b) for a, b in zip(out, ref)):
-                        print(f"   MISMATCH {name} M={m} {kind} {cfg}", flush=True)
+                for kind, on, codes in (("codes given", False, q), ("plain", False, None), ("PDL", True, None)):
+                    ref = _same_as(ref, call(pw_sets[0], cfg, on, codes), f"{name} M={m} {kind} {cfg}")
                     try:
                         t = bench_graph(lambda ps: call(ps, cfg, on, codes), pw_sets)
                     except RuntimeError as e:  # e.g. a CUDA graph that cannot capture the PDL launch
