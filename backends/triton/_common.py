@@ -44,6 +44,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pdl_launch(pdl: bool, device) -> bool:
+    """Whether a launch asked for programmatic dependent launch (``pdl``) gets it: on CUDA, compiled
+    kernels only (the interpreter has no grid dependencies)."""
+    return bool(pdl) and device.type == "cuda" and not interpreting()
+
+
 def recip_div(device) -> bool:
     """Whether torch divides a tensor by a Python number as a multiplication by the fp32 reciprocal on
     ``device``: it does on CUDA (``div_true_kernel_cuda``, "may lose one bit of precision"), not on CPU.

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from ._common import act_qparams, act_quantize, interpreting, recip_div
+from ._common import act_qparams, act_quantize, pdl_launch, recip_div
 
 __all__ = ["quantize_rows"]
 
@@ -112,7 +112,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     cfg = _config(n_rows, row_len)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]),)
     _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
-                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl and not interpreting(),
+                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl_launch(pdl, x.device),
                                 **cfg)
     return codes, scale, zp
 

@@ -28,7 +28,7 @@ import triton
 from . import dispatch_cache
 from . import w4_gemm_kernel as kern
 from . import w4_gemv_kernel as gemv_kern
-from ._common import interpreting, recip_div
+from ._common import interpreting, pdl_launch, recip_div
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
@@ -189,11 +189,14 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     return y
 
 
-def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, int_out, use_asm, lut) -> dict:
-    """The GEMV's compile-time arguments for activation ``x [M, K]`` and weight ``pw`` (checks both)."""
+def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, int_out, use_asm, lut,
+               pdl=False) -> dict:
+    """The GEMV's compile-time arguments for activation ``x [M, K]`` and weight ``pw`` (checks both), and
+    the ``launch_pdl`` launch option where ``pdl`` takes effect (``_common.pdl_launch``)."""
     m, k = x.shape
     if pw.group_size > 0 or m > SPLITK_MAX_M:
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
+    pdl = pdl_launch(pdl, x.device)
     block_m = triton.next_power_of_2(max(m, 1))
     x_words = not fuse_quant and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0
     lut_ok = _w_kind(pw) == 1 and pw.dint_r <= 4
@@ -203,12 +206,8 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
     return dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=has_bias,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
-                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=False)
-
-
-def _pdl(pdl: bool, device) -> bool:
-    """Programmatic dependent launch where it exists: CUDA, compiled kernels."""
-    return bool(pdl) and device.type == "cuda" and not interpreting()
+                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
+                **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
 
 
 INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
@@ -236,9 +235,7 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     if x_grouped or w_expanded is not None or split_k:
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
     meta = _gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=bias is not None,
-                      int_out=int_out, use_asm=use_asm, lut=lut)
-    pdl = _pdl(pdl, x.device)
-    meta.update(PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
+                      int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl)
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
     if config is None and interpreting():
@@ -276,11 +273,9 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
     if any((b is not None) != has_bias for b in biases):
         raise ValueError("launch_gemv_group: give a bias for every weight or for none")
     metas = [_gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=has_bias,
-                        int_out=int_out, use_asm=use_asm, lut=lut) for pw in pws]
+                        int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl) for pw in pws]
     if any(md != metas[0] for md in metas) or any(pw.in_features != k for pw in pws):
         raise ValueError("launch_gemv_group: the weights differ in format, packing or in_features")
-    pdl = _pdl(pdl, x.device)
-    metas[0].update(PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
     sets = [(pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, y if b is None else b, y, y.stride(0),
