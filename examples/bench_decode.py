@@ -208,6 +208,10 @@ def linear_bytes():
     return fp16, packed, codes
 
 
+# Extra lowbit runs beside the default: (name, backend options, DISPATCH.gemv_pdl).
+VARIANTS = ([("inductor_quant on", {"inductor_quant": True}, False)] if args.inductor_quant else []) + (
+    [("PDL", None, True)] if args.pdl else [])
+
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
 #    eager reference module form (same codes, reference QDQ ops).
 rows = []
@@ -219,20 +223,16 @@ for batch in args.batch:
     err = ((logits4 - ref4).norm() / ref4.norm()).item()
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
         f"first-step logits vs the eager reference: rel. err {err:.1e}")
-    extras = {}  # label -> (tok/s, first-step logits rel. diff from the default lowbit run)
-    if args.inductor_quant:  # the activation quantization as Inductor-fused torch ops instead of quantize_rows
-        tps_k, logits_k, _, _ = decode_run(qmodel, batch, "lowbit", {"inductor_quant": True}, "lowbit inductor_quant")
-        extras["inductor_quant on"] = (tps_k, ((logits_k - logits4).norm() / logits4.norm()).item())
-    if args.pdl:  # the GEMVs as programmatic dependent launches of their quantization (same codes and outputs)
-        DISPATCH.gemv_pdl = True
+    extras = {}  # variant name -> (tok/s, first-step logits rel. diff from the default lowbit run)
+    for name, options, pdl in VARIANTS:
+        DISPATCH.gemv_pdl = pdl
         try:
-            tps_p, logits_p, _, _ = decode_run(qmodel, batch, "lowbit", label="lowbit PDL")
+            tps_v, logits_v, _, _ = decode_run(qmodel, batch, "lowbit", options, f"lowbit {name}")
         finally:
             DISPATCH.gemv_pdl = False
-        extras["PDL"] = (tps_p, ((logits_p - logits4).norm() / logits4.norm()).item())
-    for name, (tps, diff) in extras.items():
-        log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps:8.1f} tok/s; first-step logits vs the "
-            f"default lowbit run: rel. diff {diff:.1e}")
+        extras[name] = (tps_v, ((logits_v - logits4).norm() / logits4.norm()).item())
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
+            f"default lowbit run: rel. diff {extras[name][1]:.1e}")
     rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras))
     if gpu:
         torch.cuda.empty_cache()
@@ -244,8 +244,8 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          f"{torch.cuda.get_device_name() if gpu else 'CPU'}; torch {torch.__version__}. W4A8 = {RECIPE} "
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
          "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
-         + "".join(f" lowbit, {name} | its speed-up |" for name in rows[0][-1]),
-         "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(rows[0][-1])]
+         + "".join(f" lowbit, {name} | its speed-up |" for name, _, _ in VARIANTS),
+         "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(VARIANTS)]
 for batch, tps16, tps4, c16, c4, _, _, report, _, extras in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
                  f"{len(report.lowered)}/{len(report.sites)} |"
