@@ -93,9 +93,10 @@ def test_smollm2_w4a8_lowbit_matches_reference():
     # Each lowered linear is exact in int32 + fp32 scaling (~2e-7 relative from the reference's fp32 GEMM);
     # upstream float differences (Inductor's fused norms, that rounding) flip an int8 activation code now
     # and then, and this W4A8 model amplifies flips: the reference with float64 GEMMs (same codes, only a
-    # finer rounding) is itself 6.78e-02 from the fp32 reference in logits and agrees on 0.9229 of the top-1
-    # tokens (H100, window 1, as this test prints). So the logits are bounded by that noise floor, measured in the same run (the
-    # first GPU run, with a fixed top-1 > 0.95 guessed before the floor was measured, failed at 0.924 on
-    # the H200: the floor's level, not a kernel error); the perplexity target is the issue's.
+    # finer rounding) is itself 6.78e-02 from the fp32 reference in logits and agrees on 0.9229 of the
+    # top-1 tokens (H100, window 1, as this test prints). So the logits are bounded by that noise floor,
+    # measured in the same run (the first GPU run, with a fixed top-1 > 0.95 guessed before the floor was
+    # measured, failed at 0.924 on the H200: the floor's level, not a kernel error); the perplexity target
+    # is the issue's.
     assert rel < 1.5 * rel64 and top1 > top1_64 - 0.03, (rel, rel64, top1, top1_64)
     assert abs(ppl_fast / ppl_ref - 1) < 1e-3  # the target: perplexity equal within 0.1 %
