@@ -25,7 +25,17 @@ and quantization fused), outputs checked bitwise equal to SPLIT_K = 1.
 ``--pdl``: instead, quantize_rows + GEMV as two plain launches vs the GEMV as a programmatic dependent
 launch of the quantization (its weight prologue overlaps it), model shapes and 7B groups at M in {1, 4}.
 
-    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl]
+``--quant``: instead, ``quantize_rows`` alone per launch config (rows per program, block, warps; one pass
+with the row in registers, or two passes; rows split over programs by SLICE columns) for M in {1, 4, 16}
+and K in {4096, 11008, 14336}, codes checked bitwise equal to the default config's, beside an empty
+launch (the floor of any kernel in the graph).
+
+``--direct``: instead, the M = 1 GEMV on given codes with the activation words read into the accumulator's
+layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through shared memory), best register
+config of each, model shapes and groups, outputs checked bitwise equal.
+
+    python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
+                                          --direct]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -239,6 +249,37 @@ def pipeline():
         del pw_sets, w16_sets
 
 
+def direct():
+    """M = 1 GEMV, activation words direct vs broadcast (``DISPATCH.gemv_direct``), best config of each."""
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; M = 1 GEMV on given codes: activation words direct vs "
+          "broadcast, best config of each, GPU time per call in us", flush=True)
+    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
+    for name, ns, k in cases:
+        pw_sets, w16_sets = _weight_sets(ns, k)
+        mb = sum(n * k for n in ns) / 2 / 1e6
+        _, ys, q, fp = _decode_inputs(ns, k, 1, w16_sets)
+        best, ref = {}, None
+        for on in (False, True):
+            DISPATCH.gemv_direct = on
+            try:
+                for c in GEMV_CONFIGS:
+                    cfg = dict(c.kwargs, num_warps=c.num_warps)
+                    ref = _same_as(ref, _gemv_call(q, pw_sets[0], ys, cfg), f"{name} direct={on} {cfg}")
+                    t = bench_graph(lambda ps: _gemv_call(q, ps, ys, cfg), pw_sets)
+                    if on not in best or t < best[on][0]:
+                        best[on] = (t, (cfg["BLOCK_N"], cfg["BLOCK_W"], cfg["num_warps"]))
+            finally:
+                DISPATCH.gemv_direct = True
+        (tb, cb), (td, cd) = best[False], best[True]
+        print(f"[{time.time() - t0:4.0f}s] {name} ({mb:.1f} MB): fp16 {fp:.1f}; broadcast {tb:.2f} {cb} = "
+              f"{mb / tb:.2f} TB/s; direct {td:.2f} {cd} = {mb / td:.2f} TB/s; direct / broadcast speed "
+              f"{tb / td:.2f}x; direct vs fp16 {fp / td:.2f}x", flush=True)
+        del pw_sets, w16_sets
+
+
 def pdl():
     """Activation quantization + GEMV, the two launches of a W4A8 decode linear, plain vs as a programmatic
     dependent launch (the GEMV's weight prologue overlaps ``quantize_rows``), best register config of each,
@@ -278,8 +319,49 @@ def pdl():
         del pw_sets, w16_sets
 
 
+def quant():
+    """``quantize_rows`` per launch config: is the default (``quantize_kernel._config``) the fastest?"""
+    import triton
+
+    from qcompile.backends.triton.quantize_kernel import _config
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; quantize_rows (int8 per token) alone, GPU time per call in us",
+          flush=True)
+    dummy = torch.zeros(1, device="cuda")
+    floor = bench_graph(lambda d: d.zero_(), clones(dummy, 4))
+    print(f"empty launch (a 1-element zero_): {floor:.2f} us", flush=True)
+    for k in (4096, 11008, 14336):
+        for m in (1, 4, 16):
+            xs = clones(torch.randn(m, k, device="cuda").half() * 3, 4)
+            default = _config(m, k)
+            ref = quantize_rows(xs[0], 8, False)
+            full = min(triton.next_power_of_2(k), 16384)
+            cfgs = [dict(ROWS=1, BLOCK=full, num_warps=w) for w in (4, 8, 16, 32)]
+            cfgs += [dict(ROWS=1, BLOCK=b, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8, 16) if b < k]
+            cfgs += [dict(ROWS=r, BLOCK=full, num_warps=w) for r in (2, 4) if r <= m and r * full <= 16384
+                     for w in (8, 16, 32)]
+            cfgs += [dict(ROWS=1, BLOCK=full, num_warps=w, SLICE=sl) for sl in (1024, 2048, 4096) if sl < k
+                     for w in (8, 16, 32)]
+            times = {}
+            for cfg in [None] + cfgs:
+                out = quantize_rows(xs[0], 8, False, config=cfg)
+                if not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                    print(f"   MISMATCH K={k} M={m} {cfg}", flush=True)
+                    continue
+                times[str(cfg)] = bench_graph(lambda x: quantize_rows(x, 8, False, config=cfg), xs)
+            best = min(times, key=times.get)
+            print(f"[{time.time() - t0:4.0f}s] K={k} M={m}: default {default} {times['None']:.2f} us; best {best} "
+                  f"{times[best]:.2f} us; all: " + ", ".join(f"{c} {t:.2f}" for c, t in times.items() if c != "None"),
+                  flush=True)
+
+
 if __name__ == "__main__":
-    if "--pdl" in sys.argv:
+    if "--direct" in sys.argv:
+        direct()
+    elif "--quant" in sys.argv:
+        quant()
+    elif "--pdl" in sys.argv:
         pdl()
     elif "--pipeline" in sys.argv:
         pipeline()

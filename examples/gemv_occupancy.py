@@ -12,9 +12,15 @@ many weight bytes each SM then has requested and not yet received:
 
 It also counts the cp.async copies in the PTX, which shows whether the compiler pipelined the stream.
 
+``--sass``: what one step of the K loop costs, from the disassembled cubin (nvdisasm): SASS instructions
+per weight word (32 bits = 8 codes) and per thread, and the barriers and shared-memory accesses in the
+loop, per config and BLOCK_M (1, 4, 16). A layout change inside the loop shows up as STS / LDS / LDSM
+between BAR.SYNCs.
+
     python examples/gemv_occupancy.py            # every GEMV config, LLaMA-2-7B decode shapes
     python examples/gemv_occupancy.py --sms 132  # H100 SXM / H200 have 132 SMs
     python examples/gemv_occupancy.py --variants # every variant the autotuner may compile: failures, lost cp.async
+    python examples/gemv_occupancy.py --sass     # the K loop's instruction mix per weight word
 
 A model of the hardware, not a timing: ``examples/bench_gemv_pieces.py`` on the GPU says what is fast.
 """
@@ -40,10 +46,11 @@ ALIGNED = {"N", "K", "stride_xm", "stride_ym"}  # multiples of 16 at the model s
 
 
 def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = False, group: int = 0,
-                 pdl: bool = False):
+                 pdl: bool = False, direct: bool = True):
     """The decode GEMV compiled for sm_90 with one autotune ``config`` (dINT4): ``w4_gemv_kernel``, or
     ``w4_gemv_group_kernel`` for ``group`` = 2 or 3 weights; int8 codes given, or fp16 activations
-    quantized in the kernel (``fuse_quant``); ``pdl``: as a programmatic dependent launch."""
+    quantized in the kernel (``fuse_quant``); ``pdl``: as a programmatic dependent launch; ``direct``:
+    ``X_DIRECT`` where the dispatch sets it (``DISPATCH.gemv_direct``: M = 1, int8 codes given)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,6 +61,7 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True,
                  FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
                  X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
+                 X_DIRECT=direct and not fuse_quant and block_m == 1,
                  **config.kwargs)
     if group:
         const["G"] = group
@@ -111,6 +119,36 @@ def resources(kernel) -> dict:
             "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", kernel.asm["ptx"]))}
 
 
+def loop_mix(kernel, config) -> dict:
+    """The K loop of a compiled GEMV (the longest loop of its SASS): ``instructions`` per step and thread,
+    ``per_word`` (per weight word a thread unpacks), ``ops`` (opcode -> count), ``barriers``, ``shared`` (shared
+    memory loads and stores) and ``dp4a`` (IDP) in it."""
+    import collections
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    body: list = []
+    for j, line in enumerate(lines):  # a loop: a branch back to a label above it
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), j) < j:
+            instrs = [x for x in lines[labels[m.group(1)] + 1:j + 1] if re.search(r"/\*[0-9a-f]{4}\*/", x)]
+            body = max(body, instrs, key=len)
+    ops = collections.Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", re.sub(r"/\*[0-9a-f]+\*/", "", x).strip()).split()[0].split(".")[0] for x in body)
+    kw = config.kwargs
+    words = kw["BLOCK_N"] * kw["BLOCK_W"] / (32 * config.num_warps)  # weight words per thread and step
+    return dict(instructions=len(body), per_word=len(body) / words, ops=dict(ops), barriers=ops["BAR"],
+                shared=sum(ops[o] for o in ("STS", "LDS", "LDSM")), dp4a=ops["IDP"])
+
+
 def in_flight(config, res: dict, n: int, sms: int, k: int = 4096) -> tuple[float, float]:
     """(programs per SM, KB of weights requested and not yet received per SM) for a ``[n, k]`` weight."""
     kw, threads = config.kwargs, 32 * config.num_warps
@@ -127,17 +165,30 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sms", type=int, default=132, help="SMs of the GPU (H100 SXM / H200: 132)")
     p.add_argument("--variants", action="store_true",
                    help="instead: compile every kernel variant of every config the autotuner can meet (~1-2 min)")
+    p.add_argument("--sass", action="store_true", help="instead: the K loop's SASS instruction mix per config")
     args = p.parse_args(argv)
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, GEMV_PIPELINED_CONFIGS, GEMV_SPLITK_CONFIGS
+    from qcompile.backends.triton import w4_gemv_kernel as G
 
     if args.variants:
-        return [{"problems": check_variants(GEMV_CONFIGS + GEMV_SPLITK_CONFIGS + GEMV_PIPELINED_CONFIGS)}]
+        return [{"problems": check_variants(G.GEMV_CONFIGS + G.GEMV_SPLITK_CONFIGS + G.GEMV_PIPELINED_CONFIGS)}]
+    if args.sass:
+        print("| BLOCK_M | BLOCK_N | BLOCK_W | warps | loop instructions | per weight word | dp4a | barriers | "
+              "shared ld/st |\n|" + "---:|" * 9)
+        rows = []
+        for bm, cfg in itertools.product((1, 4, 16), G.GEMV_CONFIGS):
+            if G.accumulator_fits(cfg, bm):
+                mix = loop_mix(compile_gemv(cfg, block_m=bm), cfg)
+                kw = cfg.kwargs
+                print(f"| {bm} | {kw['BLOCK_N']} | {kw['BLOCK_W']} | {cfg.num_warps} | {mix['instructions']} | "
+                      f"{mix['per_word']:.1f} | {mix['dp4a']} | {mix['barriers']} | {mix['shared']} |", flush=True)
+                rows.append(dict(block_m=bm, config=dict(kw, num_warps=cfg.num_warps), **mix))
+        return rows
 
     head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "regs", "smem KB", "cp.async"]
     head += [f"N={n}: progs/SM, KB in flight/SM" for n in SHAPES]
     print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
     rows = []
-    for cfg in GEMV_CONFIGS + GEMV_PIPELINED_CONFIGS:
+    for cfg in G.GEMV_CONFIGS + G.GEMV_PIPELINED_CONFIGS:
         res = resources(compile_gemv(cfg))
         kw = cfg.kwargs
         cells = [kw["BLOCK_N"], kw["BLOCK_W"], cfg.num_warps, kw.get("PIPELINE", 0), res["regs"],

@@ -12,6 +12,12 @@ division, round-half-even) and writes
 Then ``x ~= (codes - zp) * scale`` per row. Codes are bit-exact with the reference on the same input
 (tests check it), because every fp32 operation is the same correctly rounded one.
 
+Long rows at decode (``SPLIT`` > 1, a few tokens of K > 4096, e.g. down_proj's 11008): the IEEE
+division per element makes one program issue-bound on its SM (offline sm_90 SASS: ~25 instructions
+per element, ~400 per thread at 11008 columns on 32 warps). Then ``SPLIT`` programs share a row: each
+reduces the whole row (min / max: exact in any order, so all get the same scale and zero-point, which
+the first one stores) and quantizes only its ``SLICE`` columns.
+
 File order (Triton tutorial): configs -> kernel -> wrapper -> check vs torch (``python -m``).
 """
 from __future__ import annotations
@@ -27,20 +33,27 @@ __all__ = ["quantize_rows"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
+SPLIT_SLICE = 4096  # columns each program codes when rows longer than this are split (few rows only)
+
+
 def _config(n_rows: int, row_len: int) -> dict:
     """Whole rows in registers up to 16K elements (one pass over x), else two passes.
 
     Few rows (decode) are one program each: a single program's serial work is the launch's latency,
     so it gets up to 32 warps (<= 16 elements per thread); many rows keep <= 32 per thread at 4-8 warps.
+    Few rows longer than ``SPLIT_SLICE`` are coded by several programs each (``SPLIT``, module docstring).
     """
     block = min(triton.next_power_of_2(max(row_len, 16)), 16384)
     rows = max(1, min(4096 // block, triton.next_power_of_2(n_rows)))
+    split, slice_ = 1, 0
     if n_rows <= 64:
         num_warps = max(4, min(32, rows * block // 256))
+        if row_len > SPLIT_SLICE:
+            split, slice_ = triton.cdiv(row_len, SPLIT_SLICE), SPLIT_SLICE
     else:
         num_warps = max(4, min(8, rows * block // 512))
         block = min(block, 8192)
-    return dict(ROWS=rows, BLOCK=block, ONE_PASS=row_len <= block, num_warps=num_warps)
+    return dict(ROWS=rows, BLOCK=block, ONE_PASS=row_len <= block, num_warps=num_warps, SPLIT=split, SLICE=slice_)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -51,7 +64,8 @@ def _quantize_rows_kernel(
         QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,  # format: INT-b, QMAX = 2^b - 1
         RECIP_DIV: tl.constexpr,  # divide by QMAX as torch does on this device (see _common.act_qparams)
         ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
-        PDL: tl.constexpr):  # let a programmatic dependent launch (the GEMV's weight prologue) start now
+        PDL: tl.constexpr,  # let a programmatic dependent launch (the GEMV's weight prologue) start now
+        SPLIT: tl.constexpr, SLICE: tl.constexpr):  # SPLIT > 1: program (i, j) codes columns [j, j + 1) * SLICE
     OFFSET: tl.constexpr = (QMAX + 1) // 2
     if PDL:
         gdc_launch_dependents()
@@ -78,10 +92,18 @@ def _quantize_rows_kernel(
         lo = tl.min(lo_t, axis=1)
         hi = tl.max(hi_t, axis=1)
     scale, zp = act_qparams(lo, hi, QMAX, SYMMETRIC, RECIP_DIV)
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
-    tl.store(zp_ptr + rows, zp.to(tl.int32) - OFFSET, mask=row_ok)
+    part = tl.program_id(1)
+    if part == 0:
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+        tl.store(zp_ptr + rows, zp.to(tl.int32) - OFFSET, mask=row_ok)
     # Pass 2: codes (from registers when the row fitted, else a second read that hits L2).
-    if ONE_PASS:
+    if SPLIT > 1:  # this program's slice only (a second read, from L2)
+        cols = part * SLICE + tl.arange(0, SLICE)[None, :]
+        mask = row_ok[:, None] & (cols < row_len)
+        xk = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        q = act_quantize(xk, scale[:, None], zp[:, None], QMAX) - OFFSET
+        tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
+    elif ONE_PASS:
         q = act_quantize(x, scale[:, None], zp[:, None], QMAX) - OFFSET
         tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
     else:
@@ -93,10 +115,13 @@ def _quantize_rows_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- wrapper
-def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False):
+def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False,
+                  config: dict | None = None):
     """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
     ``pdl``: let the next kernel, if launched as a programmatic dependent (``launch_gemv(pdl=True)``),
     start at once (CUDA only; its reads of these outputs wait for this kernel all the same).
+    ``config``: ``ROWS``, ``BLOCK``, ``num_warps`` and optionally ``SLICE`` (columns per program, a power of
+    two; default: one program per row) instead of ``_config``'s (benchmarks sweep them).
 
     Returns ``(codes int8 [M, K], scale fp32 [M, G], zp int32 [M, G])`` with the signed convention of
     the module docstring (``G = 1`` per token). ``x`` must be 2-D and contiguous (callers check).
@@ -109,8 +134,13 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     zp = torch.empty((m, k // row_len), dtype=torch.int32, device=x.device)
     if n_rows == 0:
         return codes, scale, zp
-    cfg = _config(n_rows, row_len)
-    grid = (triton.cdiv(n_rows, cfg["ROWS"]),)
+    if config is None:
+        cfg = _config(n_rows, row_len)
+    else:
+        slice_ = config.get("SLICE", 0)
+        cfg = dict(config, ONE_PASS=row_len <= config["BLOCK"], SLICE=slice_,
+                   SPLIT=triton.cdiv(row_len, slice_) if slice_ else 1)
+    grid = (triton.cdiv(n_rows, cfg["ROWS"]), cfg["SPLIT"])
     _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
                                 SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl_launch(pdl, x.device),
                                 **cfg)

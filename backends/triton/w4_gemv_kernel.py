@@ -17,7 +17,9 @@ shared memory into the MMA operand layout; here the unpacked weights never leave
 One program owns BLOCK_N output channels and the whole K (no split-K: BLOCK_N of 8-32 already gives
 hundreds of programs at N = 4096), streams its weights BLOCK_W words per row per step with the next
 step's tile already in flight (registers, double-buffered by hand), and keeps an int32 accumulator per
-(row, channel, word lane) reduced once at the end: no shuffles inside the K loop. ``FUSE_QUANT``
+(row, channel, word lane) reduced once at the end: no shuffles inside the K loop. At M = 1 every
+thread reads the activation words its weight words meet (``X_DIRECT``: the same words for all BLOCK_N
+rows, from L1), so nothing changes layout inside the loop (``gemv_occupancy.py --sass``). ``FUSE_QUANT``
 quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
 then quantizes the slice it needs): one launch instead of two.
 
@@ -133,6 +135,14 @@ def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf,
 
 
 @triton.jit
+def _tile(t, DIRECT: tl.constexpr):
+    """A weight tile's ``[BLOCK_N, BLOCK_W]`` offsets, mask or per-row values as the loop holds them."""
+    if DIRECT:
+        t = t[None, :, :]
+    return t
+
+
+@triton.jit
 def _gemv_block(
         pid_n, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
@@ -142,10 +152,15 @@ def _gemv_block(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr):
     """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
     ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
+    # DIRECT (X_DIRECT, where it applies: M = 1, int8 words, arithmetic unpacker): weight tiles
+    # [1, BLOCK_N, BLOCK_W] and activation words loaded straight into the accumulator's layout (see the
+    # loop); else [BLOCK_N, BLOCK_W] and [BLOCK_M, BLOCK_W], broadcast. Not with PIPELINE > 1: the
+    # pipeliner would stage those words through shared memory too, halving the programs per SM.
+    DIRECT: tl.constexpr = (X_DIRECT and PIPELINE <= 1) and ((X_WORDS and not LUT) and BLOCK_M == 1)
     CH: tl.constexpr = BLOCK_W // WPC  # chunks per step
     HALF: tl.constexpr = PACK_K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,15 +177,16 @@ def _gemv_block(
     chunk_of = jw // WPC  # chunk (within the step) and word of each lane
     word_of = jw % WPC
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    w_off = (c_begin + chunk_of[None, :]) * (N * WPC) + offs_n[:, None] * WPC + word_of[None, :]
+    w_off = _tile((c_begin + chunk_of[None, :]) * (N * WPC) + offs_n[:, None] * WPC + word_of[None, :], DIRECT)
     step = CH * N * WPC
-    zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128).to(tl.int32)[:, None]
+    zb = _tile(tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128).to(tl.int32)[:, None], DIRECT)
     if LUT:
         t0, t1, t2, t3 = lut_words(zb, DINT, DINT_R)
 
     if PIPELINE <= 1:  # hand-made double buffer in registers: the first tile goes out before the activation
         # prologue (PIPELINE > 1: each step loads its own tile; the pipeliner keeps PIPELINE - 1 in flight)
-        w_next = tl.load(w32 + w_off, mask=n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), other=0)
+        w_next = tl.load(w32 + w_off, mask=_tile(n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), DIRECT),
+                         other=0)
     if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
         # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
         gdc_wait()
@@ -189,17 +205,32 @@ def _gemv_block(
     for it in tl.range(tl.cdiv(c_end - c_begin, CH), num_stages=PIPELINE if PIPELINE > 1 else 1):
         c0 = c_begin + it * CH
         if PIPELINE > 1:
-            w_cur = tl.load(w32 + it * step + w_off, mask=n_ok[:, None] & (c0 + chunk_of[None, :] < c_end), other=0)
+            w_cur = tl.load(w32 + it * step + w_off, mask=_tile(n_ok[:, None] & (c0 + chunk_of[None, :] < c_end),
+                                                                DIRECT), other=0)
         else:
             w_cur = w_next
-            nxt_ok = n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end)
+            nxt_ok = _tile(n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end), DIRECT)
             w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
-        k_base = (c0 + chunk_of) * PACK_K + word_of * 4
-        x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS, X_QMAX,
-                        BLOCK_M, BLOCK_W)
-        x_hi = _x_words(x_ptr, offs_m, m_ok, k_base + HALF, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS,
-                        X_QMAX, BLOCK_M, BLOCK_W)
+        if DIRECT:
+            # Every thread reads the activation words of its own weight words (the BLOCK_N threads of a word
+            # lane read the same ones, from L1): a broadcast [BLOCK_M, 1, BLOCK_W] would be a layout change
+            # through shared memory, two barriers per vector of words (offline sm_90 SASS at M = 1: 26 -> 24
+            # instructions per weight word, 8 -> 0 barriers per step, Triton 3.6 and 3.9; at M = 4 Triton 3.6
+            # still converts a tile, and at M = 16 the broadcast costs fewer instructions, so only M = 1)
+            x_word = (c0 + chunk_of) * (PACK_K // 4) + word_of  # the low half's word; the high half's: + HALF / 4
+            x_off = (offs_m[:, None, None] * (stride_xm // 4) + tl.zeros([1, BLOCK_N, 1], tl.int32)
+                     + x_word[None, None, :])
+            x32 = x_ptr.to(tl.pointer_type(tl.int32))
+            x_lo = tl.load(x32 + x_off, mask=m_ok[:, None, None] & (x_word < K // 4)[None, None, :], other=0)
+            x_hi = tl.load(x32 + x_off + HALF // 4, other=0,
+                           mask=m_ok[:, None, None] & (x_word + HALF // 4 < K // 4)[None, None, :])
+        else:
+            k_base = (c0 + chunk_of) * PACK_K + word_of * 4
+            x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS, X_QMAX,
+                            BLOCK_M, BLOCK_W)
+            x_hi = _x_words(x_ptr, offs_m, m_ok, k_base + HALF, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS,
+                            X_QMAX, BLOCK_M, BLOCK_W)
         if LUT:  # biased values in the nibble order; activations permuted to match (_common._ASM_LUT)
             v0, v1 = unpack_words_lut(w_cur, t0, t1, t2, t3, USE_ASM)
             x_a = prmt(x_lo, x_hi, tl.full(x_lo.shape, 0x5140, tl.int32), USE_ASM)
@@ -212,10 +243,11 @@ def _gemv_block(
             x_sum = dp4a(x_hi, ones, dp4a(x_lo, ones, x_sum, USE_ASM), USE_ASM)
         else:
             lo, hi = unpack_words(w_cur, zb, DINT, DINT_R, USE_ASM)
-            acc = dp4a(tl.broadcast_to(lo[None, :, :], shape), tl.broadcast_to(x_lo[:, None, :], shape), acc,
-                       USE_ASM)
-            acc = dp4a(tl.broadcast_to(hi[None, :, :], shape), tl.broadcast_to(x_hi[:, None, :], shape), acc,
-                       USE_ASM)
+            if not DIRECT:
+                lo, hi = lo[None, :, :], hi[None, :, :]
+                x_lo, x_hi = x_lo[:, None, :], x_hi[:, None, :]
+            acc = dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(x_lo, shape), acc, USE_ASM)
+            acc = dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(x_hi, shape), acc, USE_ASM)
 
     # Epilogue: one reduction over the word lanes (split-K: summed across the slices in int32, exactly),
     # zero-point correction, scales, bias.
@@ -272,11 +304,11 @@ def w4_gemv_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr):
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
                 w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
-                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
+                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -294,7 +326,7 @@ def w4_gemv_group_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     pid = tl.program_id(0)
@@ -305,14 +337,14 @@ def w4_gemv_group_kernel(
         _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
                     y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
-                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
+                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
         _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
                     b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
     elif G == 3:
         _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
                     z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
-                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL)
+                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)

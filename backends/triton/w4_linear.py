@@ -66,6 +66,10 @@ class Dispatch:
     # weight prologue overlaps quantize_rows): 0.7-1.8 us less per linear on the H100 (bench_gemv_pieces
     # --pdl, bitwise the same outputs); off until the decode benchmark has timed it.
     gemv_pdl: bool = False
+    # At M = 1 the GEMV reads the activation words straight into its accumulator's layout instead of
+    # broadcasting them (no shared memory or barrier in the K loop: offline sm_90 SASS, 26 -> 24 instructions
+    # per weight word; w4_gemv_kernel, examples/results/gemv_sass_sm90.md). Same outputs; not yet timed.
+    gemv_direct: bool = True
 
 
 DISPATCH = Dispatch()
@@ -109,11 +113,10 @@ _decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w
 _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
-_gemv_kernel = _autotune(_GEMV_AUTOTUNED, ["BLOCK_M", "N", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT"],
-                         gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_kernel)
-_gemv_group_kernel = _autotune(_GEMV_AUTOTUNED, ["BLOCK_M", "N0", "N1", "N2", "K", "G", "DINT", "FUSE_QUANT", "X_WORDS",
-                                                 "USE_ASM", "LUT"],
-                               gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_group_kernel)
+_GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
+_gemv_kernel = _autotune(_GEMV_AUTOTUNED, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_kernel)
+_gemv_group_kernel = _autotune(_GEMV_AUTOTUNED, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
+                               gemv_kern.w4_gemv_group_kernel)
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 
 
@@ -207,6 +210,7 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
                 STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
+                X_DIRECT=DISPATCH.gemv_direct and x_words and not use_lut and block_m == 1,
                 **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
 
 

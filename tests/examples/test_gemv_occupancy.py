@@ -37,3 +37,17 @@ def test_pdl_waits_after_the_weight_prologue():
     loads = [i for i, line in enumerate(ptx) if "ld.global" in line]
     assert len(waits) == 1 and loads and loads[0] < waits[0]
     assert "griddepcontrol" not in O.compile_gemv(cfg).asm["ptx"]
+
+
+def test_batch1_loop_has_no_layout_change():
+    """At M = 1 the activation words are read into the accumulator's layout, so the K loop keeps the
+    unpacked weights in registers: no shared memory, no barrier, two dp4a per weight word and thread.
+    (Broadcasting ``[1, 1, BLOCK_W]`` words instead moved the weights through shared memory with 2-8
+    barriers per step.) At M = 16 the broadcast is kept: it costs fewer instructions there."""
+    for cfg in (_cfg(8, 64, 2), _cfg(4, 256, 4), _cfg(16, 32, 4)):
+        mix = O.loop_mix(O.compile_gemv(cfg), cfg)
+        assert mix["barriers"] == 0 and mix["shared"] == 0, (cfg, mix)
+        words = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_W"] // (32 * cfg.num_warps)
+        assert mix["dp4a"] == 2 * words, (cfg, mix)
+    wide = O.loop_mix(O.compile_gemv(_cfg(16, 32, 4), block_m=16), _cfg(16, 32, 4))
+    assert wide["shared"] > 0 and wide["dp4a"] == 2 * 16 * 4

@@ -51,6 +51,21 @@ if INTERPRET:
         check_quantize(make_x(m, k, "cpu", dtype, seed=k), bits, sym, group, quantize_rows)
 
     @child_only
+    @pytest.mark.parametrize("m,k,config", [
+        (1, 4100, None),  # the decode default for rows over SPLIT_SLICE: 2 programs, one pass
+        (3, 1100, dict(ROWS=1, BLOCK=2048, num_warps=4, SLICE=256)),  # 5 programs a row, the last one short
+        (5, 700, dict(ROWS=2, BLOCK=256, num_warps=4, SLICE=128)),  # two rows a program, two-pass statistics
+    ])
+    def test_quantize_split_rows_bit_exact(m, k, config):
+        """Rows coded by several programs (each reduces the whole row, codes its slice) = the reference."""
+        from qcompile.backends.triton.quantize_kernel import _config
+
+        assert config is not None or _config(m, k)["SPLIT"] == 2
+        x = make_x(m, k, "cpu", seed=k)
+        for sym in (False, True):
+            check_quantize(x, 8, sym, 0, lambda *a: quantize_rows(*a, config=config))
+
+    @child_only
     def test_quantize_edge_rows():
         x = torch.zeros(4, 256)
         x[1] = 3.0                                      # constant row: range [0, 3]
@@ -246,6 +261,33 @@ if INTERPRET:
         finally:
             DISPATCH.group_path, DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", "auto", False
         assert all(torch.equal(a, b) for a, b in zip(on, off)) and torch.equal(single, off[0])
+
+    @child_only
+    @pytest.mark.parametrize("n,k", [(16, 128), (21, 300), (12, 1000)])
+    def test_gemv_direct_activation_words_keep_the_outputs(n, k):
+        """``X_DIRECT`` (M = 1: activation words read into the accumulator's layout) = the broadcast words,
+        bitwise, for the single and the group GEMV, split-K included; edges in N and K (K % 128 != 0)."""
+        from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv_group
+
+        pws = [make_weight(n + i, k, "dint4", "channel", "cpu", seed=n + i) for i in range(3)]
+        x = make_x(1, k, "cpu", seed=k)
+        q = quantize_rows(x, 8, False)
+
+        def run():
+            ys = [torch.empty(1, pw.out_features) for pw in pws]
+            single = launch_gemv(*q, pws[0], torch.empty(1, n))
+            split = launch_gemv(*q, pws[1], torch.empty(1, n + 1), config=dict(BLOCK_N=4, BLOCK_W=32, SPLIT_K=3,
+                                                                                 num_warps=4))
+            return [single, split, *launch_gemv_group(*q, pws, ys)]
+
+        direct = run()
+        DISPATCH.gemv_direct = False
+        try:
+            broadcast = run()
+        finally:
+            DISPATCH.gemv_direct = True
+        assert all(torch.equal(a, b) for a, b in zip(direct, broadcast))
+        check_gemm(x, pws[0], launch_gemv)
 
     def _sibling_sites():
         """Three dINT4 per-channel weights (N = 16, 24, 40; K = 200) as ``formats.quantize`` outputs."""
