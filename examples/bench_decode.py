@@ -14,6 +14,8 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --tiny       # smoke test: a 2-layer model (CPU without CUDA)
     python examples/bench_decode.py --inductor-quant   # also lowbit with options={"inductor_quant": True}
     python examples/bench_decode.py --pdl        # also lowbit with the GEMVs as programmatic dependent launches
+    python examples/bench_decode.py --prefetch2  # also lowbit with the GEMV's PREFETCH = 2 configs autotuned
+    python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
     python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
 """
 import argparse
@@ -46,6 +48,10 @@ parser.add_argument("--inductor-quant", action="store_true",
 parser.add_argument("--pdl", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_pdl = True (the decode GEMV launched as a "
                          "programmatic dependent of its activation quantization)")
+parser.add_argument("--prefetch2", action="store_true",
+                    help="also time lowbit with DISPATCH.gemv_prefetch2 = True (GEMV configs two tiles ahead)")
+parser.add_argument("--no-direct", action="store_true",
+                    help="also time lowbit with DISPATCH.gemv_direct = False (the M = 1 GEMV as before 2026-12-05)")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -208,9 +214,13 @@ def linear_bytes():
     return fp16, packed, codes
 
 
-# Extra lowbit runs beside the default: (name, backend options, DISPATCH.gemv_pdl).
-VARIANTS = ([("inductor_quant on", {"inductor_quant": True}, False)] if args.inductor_quant else []) + (
-    [("PDL", None, True)] if args.pdl else [])
+# Extra lowbit runs beside the default: (name, backend options, DISPATCH fields to set for the run).
+VARIANTS = [v for on, v in [
+    (args.inductor_quant, ("inductor_quant on", {"inductor_quant": True}, {})),
+    (args.pdl, ("PDL", None, {"gemv_pdl": True})),
+    (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
+    (args.no_direct, ("no direct", None, {"gemv_direct": False})),
+] if on]
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
 #    eager reference module form (same codes, reference QDQ ops).
@@ -224,12 +234,15 @@ for batch in args.batch:
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
         f"first-step logits vs the eager reference: rel. err {err:.1e}")
     extras = {}  # variant name -> (tok/s, first-step logits rel. diff from the default lowbit run)
-    for name, options, pdl in VARIANTS:
-        DISPATCH.gemv_pdl = pdl
+    for name, options, fields in VARIANTS:
+        saved = {f: getattr(DISPATCH, f) for f in fields}
+        for f, value in fields.items():
+            setattr(DISPATCH, f, value)
         try:
             tps_v, logits_v, _, _ = decode_run(qmodel, batch, "lowbit", options, f"lowbit {name}")
         finally:
-            DISPATCH.gemv_pdl = False
+            for f, value in saved.items():
+                setattr(DISPATCH, f, value)
         extras[name] = (tps_v, ((logits_v - logits4).norm() / logits4.norm()).item())
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default lowbit run: rel. diff {extras[name][1]:.1e}")

@@ -31,8 +31,9 @@ and K in {4096, 11008, 14336}, codes checked bitwise equal to the default config
 launch (the floor of any kernel in the graph).
 
 ``--direct``: instead, the M = 1 GEMV on given codes with the activation words read into the accumulator's
-layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through shared memory), best register
-config of each, model shapes and groups, outputs checked bitwise equal.
+layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through shared memory), and direct with
+two tiles ahead in the register buffer (``PREFETCH = 2``), best config of each, model shapes and groups,
+outputs checked bitwise equal.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --direct]
@@ -250,33 +251,39 @@ def pipeline():
 
 
 def direct():
-    """M = 1 GEMV, activation words direct vs broadcast (``DISPATCH.gemv_direct``), best config of each."""
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS
+    """M = 1 GEMV on given codes: activation words broadcast (``DISPATCH.gemv_direct = False``) vs direct (the
+    default), and direct with two tiles in the register buffer (``GEMV_PREFETCH2_CONFIGS``); best config of
+    each, outputs checked bitwise equal."""
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, GEMV_PREFETCH2_CONFIGS
 
     t0 = time.time()
-    print(f"device: {torch.cuda.get_device_name()}; M = 1 GEMV on given codes: activation words direct vs "
-          "broadcast, best config of each, GPU time per call in us", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}; M = 1 GEMV on given codes: activation words broadcast vs "
+          "direct vs direct with PREFETCH = 2, best config of each, GPU time per call in us", flush=True)
+    kinds = [("broadcast", False, GEMV_CONFIGS), ("direct", True, GEMV_CONFIGS),
+             ("direct, 2 ahead", True, GEMV_PREFETCH2_CONFIGS)]
     cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         mb = sum(n * k for n in ns) / 2 / 1e6
         _, ys, q, fp = _decode_inputs(ns, k, 1, w16_sets)
         best, ref = {}, None
-        for on in (False, True):
+        for kind, on, cfgs in kinds:
             DISPATCH.gemv_direct = on
             try:
-                for c in GEMV_CONFIGS:
+                for c in cfgs:
                     cfg = dict(c.kwargs, num_warps=c.num_warps)
-                    ref = _same_as(ref, _gemv_call(q, pw_sets[0], ys, cfg), f"{name} direct={on} {cfg}")
+                    ref = _same_as(ref, _gemv_call(q, pw_sets[0], ys, cfg), f"{name} {kind} {cfg}")
                     t = bench_graph(lambda ps: _gemv_call(q, ps, ys, cfg), pw_sets)
-                    if on not in best or t < best[on][0]:
-                        best[on] = (t, (cfg["BLOCK_N"], cfg["BLOCK_W"], cfg["num_warps"]))
+                    if kind not in best or t < best[kind][0]:
+                        best[kind] = (t, (cfg["BLOCK_N"], cfg["BLOCK_W"], cfg["num_warps"]))
             finally:
                 DISPATCH.gemv_direct = True
-        (tb, cb), (td, cd) = best[False], best[True]
-        print(f"[{time.time() - t0:4.0f}s] {name} ({mb:.1f} MB): fp16 {fp:.1f}; broadcast {tb:.2f} {cb} = "
-              f"{mb / tb:.2f} TB/s; direct {td:.2f} {cd} = {mb / td:.2f} TB/s; direct / broadcast speed "
-              f"{tb / td:.2f}x; direct vs fp16 {fp / td:.2f}x", flush=True)
+        cells = [f"{kind} {t:.2f} {c} = {mb / t:.2f} TB/s" for kind, (t, c) in best.items()]
+        base = best["broadcast"][0]
+        print(f"[{time.time() - t0:4.0f}s] {name} ({mb:.1f} MB): fp16 {fp:.1f}; " + "; ".join(cells)
+              + "; speed vs broadcast: " + ", ".join(f"{kind} {base / t:.2f}x" for kind, (t, _) in best.items()
+                                                     if kind != "broadcast")
+              + f"; best vs fp16 {fp / min(t for t, _ in best.values()):.2f}x", flush=True)
         del pw_sets, w16_sets
 
 

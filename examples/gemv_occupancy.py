@@ -7,7 +7,7 @@ shape, how many programs fit on an SM (registers, shared memory, threads, and th
 many weight bytes each SM then has requested and not yet received:
 
     in flight per SM = programs per SM x tile bytes x tiles ahead
-    tiles ahead      = 1 (PIPELINE = 0: the register prefetch) or PIPELINE - 1 (cp.async stages),
+    tiles ahead      = PREFETCH (PIPELINE = 0: the register buffer, 1 or 2) or PIPELINE - 1 (cp.async stages),
                        at most the K loop's trip count (K = 4096 here)
 
 It also counts the cp.async copies in the PTX, which shows whether the compiler pipelined the stream.
@@ -156,7 +156,7 @@ def in_flight(config, res: dict, n: int, sms: int, k: int = 4096) -> tuple[float
     per_sm = min(REGS_PER_SM // (math.ceil(res["regs"] / 8) * 8 * threads), THREADS_PER_SM // threads,
                  SMEM_PER_SM // max(res["smem"], 1), PROGRAMS_PER_SM)
     programs = min(math.ceil(n / kw["BLOCK_N"]) / sms, per_sm)
-    ahead = min(kw.get("PIPELINE", 0) - 1 if kw.get("PIPELINE", 0) > 1 else 1, steps)
+    ahead = min(kw.get("PIPELINE", 0) - 1 if kw.get("PIPELINE", 0) > 1 else kw.get("PREFETCH", 1), steps)
     return programs, programs * kw["BLOCK_N"] * kw["BLOCK_W"] * 4 * ahead / 1024
 
 
@@ -170,28 +170,30 @@ def main(argv=None) -> list[dict]:
     from qcompile.backends.triton import w4_gemv_kernel as G
 
     if args.variants:
-        return [{"problems": check_variants(G.GEMV_CONFIGS + G.GEMV_SPLITK_CONFIGS + G.GEMV_PIPELINED_CONFIGS)}]
+        return [{"problems": check_variants(G.GEMV_CONFIGS + G.GEMV_SPLITK_CONFIGS + G.GEMV_PIPELINED_CONFIGS
+                                            + G.GEMV_PREFETCH2_CONFIGS)}]
     if args.sass:
-        print("| BLOCK_M | BLOCK_N | BLOCK_W | warps | loop instructions | per weight word | dp4a | barriers | "
-              "shared ld/st |\n|" + "---:|" * 9)
+        print("| BLOCK_M | BLOCK_N | BLOCK_W | warps | PREFETCH | loop instructions | per weight word | dp4a | "
+              "barriers | shared ld/st |\n|" + "---:|" * 10)
         rows = []
-        for bm, cfg in itertools.product((1, 4, 16), G.GEMV_CONFIGS):
+        for bm, cfg in itertools.product((1, 4, 16), G.GEMV_CONFIGS + G.GEMV_PREFETCH2_CONFIGS):
             if G.accumulator_fits(cfg, bm):
                 mix = loop_mix(compile_gemv(cfg, block_m=bm), cfg)
                 kw = cfg.kwargs
-                print(f"| {bm} | {kw['BLOCK_N']} | {kw['BLOCK_W']} | {cfg.num_warps} | {mix['instructions']} | "
+                print(f"| {bm} | {kw['BLOCK_N']} | {kw['BLOCK_W']} | {cfg.num_warps} | {kw['PREFETCH']} | "
+                      f"{mix['instructions']} | "
                       f"{mix['per_word']:.1f} | {mix['dp4a']} | {mix['barriers']} | {mix['shared']} |", flush=True)
                 rows.append(dict(block_m=bm, config=dict(kw, num_warps=cfg.num_warps), **mix))
         return rows
 
-    head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "regs", "smem KB", "cp.async"]
+    head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "PREFETCH", "regs", "smem KB", "cp.async"]
     head += [f"N={n}: progs/SM, KB in flight/SM" for n in SHAPES]
     print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
     rows = []
-    for cfg in G.GEMV_CONFIGS + G.GEMV_PIPELINED_CONFIGS:
+    for cfg in G.GEMV_CONFIGS + G.GEMV_PREFETCH2_CONFIGS + G.GEMV_PIPELINED_CONFIGS:
         res = resources(compile_gemv(cfg))
         kw = cfg.kwargs
-        cells = [kw["BLOCK_N"], kw["BLOCK_W"], cfg.num_warps, kw.get("PIPELINE", 0), res["regs"],
+        cells = [kw["BLOCK_N"], kw["BLOCK_W"], cfg.num_warps, kw.get("PIPELINE", 0), kw.get("PREFETCH", 1), res["regs"],
                  f"{res['smem'] / 1024:.1f}", res["cp_async"]]
         flights = [in_flight(cfg, res, n, args.sms) for n in SHAPES]
         cells += [f"{p:.1f}, {kb:.0f}" for p, kb in flights]

@@ -51,14 +51,14 @@ from triton.language.extra.cuda import gdc_wait
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
-__all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_SPLITK_CONFIGS", "accumulator_fits", "prune_gemv_configs",
-           "stat_block", "w4_gemv_group_kernel", "w4_gemv_kernel"]
+__all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_PREFETCH2_CONFIGS", "GEMV_SPLITK_CONFIGS",
+           "accumulator_fits", "prune_gemv_configs", "stat_block", "w4_gemv_group_kernel", "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def _cfg(bn, bw, warps, split_k=1, pipeline=0):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": split_k, "PIPELINE": pipeline}, num_warps=warps,
-                         num_stages=1)
+def _cfg(bn, bw, warps, split_k=1, pipeline=0, prefetch=1):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": split_k, "PIPELINE": pipeline,
+                          "PREFETCH": prefetch}, num_warps=warps, num_stages=1)
 
 
 # BLOCK_W words per row and step = BLOCK_W / 16 chunks of 128 codes. A step's weight tile is
@@ -80,6 +80,13 @@ GEMV_CONFIGS = [_cfg(bn, bw, warps) for bn, bw, warps in [
 GEMV_PIPELINED_CONFIGS = [_cfg(bn, bw, warps, pipeline=stages) for bn, bw, warps, stages in [
     (4, 256, 4, 4), (8, 256, 4, 3), (4, 512, 4, 3), (8, 128, 4, 6), (16, 128, 4, 4), (8, 64, 4, 6),
 ]]
+# PREFETCH = 2: the register buffer holds the next two tiles (twice the bytes in flight of PREFETCH = 1 at
+# the same tile, for 8 more registers per thread at 8 words). At N = 4096 the grid, not the registers, caps
+# the programs per SM (512 programs of 8 rows), so only a deeper buffer adds bytes in flight there. Not
+# timed yet, so not autotuned (``bench_gemv_pieces.py --direct`` times them beside the autotuned set).
+GEMV_PREFETCH2_CONFIGS = [_cfg(bn, bw, warps, prefetch=2) for bn, bw, warps in [
+    (8, 64, 2), (4, 64, 1), (4, 128, 2), (16, 64, 4),
+]]
 # Split-K only pays where K is long (down_proj, K = 11008: 18.5 us with 2 slices vs 19.9 unsplit on the
 # H200 at M = 1); at K = 4096 every split timed slower (``bench_gemv_pieces.py --splitk``).
 GEMV_SPLITK_CONFIGS = [_cfg(16, 128, 4, 2), _cfg(8, 128, 4, 2), _cfg(16, 128, 4, 4)]
@@ -99,10 +106,10 @@ def stat_block(k: int, block_m: int) -> int:
 
 
 def prune_gemv_configs(configs, named_args, **meta):
-    """Keep the configs whose accumulator fits (``accumulator_fits``), and split-K configs only for
-    K >= SPLITK_MIN_K."""
+    """Keep the configs whose accumulator fits (``accumulator_fits``), split-K configs only for
+    K >= SPLITK_MIN_K, and PREFETCH = 2 only for M <= 4."""
     bm = meta.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    kept = [c for c in configs if accumulator_fits(c, bm)
+    kept = [c for c in configs if accumulator_fits(c, bm) and (c.kwargs.get("PREFETCH", 1) == 1 or bm <= 4)
             and (c.kwargs.get("SPLIT_K", 1) == 1 or named_args.get("K", 0) >= SPLITK_MIN_K)]
     return kept or [c for c in configs if c.kwargs.get("SPLIT_K", 1) == 1][-1:]
 
@@ -152,7 +159,7 @@ def _gemv_block(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr):
     """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
     ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
@@ -187,6 +194,9 @@ def _gemv_block(
         # prologue (PIPELINE > 1: each step loads its own tile; the pipeliner keeps PIPELINE - 1 in flight)
         w_next = tl.load(w32 + w_off, mask=_tile(n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), DIRECT),
                          other=0)
+        if PREFETCH == 2:  # and the one after it
+            w_next2 = tl.load(w32 + step + w_off, other=0,
+                              mask=_tile(n_ok[:, None] & (c_begin + CH + chunk_of[None, :] < c_end), DIRECT))
     if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
         # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
         gdc_wait()
@@ -209,8 +219,13 @@ def _gemv_block(
                                                                 DIRECT), other=0)
         else:
             w_cur = w_next
-            nxt_ok = _tile(n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end), DIRECT)
-            w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
+            if PREFETCH == 2:
+                w_next = w_next2
+                nxt_ok = _tile(n_ok[:, None] & (c0 + 2 * CH + chunk_of[None, :] < c_end), DIRECT)
+                w_next2 = tl.load(w32 + (it + 2) * step + w_off, mask=nxt_ok, other=0)
+            else:
+                nxt_ok = _tile(n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end), DIRECT)
+                w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
         if DIRECT:
             # Every thread reads the activation words of its own weight words (the BLOCK_N threads of a word
@@ -304,11 +319,11 @@ def w4_gemv_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr):
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
                 w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
-                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
+                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -326,7 +341,7 @@ def w4_gemv_group_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     pid = tl.program_id(0)
@@ -337,14 +352,15 @@ def w4_gemv_group_kernel(
         _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
                     y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
-                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
+                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
         _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
                     b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH)
     elif G == 3:
         _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
                     z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
-                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT)
+                    X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT,
+                    PREFETCH)

@@ -70,6 +70,9 @@ class Dispatch:
     # broadcasting them (no shared memory or barrier in the K loop: offline sm_90 SASS, 26 -> 24 instructions
     # per weight word; w4_gemv_kernel, examples/results/gemv_sass_sm90.md). Same outputs; not yet timed.
     gemv_direct: bool = True
+    # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
+    # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off until timed (bench_decode.py --prefetch2).
+    gemv_prefetch2: bool = False
 
 
 DISPATCH = Dispatch()
@@ -114,9 +117,13 @@ _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_c
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
 _GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
-_gemv_kernel = _autotune(_GEMV_AUTOTUNED, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_kernel)
-_gemv_group_kernel = _autotune(_GEMV_AUTOTUNED, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
-                               gemv_kern.w4_gemv_group_kernel)
+# One autotuner per config set: DISPATCH.gemv_prefetch2 adds the PREFETCH = 2 configs.
+_GEMV_SETS = {False: _GEMV_AUTOTUNED, True: _GEMV_AUTOTUNED + gemv_kern.GEMV_PREFETCH2_CONFIGS}
+_gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_kernel)
+                 for pf, cfgs in _GEMV_SETS.items()}
+_gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
+                                     gemv_kern.w4_gemv_group_kernel) for pf, cfgs in _GEMV_SETS.items()}
+_gemv_kernel = _gemv_kernels[False]
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 
 
@@ -215,6 +222,7 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
 
 
 INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
+EXPLICIT_GEMV_DEFAULTS = dict(SPLIT_K=1, PIPELINE=0, PREFETCH=1)  # what an explicit GEMV config may leave out
 
 
 def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor):
@@ -229,8 +237,8 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
                 split_k=False, lut=None, pdl=False):
     """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
     per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps`` and
-    optionally ``SPLIT_K`` (default 1) and ``PIPELINE`` (stages of the compiler-pipelined weight stream;
-    default 0, the hand-made register double buffer).
+    optionally ``SPLIT_K`` (default 1), ``PREFETCH`` (tiles ahead in the register buffer, 1 or 2; default 1)
+    and ``PIPELINE`` (stages of the compiler-pipelined weight stream; default 0, the register buffer).
     ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``.
     ``pdl``: launch as a programmatic dependent of the previous kernel (``quantize_rows(pdl=True)``): the
     weight prologue overlaps that kernel (Hopper; CUDA only, off in the interpreter)."""
@@ -252,9 +260,9 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
     if config is not None:
-        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{"SPLIT_K": 1, "PIPELINE": 0, **config})
+        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{**EXPLICIT_GEMV_DEFAULTS, **config})
     else:
-        _gemv_kernel[grid](*args, **meta)
+        _gemv_kernels[DISPATCH.gemv_prefetch2][grid](*args, **meta)
     return y
 
 
@@ -295,9 +303,9 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
 
     if config is not None:
-        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{"SPLIT_K": 1, "PIPELINE": 0, **config})
+        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{**EXPLICIT_GEMV_DEFAULTS, **config})
     else:
-        _gemv_group_kernel[grid](*args, G=len(pws), **metas[0])
+        _gemv_group_kernels[DISPATCH.gemv_prefetch2][grid](*args, G=len(pws), **metas[0])
     return ys
 
 

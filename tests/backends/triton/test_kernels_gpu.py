@@ -196,9 +196,10 @@ def test_opcheck_cuda():
 @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 4096, 4096), ("dint4", 16, 4096, 11008), ("int4", 3, 11008, 4096),
                                        ("dint4_c0.25", 5, 1000, 1002)])
 def test_w4a8_gemv_pipelined_exact(fmt, m, n, k):
-    """Every pipelined GEMV config (cp.async weight stream) on model shapes: the reference's codes and
-    output, bitwise the register-buffered GEMV, single and grouped."""
-    from qcompile.backends.triton.w4_gemv_kernel import GEMV_PIPELINED_CONFIGS, accumulator_fits
+    """Every pipelined GEMV config (cp.async weight stream) and every two-tiles-ahead one (PREFETCH = 2)
+    on model shapes: the reference's codes and output, bitwise the register-buffered GEMV, single and
+    grouped."""
+    from qcompile.backends.triton import w4_gemv_kernel as G
     from qcompile.backends.triton.w4_linear import launch_gemv_group
 
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
@@ -208,10 +209,9 @@ def test_w4a8_gemv_pipelined_exact(fmt, m, n, k):
     pws = [pw, make_weight(512, k, fmt, "channel", DEV, seed=1)]
     ref = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features, device=DEV, dtype=torch.half)
                                               for q in pws], config=GEMV)
-    piped = GEMV_PIPELINED_CONFIGS
-    assert piped
-    for c in piped:
-        if not accumulator_fits(c, triton.next_power_of_2(m)):
+    assert G.GEMV_PIPELINED_CONFIGS and G.GEMV_PREFETCH2_CONFIGS
+    for c in G.GEMV_PIPELINED_CONFIGS + G.GEMV_PREFETCH2_CONFIGS:
+        if not G.accumulator_fits(c, triton.next_power_of_2(m)):
             continue  # the autotuner never runs it at this M
         cfg = dict(c.kwargs, num_warps=c.num_warps)
         check_gemm(x, pw, launch_gemv, config=cfg, use_asm=True)

@@ -164,8 +164,9 @@ if INTERPRET:
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 300), ("int4", 3, 20, 700), ("dint4_c0.25", 16, 8, 130)])
     def test_w4a8_gemv_pipelined_stream_is_exact(fmt, m, n, k):
         """``PIPELINE`` > 1 (each step loads its own tile; on a GPU the compiler's pipeliner keeps
-        PIPELINE - 1 tiles in flight through shared memory) = the hand-made register double buffer, bitwise:
-        one weight, split-K, and the group launch; K past the last step, odd N and M."""
+        PIPELINE - 1 tiles in flight through shared memory) and ``PREFETCH = 2`` (two tiles ahead in
+        registers) = the hand-made register double buffer, bitwise: one weight, split-K, and the group
+        launch; K past the last step, odd N and M."""
         from qcompile.backends.triton.w4_linear import launch_gemv, launch_gemv_group
 
         pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
@@ -176,13 +177,14 @@ if INTERPRET:
         for fuse, split in ((False, 1), (True, 1), (False, 3)):
             args = (x, None, None) if fuse else (xq, xs, xz)
             ys = [launch_gemv(*args, pw, torch.empty(m, n), fuse_quant=fuse, bias=bias,
-                              config={**one, "SPLIT_K": split, "PIPELINE": p}) for p in (0, 3)]
-            assert torch.equal(ys[0], ys[1]), (fuse, split)
+                              config={**one, "SPLIT_K": split, "PIPELINE": p, "PREFETCH": f})
+                  for p, f in ((0, 1), (3, 1), (0, 2))]
+            assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2]), (fuse, split)
         check_gemm(x, pw, launch_gemv, config={**one, "PIPELINE": 4})
         pws = [pw, make_weight(2 * n + 1, k, fmt, "channel", "cpu", seed=7)]
         outs = [launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws],
-                                  config={**one, "PIPELINE": p}) for p in (0, 3)]
-        assert all(torch.equal(a, b) for a, b in zip(*outs))
+                                  config={**one, "PIPELINE": p, "PREFETCH": f}) for p, f in ((0, 1), (3, 1), (0, 2))]
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*outs))
 
     @child_only
     @pytest.mark.parametrize("m", [1, 5, 20])
