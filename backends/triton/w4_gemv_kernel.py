@@ -16,10 +16,11 @@ shared memory into the MMA operand layout; here the unpacked weights never leave
 
 One program owns BLOCK_N output channels and the whole K (no split-K: BLOCK_N of 8-32 already gives
 hundreds of programs at N = 4096), streams its weights BLOCK_W words per row per step with the next
-step's tile already in flight (registers, double-buffered by hand), and keeps an int32 accumulator per
-(row, channel, word lane) reduced once at the end: no shuffles inside the K loop. At M = 1 every
-thread reads the activation words its weight words meet (``X_DIRECT``: the same words for all BLOCK_N
-rows, from L1), so nothing changes layout inside the loop (``gemv_occupancy.py --sass``). ``FUSE_QUANT``
+step's tile already in flight (registers, double-buffered by hand; ``PREFETCH = 2``: the next two
+tiles), and keeps an int32 accumulator per (row, channel, word lane) reduced once at the end: no
+shuffles inside the K loop. At M = 1 every thread reads the activation words its weight words meet
+(``X_DIRECT``: the same words for all BLOCK_N rows, from L1), so nothing changes layout inside the loop
+(``gemv_occupancy.py --sass``). ``FUSE_QUANT``
 quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
 then quantizes the slice it needs): one launch instead of two.
 
