@@ -50,7 +50,8 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     """The decode GEMV compiled for sm_90 with one autotune ``config`` (dINT4): ``w4_gemv_kernel``, or
     ``w4_gemv_group_kernel`` for ``group`` = 2 or 3 weights; int8 codes given, or fp16 activations
     quantized in the kernel (``fuse_quant``); ``pdl``: as a programmatic dependent launch; ``direct``:
-    ``X_DIRECT`` where the dispatch sets it (``DISPATCH.gemv_direct``: M = 1, int8 codes given)."""
+    ``X_DIRECT`` where the dispatch sets it (``DISPATCH.gemv_direct``: M = 1, int8 codes given); ``EVEN`` as
+    at the LLaMA shapes (N a multiple of BLOCK_N, ``k`` a whole number of steps, no split)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,6 +63,8 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
                  FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
                  X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
                  X_DIRECT=direct and not fuse_quant and block_m == 1,
+                 EVEN=G.even([4096], k, 128, config.kwargs["BLOCK_N"], config.kwargs["BLOCK_W"],
+                             config.kwargs.get("SPLIT_K", 1)),
                  **config.kwargs)
     if group:
         const["G"] = group

@@ -53,7 +53,7 @@ from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words
 from .w4_gemm_kernel import _row_qparams
 
 __all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_PREFETCH2_CONFIGS", "GEMV_SPLITK_CONFIGS",
-           "accumulator_fits", "prune_gemv_configs", "stat_block", "w4_gemv_group_kernel", "w4_gemv_kernel"]
+           "accumulator_fits", "even", "prune_gemv_configs", "stat_block", "w4_gemv_group_kernel", "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -106,6 +106,15 @@ def stat_block(k: int, block_m: int) -> int:
     return min(triton.next_power_of_2(k), max(256, 4096 // block_m))
 
 
+def even(ns, k: int, pack_k: int, block_n: int, block_w: int, split_k: int) -> bool:
+    """``EVEN``: every program's rows and steps lie inside its weight, so the K loop needs no mask: each N
+    of ``ns`` a multiple of BLOCK_N, K a whole number of steps (BLOCK_W / (PACK_K / 8) chunks of PACK_K
+    codes), one K slice."""
+    chunks_per_step = block_w // (pack_k // 8)
+    return (split_k == 1 and k % pack_k == 0 and (k // pack_k) % chunks_per_step == 0
+            and all(n % block_n == 0 for n in ns))
+
+
 def prune_gemv_configs(configs, named_args, **meta):
     """Keep the configs whose accumulator fits (``accumulator_fits``), split-K configs only for
     K >= SPLITK_MIN_K, and PREFETCH = 2 only for M <= 4."""
@@ -151,6 +160,20 @@ def _tile(t, DIRECT: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(w32, i, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH: tl.constexpr, DIRECT: tl.constexpr,
+            EVEN: tl.constexpr):
+    """Weight words of step ``i`` (``[BLOCK_N, BLOCK_W]``, or ``[1, ...]`` when DIRECT). EVEN (every row and
+    step of every program inside the weight): no mask; a prefetch past the last step re-reads the last one
+    (an L1 / L2 hit, never used). Else masked, zero outside."""
+    if EVEN:
+        words = tl.load(w32 + tl.minimum(i, n_steps - 1) * step + w_off)
+    else:
+        ok = n_ok[:, None] & (c_begin + i * CH + chunk_of[None, :] < c_end)
+        words = tl.load(w32 + i * step + w_off, mask=_tile(ok, DIRECT), other=0)
+    return words
+
+
+@triton.jit
 def _gemv_block(
         pid_n, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
@@ -160,7 +183,8 @@ def _gemv_block(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
+        EVEN: tl.constexpr):
     """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
     ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
@@ -187,17 +211,16 @@ def _gemv_block(
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     w_off = _tile((c_begin + chunk_of[None, :]) * (N * WPC) + offs_n[:, None] * WPC + word_of[None, :], DIRECT)
     step = CH * N * WPC
+    n_steps = tl.cdiv(c_end - c_begin, CH)
     zb = _tile(tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128).to(tl.int32)[:, None], DIRECT)
     if LUT:
         t0, t1, t2, t3 = lut_words(zb, DINT, DINT_R)
 
     if PIPELINE <= 1:  # hand-made double buffer in registers: the first tile goes out before the activation
         # prologue (PIPELINE > 1: each step loads its own tile; the pipeliner keeps PIPELINE - 1 in flight)
-        w_next = tl.load(w32 + w_off, mask=_tile(n_ok[:, None] & (c_begin + chunk_of[None, :] < c_end), DIRECT),
-                         other=0)
+        w_next = _w_tile(w32, 0, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
         if PREFETCH == 2:  # and the one after it
-            w_next2 = tl.load(w32 + step + w_off, other=0,
-                              mask=_tile(n_ok[:, None] & (c_begin + CH + chunk_of[None, :] < c_end), DIRECT))
+            w_next2 = _w_tile(w32, 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
     if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
         # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
         gdc_wait()
@@ -213,20 +236,19 @@ def _gemv_block(
     shape: tl.constexpr = [BLOCK_M, BLOCK_N, BLOCK_W]
     acc = tl.zeros(shape, tl.int32)
     x_sum = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)  # LUT: sum_k x_k, for the table's +64 bias
-    for it in tl.range(tl.cdiv(c_end - c_begin, CH), num_stages=PIPELINE if PIPELINE > 1 else 1):
+    for it in tl.range(n_steps, num_stages=PIPELINE if PIPELINE > 1 else 1):
         c0 = c_begin + it * CH
         if PIPELINE > 1:
-            w_cur = tl.load(w32 + it * step + w_off, mask=_tile(n_ok[:, None] & (c0 + chunk_of[None, :] < c_end),
-                                                                DIRECT), other=0)
+            w_cur = _w_tile(w32, it, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
         else:
             w_cur = w_next
             if PREFETCH == 2:
                 w_next = w_next2
-                nxt_ok = _tile(n_ok[:, None] & (c0 + 2 * CH + chunk_of[None, :] < c_end), DIRECT)
-                w_next2 = tl.load(w32 + (it + 2) * step + w_off, mask=nxt_ok, other=0)
+                w_next2 = _w_tile(w32, it + 2, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT,
+                                  EVEN)
             else:
-                nxt_ok = _tile(n_ok[:, None] & (c0 + CH + chunk_of[None, :] < c_end), DIRECT)
-                w_next = tl.load(w32 + (it + 1) * step + w_off, mask=nxt_ok, other=0)
+                w_next = _w_tile(w32, it + 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT,
+                                 EVEN)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
         if DIRECT:
             # Every thread reads the activation words of its own weight words (the BLOCK_N threads of a word
@@ -238,9 +260,13 @@ def _gemv_block(
             x_off = (offs_m[:, None, None] * (stride_xm // 4) + tl.zeros([1, BLOCK_N, 1], tl.int32)
                      + x_word[None, None, :])
             x32 = x_ptr.to(tl.pointer_type(tl.int32))
-            x_lo = tl.load(x32 + x_off, mask=m_ok[:, None, None] & (x_word < K // 4)[None, None, :], other=0)
-            x_hi = tl.load(x32 + x_off + HALF // 4, other=0,
-                           mask=m_ok[:, None, None] & (x_word + HALF // 4 < K // 4)[None, None, :])
+            if EVEN:  # every step inside K, and the one row is there
+                x_lo = tl.load(x32 + x_off)
+                x_hi = tl.load(x32 + x_off + HALF // 4)
+            else:
+                x_lo = tl.load(x32 + x_off, mask=m_ok[:, None, None] & (x_word < K // 4)[None, None, :], other=0)
+                x_hi = tl.load(x32 + x_off + HALF // 4, other=0,
+                               mask=m_ok[:, None, None] & (x_word + HALF // 4 < K // 4)[None, None, :])
         else:
             k_base = (c0 + chunk_of) * PACK_K + word_of * 4
             x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS, X_QMAX,
@@ -320,11 +346,12 @@ def w4_gemv_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
+        EVEN: tl.constexpr):
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
                 w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
-                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH)
+                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -342,7 +369,8 @@ def w4_gemv_group_kernel(
         LUT: tl.constexpr,
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
-        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr):
+        PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
+        EVEN: tl.constexpr):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     pid = tl.program_id(0)
@@ -353,15 +381,15 @@ def w4_gemv_group_kernel(
         _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
                     y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
-                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH)
+                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
         _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
                     b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH)
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
     elif G == 3:
         _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
                     z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
                     X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT,
-                    PREFETCH)
+                    PREFETCH, EVEN)

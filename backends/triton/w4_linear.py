@@ -117,12 +117,18 @@ _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_c
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
 _GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
+# EVEN (no masks in the K loop) from the shapes and the config the autotuner (or the caller) picked.
+_gemv_even = triton.heuristics({"EVEN": lambda a: gemv_kern.even(
+    [a["N"]], a["K"], a["PACK_K"], a["BLOCK_N"], a["BLOCK_W"], a["SPLIT_K"])})(gemv_kern.w4_gemv_kernel)
+_gemv_group_even = triton.heuristics({"EVEN": lambda a: gemv_kern.even(
+    [a["N0"], a["N1"], a["N2"]], a["K"], a["PACK_K"], a["BLOCK_N"], a["BLOCK_W"], a["SPLIT_K"])})(
+    gemv_kern.w4_gemv_group_kernel)
 # One autotuner per config set: DISPATCH.gemv_prefetch2 adds the PREFETCH = 2 configs.
 _GEMV_SETS = {False: _GEMV_AUTOTUNED, True: _GEMV_AUTOTUNED + gemv_kern.GEMV_PREFETCH2_CONFIGS}
-_gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_configs, gemv_kern.w4_gemv_kernel)
+_gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_configs, _gemv_even)
                  for pf, cfgs in _GEMV_SETS.items()}
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
-                                     gemv_kern.w4_gemv_group_kernel) for pf, cfgs in _GEMV_SETS.items()}
+                                     _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
 _gemv_kernel = _gemv_kernels[False]
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 
@@ -260,7 +266,7 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
     if config is not None:
-        gemv_kern.w4_gemv_kernel[grid](*args, **meta, **{**EXPLICIT_GEMV_DEFAULTS, **config})
+        _gemv_even[grid](*args, **meta, **{**EXPLICIT_GEMV_DEFAULTS, **config})
     else:
         _gemv_kernels[DISPATCH.gemv_prefetch2][grid](*args, **meta)
     return y
@@ -303,7 +309,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
 
     if config is not None:
-        gemv_kern.w4_gemv_group_kernel[grid](*args, G=len(pws), **metas[0], **{**EXPLICIT_GEMV_DEFAULTS, **config})
+        _gemv_group_even[grid](*args, G=len(pws), **metas[0], **{**EXPLICIT_GEMV_DEFAULTS, **config})
     else:
         _gemv_group_kernels[DISPATCH.gemv_prefetch2][grid](*args, G=len(pws), **metas[0])
     return ys

@@ -265,6 +265,30 @@ if INTERPRET:
         assert all(torch.equal(a, b) for a, b in zip(on, off)) and torch.equal(single, off[0])
 
     @child_only
+    @pytest.mark.parametrize("m", [1, 3])
+    def test_gemv_even_shapes_exact(m):
+        """``EVEN`` (N a multiple of BLOCK_N, K a whole number of steps: the K loop without masks, the last
+        prefetch re-reading the last step): the reference's int32 sums, single and group GEMV, one and two
+        tiles ahead, and the same outputs as a config that is not EVEN on the same shape."""
+        from qcompile.backends.triton.w4_gemv_kernel import even
+        from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+        n, k = 16, 512
+        cfg = dict(BLOCK_N=8, BLOCK_W=32, num_warps=4)  # 2 chunks a step, 4 steps
+        assert even([n], k, 128, 8, 32, 1) and not even([n], k, 128, 8, 128, 1) and not even([n + 1], k, 128, 8, 32, 1)
+        pw = make_weight(n, k, "dint4", "channel", "cpu", seed=m)
+        x = make_x(m, k, "cpu", seed=m)
+        xq, xs, xz = quantize_rows(x, 8, False)
+        for prefetch in (1, 2):
+            check_gemm(x, pw, launch_gemv, config={**cfg, "PREFETCH": prefetch})
+        ragged = launch_gemv(xq, xs, xz, pw, torch.empty(m, n), config=dict(BLOCK_N=8, BLOCK_W=128, num_warps=4))
+        assert torch.equal(launch_gemv(xq, xs, xz, pw, torch.empty(m, n), config=cfg), ragged)
+        pws = [pw, make_weight(24, k, "dint4", "channel", "cpu", seed=9)]
+        outs = [launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws], config=c)
+                for c in (cfg, {**cfg, "PREFETCH": 2}, dict(BLOCK_N=16, BLOCK_W=32, num_warps=4))]
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*outs))  # 24 % 16: not EVEN
+
+    @child_only
     @pytest.mark.parametrize("n,k", [(16, 128), (21, 300), (12, 1000)])
     def test_gemv_direct_activation_words_keep_the_outputs(n, k):
         """``X_DIRECT`` (M = 1: activation words read into the accumulator's layout) = the broadcast words,
