@@ -115,6 +115,17 @@ def _quantize_rows_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- wrapper
+def _check_config(config: dict) -> None:
+    """A clear error for a launch config Triton could not compile (tile sizes must be powers of two)."""
+    for key in ("ROWS", "BLOCK", "num_warps"):
+        v = config.get(key)
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"quantize_rows config: {key} must be a power of two, got {v!r}")
+    sl = config.get("SLICE", 0)
+    if not isinstance(sl, int) or sl < 0 or sl & (sl - 1):
+        raise ValueError(f"quantize_rows config: SLICE must be 0 (one program per row) or a power of two, got {sl!r}")
+
+
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False,
                   config: dict | None = None):
     """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
@@ -137,6 +148,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     if config is None:
         cfg = _config(n_rows, row_len)
     else:
+        _check_config(config)
         slice_ = config.get("SLICE", 0)
         cfg = dict(config, ONE_PASS=row_len <= config["BLOCK"], SLICE=slice_,
                    SPLIT=triton.cdiv(row_len, slice_) if slice_ else 1)

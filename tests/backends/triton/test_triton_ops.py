@@ -6,6 +6,7 @@ import torch
 
 from qcompile import formats as F
 from qcompile.backends.triton import prepack, quantize_per_group, quantize_per_token, w4a4_linear, w4a8_linear
+from qcompile.backends.triton.quantize_kernel import quantize_rows
 
 pytestmark = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1",
                                 reason="CPU reference fallback tests (the interpreter is tested elsewhere)")
@@ -88,6 +89,10 @@ def test_traces_through_export():
     (lambda pw: w4a8_linear(torch.randn(3, 256), pw, bias=torch.randn(7)), ValueError, "bias"),
     (lambda pw: w4a4_linear(torch.randn(3, 256), pw, act_fmt="int8"), ValueError, "int4"),
     (lambda pw: quantize_per_group(torch.randn(3, 256), 100), ValueError, "divide"),
+    (lambda pw: quantize_rows(torch.randn(1, 300), 8, False, config=dict(ROWS=1, BLOCK=300, num_warps=4)),
+     ValueError, "BLOCK must be a power of two"),
+    (lambda pw: quantize_rows(torch.randn(1, 300), 8, False, config=dict(ROWS=1, BLOCK=512, num_warps=4, SLICE=100)),
+     ValueError, "SLICE"),
 ])
 def test_bad_input_is_a_clear_error(call, err, match):
     pw, _ = _packed()
@@ -106,6 +111,7 @@ def _quantized_linear(recipe="w4a8-rtn-dint4", seed=0):
     """A ``QuantizedLinear`` of a tiny LLaMA: the graph's own codes / scale / zero-point tensors."""
     from conftest import tiny_model
 
+    from qcompile.backends.triton import codes_ops  # noqa: F401  (registers the ops these tests call)
     from qcompile.backends.triton.qmodules import QuantizedLinear, quantize_linears
 
     torch.manual_seed(seed)
