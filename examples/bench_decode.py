@@ -13,7 +13,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --batch 1    # one batch size
     python examples/bench_decode.py --tiny       # smoke test: a 2-layer model (CPU without CUDA)
     python examples/bench_decode.py --inductor-quant   # also lowbit with options={"inductor_quant": True}
-    python examples/bench_decode.py --pdl        # also lowbit with the GEMVs as programmatic dependent launches
+    python examples/bench_decode.py --no-pdl     # also lowbit with the GEMVs as plain launches (PDL is the default)
     python examples/bench_decode.py --prefetch2  # also lowbit with the GEMV's PREFETCH = 2 configs autotuned
     python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
     python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
@@ -45,9 +45,9 @@ parser.add_argument("--batch", type=int, nargs="*", default=[1, 16])
 parser.add_argument("--tiny", action="store_true")
 parser.add_argument("--inductor-quant", action="store_true",
                     help="also time lowbit with options={'inductor_quant': True} (inductor_quant.py)")
-parser.add_argument("--pdl", action="store_true",
-                    help="also time lowbit with DISPATCH.gemv_pdl = True (the decode GEMV launched as a "
-                         "programmatic dependent of its activation quantization)")
+parser.add_argument("--no-pdl", action="store_true",
+                    help="also time lowbit with DISPATCH.gemv_pdl = False (the decode GEMV as a plain launch "
+                         "instead of a programmatic dependent of its activation quantization)")
 parser.add_argument("--prefetch2", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_prefetch2 = True (GEMV configs two tiles ahead)")
 parser.add_argument("--no-direct", action="store_true",
@@ -217,7 +217,7 @@ def linear_bytes():
 # Extra lowbit runs beside the default: (name, backend options, DISPATCH fields to set for the run).
 VARIANTS = [v for on, v in [
     (args.inductor_quant, ("inductor_quant on", {"inductor_quant": True}, {})),
-    (args.pdl, ("PDL", None, {"gemv_pdl": True})),
+    (args.no_pdl, ("no PDL", None, {"gemv_pdl": False})),
     (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
 ] if on]

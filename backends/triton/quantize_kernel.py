@@ -33,7 +33,10 @@ __all__ = ["quantize_rows"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
-SPLIT_SLICE = 4096  # columns each program codes when rows longer than this are split (few rows only)
+# Few rows longer than SPLIT_SLICE columns: each row over cdiv(K, SPLIT_SLICE) programs of 8 warps (16 for
+# rows over 4096). H100, 2026-12-05 (``bench_gemv_pieces.py --quant``, M = 1): K = 4096 2.35 -> 1.99 us,
+# K = 11008 5.59 (one program) -> 2.42 us, K = 14336 5.39 -> 2.26 us; the best of the sweep at M = 1 and 4.
+SPLIT_SLICE = 1024
 
 
 def _config(n_rows: int, row_len: int) -> dict:
@@ -50,6 +53,7 @@ def _config(n_rows: int, row_len: int) -> dict:
         num_warps = max(4, min(32, rows * block // 256))
         if row_len > SPLIT_SLICE:
             split, slice_ = triton.cdiv(row_len, SPLIT_SLICE), SPLIT_SLICE
+            num_warps = 8 if block <= 4096 else 16
     else:
         num_warps = max(4, min(8, rows * block // 512))
         block = min(block, 8192)

@@ -63,9 +63,10 @@ class Dispatch:
     # "gemv_group_fused"
     group_path: str = "auto"
     # The decode GEMV launched as a programmatic dependent of its activation quantization (Hopper; the
-    # weight prologue overlaps quantize_rows): 0.7-1.8 us less per linear on the H100 (bench_gemv_pieces
-    # --pdl, bitwise the same outputs); off until the decode benchmark has timed it.
-    gemv_pdl: bool = False
+    # weight prologue overlaps quantize_rows): 0.6-1.6 us less per linear on the H100 (bench_gemv_pieces
+    # --pdl, bitwise the same outputs); LLaMA-2-7B decode batch 1 on the H100: 375.1 -> 389.9 tok/s
+    # (bench_decode.py --pdl, 2026-12-05).
+    gemv_pdl: bool = True
     # At M = 1 the GEMV reads the activation words straight into its accumulator's layout instead of
     # broadcasting them (no shared memory or barrier in the K loop: offline sm_90 SASS, 26 -> 24 instructions
     # per weight word; w4_gemv_kernel, examples/results/gemv_sass_sm90.md). Same outputs; not yet timed.

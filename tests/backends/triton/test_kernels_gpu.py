@@ -251,11 +251,11 @@ def test_w4a8_linear_gemv_pdl_autotuned():
 
     pw = make_weight(4096, 4096, "dint4", "channel", DEV)
     x = make_x(1, 4096, DEV)
-    DISPATCH.decode_path = "gemv"
+    DISPATCH.decode_path, DISPATCH.gemv_pdl = "gemv", False
     try:
         off = w4a8_linear(x, pw)
         DISPATCH.gemv_pdl = True
         on = [w4a8_linear(x, pw) for _ in range(5)]
     finally:
-        DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", False
+        DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", True
     assert all(torch.equal(y, off) for y in on)

@@ -52,7 +52,7 @@ if INTERPRET:
 
     @child_only
     @pytest.mark.parametrize("m,k,config", [
-        (1, 4100, None),  # the decode default for rows over SPLIT_SLICE: 2 programs, one pass
+        (1, 4100, None),  # the decode default for rows over SPLIT_SLICE: 5 programs, one pass
         (3, 1100, dict(ROWS=1, BLOCK=2048, num_warps=4, SLICE=256)),  # 5 programs a row, the last one short
         (5, 700, dict(ROWS=2, BLOCK=256, num_warps=4, SLICE=128)),  # two rows a program, two-pass statistics
     ])
@@ -60,7 +60,7 @@ if INTERPRET:
         """Rows coded by several programs (each reduces the whole row, codes its slice) = the reference."""
         from qcompile.backends.triton.quantize_kernel import _config
 
-        assert config is not None or _config(m, k)["SPLIT"] == 2
+        assert config is not None or _config(m, k)["SPLIT"] == 5
         x = make_x(m, k, "cpu", seed=k)
         for sym in (False, True):
             check_quantize(x, 8, sym, 0, lambda *a: quantize_rows(*a, config=config))
@@ -254,14 +254,14 @@ if INTERPRET:
         sites = _sibling_sites()
         x = make_x(1, 200, "cpu")
         args = (x, *[[s[i] for s in sites] for i in range(3)], "dint4", "channel", 200, "int8", [None] * 3)
-        DISPATCH.group_path, DISPATCH.decode_path = "gemv_group", "gemv"
+        DISPATCH.group_path, DISPATCH.decode_path, DISPATCH.gemv_pdl = "gemv_group", "gemv", False
         try:
             off = torch.ops.qcompile_triton.w4_linear_codes_shared(*args)
             DISPATCH.gemv_pdl = True
             on = torch.ops.qcompile_triton.w4_linear_codes_shared(*args)
             single = torch.ops.qcompile_triton.w4_linear_codes(x, *sites[0], "dint4", "channel", 200, "int8", None)
         finally:
-            DISPATCH.group_path, DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", "auto", False
+            DISPATCH.group_path, DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", "auto", True
         assert all(torch.equal(a, b) for a, b in zip(on, off)) and torch.equal(single, off[0])
 
     @child_only
