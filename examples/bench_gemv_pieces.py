@@ -330,7 +330,7 @@ def quant():
     """``quantize_rows`` per launch config: is the default (``quantize_kernel._config``) the fastest?"""
     import triton
 
-    from qcompile.backends.triton.quantize_kernel import _config
+    from qcompile.backends.triton.quantize_kernel import launch_config
 
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; quantize_rows (int8 per token) alone, GPU time per call in us",
@@ -341,7 +341,7 @@ def quant():
     for k in (4096, 11008, 14336):
         for m in (1, 4, 16):
             xs = clones(torch.randn(m, k, device="cuda").half() * 3, 4)
-            default = _config(m, k)
+            default = launch_config(m, k)
             ref = quantize_rows(xs[0], 8, False)
             full = min(triton.next_power_of_2(k), 16384)
             cfgs = [dict(ROWS=1, BLOCK=full, num_warps=w) for w in (4, 8, 16, 32)]
@@ -363,19 +363,13 @@ def quant():
                   flush=True)
 
 
+MODES = {"--direct": direct, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline, "--splitk": splitk,
+         "--slope": slope}  # each replaces the default run (main() then groups(); --groups-only: groups())
+
 if __name__ == "__main__":
-    if "--direct" in sys.argv:
-        direct()
-    elif "--quant" in sys.argv:
-        quant()
-    elif "--pdl" in sys.argv:
-        pdl()
-    elif "--pipeline" in sys.argv:
-        pipeline()
-    elif "--splitk" in sys.argv:
-        splitk()
-    elif "--slope" in sys.argv:
-        slope()
+    mode = next((fn for flag, fn in MODES.items() if flag in sys.argv), None)
+    if mode is not None:
+        mode()
     else:
         if "--groups-only" not in sys.argv:
             main()

@@ -29,7 +29,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from ._common import act_qparams, act_quantize, pdl_launch, recip_div
 
-__all__ = ["quantize_rows"]
+__all__ = ["launch_config", "quantize_rows"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -48,16 +48,16 @@ def _config(n_rows: int, row_len: int) -> dict:
     """
     block = min(triton.next_power_of_2(max(row_len, 16)), 16384)
     rows = max(1, min(4096 // block, triton.next_power_of_2(n_rows)))
-    split, slice_ = 1, 0
+    slice_ = 0
     if n_rows <= 64:
         num_warps = max(4, min(32, rows * block // 256))
         if row_len > SPLIT_SLICE:
-            split, slice_ = triton.cdiv(row_len, SPLIT_SLICE), SPLIT_SLICE
+            slice_ = SPLIT_SLICE
             num_warps = 8 if block <= 4096 else 16
     else:
         num_warps = max(4, min(8, rows * block // 512))
         block = min(block, 8192)
-    return dict(ROWS=rows, BLOCK=block, ONE_PASS=row_len <= block, num_warps=num_warps, SPLIT=split, SLICE=slice_)
+    return dict(ROWS=rows, BLOCK=block, num_warps=num_warps, SLICE=slice_)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -130,6 +130,17 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"quantize_rows config: SLICE must be 0 (one program per row) or a power of two, got {sl!r}")
 
 
+def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict:
+    """The kernel's launch config for ``n_rows`` rows of ``row_len``: ``config`` (checked) or ``_config``'s,
+    with what follows from it: ``ONE_PASS`` (the row fits BLOCK) and ``SPLIT`` (programs per row)."""
+    if config is None:
+        cfg = _config(n_rows, row_len)
+    else:
+        _check_config(config)
+        cfg = dict(config, SLICE=config.get("SLICE", 0))
+    return dict(cfg, ONE_PASS=row_len <= cfg["BLOCK"], SPLIT=triton.cdiv(row_len, cfg["SLICE"]) if cfg["SLICE"] else 1)
+
+
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False,
                   config: dict | None = None):
     """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
@@ -149,13 +160,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     zp = torch.empty((m, k // row_len), dtype=torch.int32, device=x.device)
     if n_rows == 0:
         return codes, scale, zp
-    if config is None:
-        cfg = _config(n_rows, row_len)
-    else:
-        _check_config(config)
-        slice_ = config.get("SLICE", 0)
-        cfg = dict(config, ONE_PASS=row_len <= config["BLOCK"], SLICE=slice_,
-                   SPLIT=triton.cdiv(row_len, slice_) if slice_ else 1)
+    cfg = launch_config(n_rows, row_len, config)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]), cfg["SPLIT"])
     _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
                                 SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl_launch(pdl, x.device),

@@ -65,14 +65,14 @@ class Dispatch:
     # The decode GEMV launched as a programmatic dependent of its activation quantization (Hopper; the
     # weight prologue overlaps quantize_rows): 0.6-1.6 us less per linear on the H100 (bench_gemv_pieces
     # --pdl, bitwise the same outputs); LLaMA-2-7B decode batch 1 on the H100: 375.1 -> 389.9 tok/s
-    # (bench_decode.py --pdl, 2026-12-05).
+    # (2026-12-05; bench_decode.py --no-pdl times it off).
     gemv_pdl: bool = True
     # At M = 1 the GEMV reads the activation words straight into its accumulator's layout instead of
-    # broadcasting them (no shared memory or barrier in the K loop: offline sm_90 SASS, 26 -> 24 instructions
-    # per weight word; w4_gemv_kernel, examples/results/gemv_sass_sm90.md). Same outputs; not yet timed.
+    # broadcasting them (no shared memory or barrier in the K loop; examples/results/gemv_sass_sm90.md).
+    # Same outputs; H100, M = 1: 1.13x on 4096x4096, noise on the other shapes (bench_gemv_pieces --direct).
     gemv_direct: bool = True
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
-    # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off until timed (bench_decode.py --prefetch2).
+    # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
 
 
@@ -118,12 +118,17 @@ _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_c
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
 _GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
-# EVEN (no masks in the K loop) from the shapes and the config the autotuner (or the caller) picked.
-_gemv_even = triton.heuristics({"EVEN": lambda a: gemv_kern.even(
-    [a["N"]], a["K"], a["PACK_K"], a["BLOCK_N"], a["BLOCK_W"], a["SPLIT_K"])})(gemv_kern.w4_gemv_kernel)
-_gemv_group_even = triton.heuristics({"EVEN": lambda a: gemv_kern.even(
-    [a["N0"], a["N1"], a["N2"]], a["K"], a["PACK_K"], a["BLOCK_N"], a["BLOCK_W"], a["SPLIT_K"])})(
-    gemv_kern.w4_gemv_group_kernel)
+
+
+def _with_even(kernel, n_args):
+    """``kernel`` with EVEN (no masks in the K loop) set from the shapes (``n_args``: its N arguments) and the
+    config the autotuner (or the caller) picked."""
+    return triton.heuristics({"EVEN": lambda a: gemv_kern.even(
+        [a[n] for n in n_args], a["K"], a["PACK_K"], a["BLOCK_N"], a["BLOCK_W"], a["SPLIT_K"])})(kernel)
+
+
+_gemv_even = _with_even(gemv_kern.w4_gemv_kernel, ["N"])
+_gemv_group_even = _with_even(gemv_kern.w4_gemv_group_kernel, ["N0", "N1", "N2"])
 # One autotuner per config set: DISPATCH.gemv_prefetch2 adds the PREFETCH = 2 configs.
 _GEMV_SETS = {False: _GEMV_AUTOTUNED, True: _GEMV_AUTOTUNED + gemv_kern.GEMV_PREFETCH2_CONFIGS}
 _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_configs, _gemv_even)

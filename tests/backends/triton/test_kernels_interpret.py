@@ -58,9 +58,9 @@ if INTERPRET:
     ])
     def test_quantize_split_rows_bit_exact(m, k, config):
         """Rows coded by several programs (each reduces the whole row, codes its slice) = the reference."""
-        from qcompile.backends.triton.quantize_kernel import _config
+        from qcompile.backends.triton.quantize_kernel import launch_config
 
-        assert config is not None or _config(m, k)["SPLIT"] == 5
+        assert config is not None or launch_config(m, k)["SPLIT"] == 5
         x = make_x(m, k, "cpu", seed=k)
         for sym in (False, True):
             check_quantize(x, 8, sym, 0, lambda *a: quantize_rows(*a, config=config))
@@ -353,12 +353,12 @@ if INTERPRET:
         import triton as tr
 
         from qcompile.backends.triton.inductor_quant import quantize_per_token_ops
-        from qcompile.backends.triton.quantize_kernel import _config, _quantize_rows_kernel
+        from qcompile.backends.triton.quantize_kernel import _quantize_rows_kernel, launch_config
 
         x = make_x(7, 300, "cpu", torch.float16, seed=5)
         codes, scale, zp = (torch.empty(7, 300, dtype=torch.int8), torch.empty(7, 1),
                             torch.empty(7, 1, dtype=torch.int32))
-        cfg = _config(7, 300)
+        cfg = launch_config(7, 300)
         _quantize_rows_kernel[(tr.cdiv(7, cfg["ROWS"]),)](x, codes, scale, zp, 7, 300, QMAX=255, SYMMETRIC=sym,
                                                           RECIP_DIV=True, PDL=False, **cfg)
         got = quantize_per_token_ops(x, "int8_sym" if sym else "int8", recip_div=True)
