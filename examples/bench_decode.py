@@ -52,6 +52,9 @@ parser.add_argument("--prefetch2", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_prefetch2 = True (GEMV configs two tiles ahead)")
 parser.add_argument("--no-direct", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_direct = False (the M = 1 GEMV as before 2026-12-05)")
+parser.add_argument("--inductor-pdl", action="store_true",
+                    help="also time both models with Inductor's programmatic dependent launches: FP16 with "
+                         "options={'triton.enable_pdl': True}, lowbit with options={'inductor_pdl': True}")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -220,7 +223,10 @@ VARIANTS = [v for on, v in [
     (args.no_pdl, ("no PDL", None, {"gemv_pdl": False})),
     (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
+    (args.inductor_pdl, ("Inductor PDL", {"inductor_pdl": True}, {})),
 ] if on]
+# Extra FP16 runs beside the default: (name, Inductor options).
+FP16_VARIANTS = [("FP16, Inductor PDL", {"triton.enable_pdl": True})] if args.inductor_pdl else []
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
 #    eager reference module form (same codes, reference QDQ ops).
@@ -228,6 +234,12 @@ rows = []
 for batch in args.batch:
     tps16, logits16, c16, _ = decode_run(model, batch, "inductor")
     log(f"[{time.time() - t_start:4.0f}s] B={batch} fp16: {tps16:8.1f} tok/s (compile {c16:.0f}s)")
+    extras16 = {}  # FP16 variant name -> (tok/s, first-step logits rel. diff from the default FP16 run)
+    for name, options in FP16_VARIANTS:
+        tps_v, logits_v, _, _ = decode_run(model, batch, "inductor", options, name)
+        extras16[name] = (tps_v, ((logits_v - logits16).norm() / logits16.norm()).item())
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
+            f"default FP16 run: rel. diff {extras16[name][1]:.1e}")
     tps4, logits4, c4, ref4 = decode_run(qmodel, batch, "lowbit")
     report = dynamo.last_report()
     err = ((logits4 - ref4).norm() / ref4.norm()).item()
@@ -246,7 +258,7 @@ for batch in args.batch:
         extras[name] = (tps_v, ((logits_v - logits4).norm() / logits4.norm()).item())
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default lowbit run: rel. diff {extras[name][1]:.1e}")
-    rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras))
+    rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras, extras16))
     if gpu:
         torch.cuda.empty_cache()
 
@@ -257,21 +269,24 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          f"{torch.cuda.get_device_name() if gpu else 'CPU'}; torch {torch.__version__}. W4A8 = {RECIPE} "
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
          "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
-         + "".join(f" lowbit, {name} | its speed-up |" for name, _, _ in VARIANTS),
-         "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(VARIANTS)]
-for batch, tps16, tps4, c16, c4, _, _, report, _, extras in rows:
+         + "".join(f" lowbit, {name} | its speed-up |" for name, _, _ in VARIANTS)
+         + "".join(f" {name} tok/s | lowbit, Inductor PDL vs it |" for name, _ in FP16_VARIANTS),
+         "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * (len(VARIANTS) + len(FP16_VARIANTS))]
+for batch, tps16, tps4, c16, c4, _, _, report, _, extras, extras16 in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
                  f"{len(report.lowered)}/{len(report.sites)} |"
-                 + "".join(f" {tps:.1f} | {tps / tps16:.2f}x |" for tps, _ in extras.values()))
+                 + "".join(f" {tps:.1f} | {tps / tps16:.2f}x |" for tps, _ in extras.values())
+                 + "".join(f" {tps:.1f} | {extras['Inductor PDL'][0] / tps:.2f}x |" for tps, _ in extras16.values()))
 lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {packed_b / fp16_b:.3f}x their FP16 bytes "
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
-for batch, _, _, _, _, l16, l4, report, err, extras in rows:
+for batch, _, _, _, _, l16, l4, report, err, extras, extras16 in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
                  f"{err:.1e}; vs the FP16 model: rel. diff {((l4 - l16).norm() / l16.norm()).item():.3f} "
                  "(quantization error of random weights)"
                  + "".join(f"; {name} vs default: rel. diff {diff:.1e}" for name, (_, diff) in extras.items())
+                 + "".join(f"; {name} vs FP16: rel. diff {diff:.1e}" for name, (_, diff) in extras16.items())
                  + f". Report: {report.summary()}")
 if PROFILES:  # one table per batch size: a column per model
     for batch in args.batch:

@@ -15,7 +15,8 @@ without importing qcompile first. For each graph dynamo hands over:
    ``inductor_quant.quantize_in_inductor`` writes that quantization as torch ops Inductor fuses into
    the kernel producing the activation;
 4. Inductor compiles the graph (``options["inductor"] = False`` runs it as is, e.g. to debug). ``mode``
-   is Inductor's (``"reduce-overhead"`` turns on its CUDA graphs).
+   is Inductor's (``"reduce-overhead"`` turns on its CUDA graphs); ``options["inductor_pdl"]`` turns on
+   its programmatic dependent launches (Hopper).
 
 Without CUDA the kernel ops run their pure-torch integer reference, so the backend also works on CPU.
 """
@@ -29,7 +30,8 @@ from .share_quant import share_activation_quantization
 
 __all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
-OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False}
+OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False,
+           "inductor_pdl": False}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -66,6 +68,9 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             the int8 per-token activation quantization becomes torch ops Inductor fuses into the
             producing kernel, ``inductor_quant.py``; off by default: +1 % decode tokens/s on the H200,
             and the codes then follow Inductor's float rounding of the producer, not the reference's).
+            ``inductor_pdl``: Inductor's ``triton.enable_pdl`` (Hopper): its kernels launch as programmatic
+            dependents, so each one's launch overlaps the tail of the kernel before it (the decode GEMV lets
+            them go once its weights are read); same outputs.
 
     Returns:
         The compiled callable.
@@ -92,4 +97,6 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
+    if opts["inductor_pdl"]:
+        patches["triton.enable_pdl"] = True
     return compile_fx(gm, example_inputs, config_patches=patches)

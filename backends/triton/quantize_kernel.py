@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import act_qparams, act_quantize, pdl_launch, recip_div
 
@@ -68,11 +68,16 @@ def _quantize_rows_kernel(
         QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,  # format: INT-b, QMAX = 2^b - 1
         RECIP_DIV: tl.constexpr,  # divide by QMAX as torch does on this device (see _common.act_qparams)
         ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
-        PDL: tl.constexpr,  # let a programmatic dependent launch (the GEMV's weight prologue) start now
+        PDL: tl.constexpr,  # launched as a programmatic dependent; lets the next one (the GEMV) start now
         SPLIT: tl.constexpr, SLICE: tl.constexpr):  # SPLIT > 1: program (i, j) codes columns [j, j + 1) * SLICE
     OFFSET: tl.constexpr = (QMAX + 1) // 2
     if PDL:
+        # The GEMV launched after this one may start now (its weight prologue); this launch itself may
+        # have started before the kernel writing x finished (it was launched as a programmatic
+        # dependent): wait for that kernel before the first read. Triggering before waiting is safe: the
+        # GEMV waits for this kernel's completion, which comes after this wait.
         gdc_launch_dependents()
+        gdc_wait()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     base = rows.to(tl.int64)[:, None] * row_len
@@ -144,8 +149,10 @@ def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False,
                   config: dict | None = None):
     """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
-    ``pdl``: let the next kernel, if launched as a programmatic dependent (``launch_gemv(pdl=True)``),
-    start at once (CUDA only; its reads of these outputs wait for this kernel all the same).
+    ``pdl``: launch as a programmatic dependent of the previous kernel (its launch overlaps that kernel's
+    tail; it waits for it before reading ``x``) and let the next kernel, if launched as one
+    (``launch_gemv(pdl=True)``), start at once (CUDA only; its reads of these outputs wait for this kernel
+    all the same).
     ``config``: ``ROWS``, ``BLOCK``, ``num_warps`` and optionally ``SLICE`` (columns per program, a power of
     two; default: one program per row) instead of ``_config``'s (benchmarks sweep them).
 
@@ -162,9 +169,10 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
         return codes, scale, zp
     cfg = launch_config(n_rows, row_len, config)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]), cfg["SPLIT"])
+    pdl = pdl_launch(pdl, x.device)
     _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
-                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl_launch(pdl, x.device),
-                                **cfg)
+                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl, **cfg,
+                                **({"launch_pdl": True} if pdl else {}))
     return codes, scale, zp
 
 

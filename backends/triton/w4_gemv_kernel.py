@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
@@ -292,6 +292,9 @@ def _gemv_block(
             acc = dp4a(tl.broadcast_to(lo, shape), tl.broadcast_to(x_lo, shape), acc, USE_ASM)
             acc = dp4a(tl.broadcast_to(hi, shape), tl.broadcast_to(x_hi, shape), acc, USE_ASM)
 
+    if PDL:  # the weights are read: the next kernel, if launched as a programmatic dependent (an Inductor
+        # kernel with its ``triton.enable_pdl``), may start its launch; it waits for this one before reading y
+        gdc_launch_dependents()
     # Epilogue: one reduction over the word lanes (split-K: summed across the slices in int32, exactly),
     # zero-point correction, scales, bias.
     total = tl.sum(acc, axis=2)

@@ -244,6 +244,44 @@ def test_w4a8_gemv_pdl_exact(fmt, m, ns, k):
         assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
 
 
+def test_quantize_rows_pdl_waits_for_its_producer():
+    """``quantize_rows(pdl=True)`` launches as a programmatic dependent of the kernel before it: it must
+    still read that kernel's output (a slow GEMV writing x right before), every time, and give the codes
+    of a plain launch."""
+    proj = torch.randn(16384, 4096, device=DEV, dtype=torch.half) / 128
+    x = torch.empty(1, 4096, device=DEV, dtype=torch.half)
+    for i in range(10):
+        a = torch.randn(1, 16384, device=DEV, dtype=torch.half, generator=torch.Generator(DEV).manual_seed(i))
+        torch.mm(a, proj, out=x)  # ~128 MB of reads: the quantization launch overlaps it
+        got = quantize_rows(x, 8, False, pdl=True)
+        torch.cuda.synchronize()
+        ref = quantize_rows(x, 8, False)
+        assert all(torch.equal(g, r) for g, r in zip(got, ref)), i
+
+
+def test_lowbit_inductor_pdl_same_outputs():
+    """``options={"inductor_pdl": True}`` (Inductor kernels as programmatic dependents, the decode GEMV
+    letting them go after its weight loop): bitwise the outputs of the default compile, repeated."""
+    from qcompile.backends.triton import dynamo
+
+    torch.manual_seed(0)
+    lin = [torch.nn.Linear(1024, 1024, bias=False).half().to(DEV) for _ in range(3)]
+
+    def f(x):
+        for layer in lin:
+            x = torch.nn.functional.silu(layer(torch.nn.functional.layer_norm(x, (1024,))))
+        return x
+
+    x = torch.randn(1, 1024, device=DEV, dtype=torch.half)
+    torch._dynamo.reset()
+    base = torch.compile(f, backend="lowbit", options={"recipe": "w4a8-rtn-dint4"})(x)
+    torch._dynamo.reset()
+    fast = torch.compile(f, backend="lowbit", options={"recipe": "w4a8-rtn-dint4", "inductor_pdl": True})
+    for _ in range(10):
+        assert torch.equal(fast(x), base)
+    assert len(dynamo.last_report().lowered) == 3
+
+
 def test_w4a8_linear_gemv_pdl_autotuned():
     """The public op with ``DISPATCH.gemv_pdl`` (autotuned GEMV launched with ``launch_pdl``): bitwise the
     output with it off."""
