@@ -55,6 +55,9 @@ parser.add_argument("--no-direct", action="store_true",
 parser.add_argument("--inductor-pdl", action="store_true",
                     help="also time both models with Inductor's programmatic dependent launches: FP16 with "
                          "options={'triton.enable_pdl': True}, lowbit with options={'inductor_pdl': True}")
+parser.add_argument("--decode-attention", action="store_true",
+                    help="also time both models with the decode-attention kernel (lowbit option decode_attention; "
+                         "the FP16 model through lowbit without a recipe: nothing quantized, only attention lowered)")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -224,9 +227,19 @@ VARIANTS = [v for on, v in [
     (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
     (args.inductor_pdl, ("Inductor PDL", {"inductor_pdl": True}, {})),
+    (args.decode_attention, ("decode attention", {"decode_attention": True}, {})),
+    (args.decode_attention and args.inductor_pdl,
+     ("decode attention + Inductor PDL", {"decode_attention": True, "inductor_pdl": True}, {})),
 ] if on]
-# Extra FP16 runs beside the default: (name, Inductor options).
-FP16_VARIANTS = [("FP16, Inductor PDL", {"triton.enable_pdl": True})] if args.inductor_pdl else []
+# Extra FP16 runs beside the default, each compared with the lowbit variant of the same name:
+# (name, backend, options, lowbit variant).
+FP16_VARIANTS = [v for on, v in [
+    (args.inductor_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True}, "Inductor PDL")),
+    (args.decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True}, "decode attention")),
+    (args.decode_attention and args.inductor_pdl,
+     ("FP16, decode attention + Inductor PDL", "lowbit", {"decode_attention": True, "inductor_pdl": True},
+      "decode attention + Inductor PDL")),
+] if on]
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
 #    eager reference module form (same codes, reference QDQ ops).
@@ -235,8 +248,8 @@ for batch in args.batch:
     tps16, logits16, c16, _ = decode_run(model, batch, "inductor")
     log(f"[{time.time() - t_start:4.0f}s] B={batch} fp16: {tps16:8.1f} tok/s (compile {c16:.0f}s)")
     extras16 = {}  # FP16 variant name -> (tok/s, first-step logits rel. diff from the default FP16 run)
-    for name, options in FP16_VARIANTS:
-        tps_v, logits_v, _, _ = decode_run(model, batch, "inductor", options, name)
+    for name, backend, options, _ in FP16_VARIANTS:
+        tps_v, logits_v, _, _ = decode_run(model, batch, backend, options, name)
         extras16[name] = (tps_v, ((logits_v - logits16).norm() / logits16.norm()).item())
         log(f"[{time.time() - t_start:4.0f}s] B={batch} {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default FP16 run: rel. diff {extras16[name][1]:.1e}")
@@ -270,13 +283,14 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
          "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
          + "".join(f" lowbit, {name} | its speed-up |" for name, _, _ in VARIANTS)
-         + "".join(f" {name} tok/s | lowbit, Inductor PDL vs it |" for name, _ in FP16_VARIANTS),
+         + "".join(f" {name} tok/s | lowbit, {lb} vs it |" for name, _, _, lb in FP16_VARIANTS),
          "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * (len(VARIANTS) + len(FP16_VARIANTS))]
 for batch, tps16, tps4, c16, c4, _, _, report, _, extras, extras16 in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
                  f"{len(report.lowered)}/{len(report.sites)} |"
                  + "".join(f" {tps:.1f} | {tps / tps16:.2f}x |" for tps, _ in extras.values())
-                 + "".join(f" {tps:.1f} | {extras['Inductor PDL'][0] / tps:.2f}x |" for tps, _ in extras16.values()))
+                 + "".join(f" {extras16[name][0]:.1f} | {extras[lb][0] / extras16[name][0]:.2f}x |"
+                           for name, _, _, lb in FP16_VARIANTS))
 lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {packed_b / fp16_b:.3f}x their FP16 bytes "
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",

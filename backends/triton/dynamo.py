@@ -10,7 +10,9 @@ without importing qcompile first. For each graph dynamo hands over:
    (``rtn_graph.quantize_float_linears``; no calibration), to the kernel op where one applies;
 2. ``lower.lower_linears`` rewrites the QDQ linears into ``qcompile_triton::`` ops on prepacked weights
    and records a ``LoweringReport`` (``last_report()``; printed with ``options["print_report"]``);
-3. ``share_quant.share_activation_quantization`` lets sibling linears (q/k/v, gate/up) quantize their
+3. with ``options["decode_attention"]``, ``lower_attention.lower_attention`` puts decode-step attention
+   on the split-key kernel (``decode_attention_kernel.py``; also for a float model);
+   ``share_quant.share_activation_quantization`` lets sibling linears (q/k/v, gate/up) quantize their
    input once; with ``options["inductor_quant"]`` (off by default), on CUDA,
    ``inductor_quant.quantize_in_inductor`` writes that quantization as torch ops Inductor fuses into
    the kernel producing the activation;
@@ -26,12 +28,13 @@ import torch
 
 from .inductor_quant import quantize_in_inductor
 from .lower import LoweringReport, lower_linears
+from .lower_attention import lower_attention
 from .share_quant import share_activation_quantization
 
 __all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
 OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False,
-           "inductor_pdl": False}
+           "inductor_pdl": False, "decode_attention": False}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -70,7 +73,9 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             and the codes then follow Inductor's float rounding of the producer, not the reference's).
             ``inductor_pdl``: Inductor's ``triton.enable_pdl`` (Hopper): its kernels launch as programmatic
             dependents, so each one's launch overlaps the tail of the kernel before it (the decode GEMV lets
-            them go once its weights are read); same outputs.
+            them go once its weights are read); same outputs. ``decode_attention``: decode-step
+            ``scaled_dot_product_attention`` calls (one query token over a KV cache) run the split-key
+            Triton kernel of ``decode_attention_kernel.py`` (``lower_attention.py``; the report lists them).
 
     Returns:
         The compiled callable.
@@ -84,6 +89,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     report = lower_linears(gm, example_inputs)
     report.sites[:0] = rtn_sites
     report.float_linears -= sum(not s.lowered for s in rtn_sites)  # their fake-quantized weights look float
+    if opts["decode_attention"]:
+        report.attention = lower_attention(gm)
     if opts["share_quant"]:
         report.shared_groups = share_activation_quantization(gm)
     if opts["inductor_quant"] and opts["inductor"]:

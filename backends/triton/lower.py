@@ -83,6 +83,7 @@ class LoweringReport:
     float_linears: int = 0
     shared_groups: int = 0  # groups of sibling linears quantizing their common input once (share_quant.py)
     inductor_quant: int = 0  # kernel calls whose activation quantization Inductor computes (inductor_quant.py)
+    attention: list = field(default_factory=list)  # lower_attention.AttentionSite per SDPA call, if it ran
 
     @property
     def lowered(self) -> list[SiteReport]:
@@ -102,7 +103,9 @@ class LoweringReport:
                 + (f"; {self.shared_groups} groups of sibling linears share one activation quantization"
                    if self.shared_groups else "")
                 + (f"; {self.inductor_quant} kernel calls take activation codes quantized by Inductor-fused torch ops"
-                   if self.inductor_quant else ""))
+                   if self.inductor_quant else "")
+                + (f"; {sum(a.lowered for a in self.attention)} of {len(self.attention)} attention calls on the "
+                   "decode-attention kernel" if self.attention else ""))
 
     def table(self) -> str:
         """A printable table: site, lowered or fell back, kernel / reason."""
@@ -112,6 +115,9 @@ class LoweringReport:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         lines.insert(1, "-" * len(lines[0]))
+        lines += [f"attention {a.name}: "
+                  + ("lowered: decode_attention" if a.lowered else f"left to Inductor: {a.reason}")
+                  for a in self.attention]
         return "\n".join(lines + [self.summary()])
 
 

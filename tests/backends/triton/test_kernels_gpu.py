@@ -297,3 +297,23 @@ def test_w4a8_linear_gemv_pdl_autotuned():
     finally:
         DISPATCH.decode_path, DISPATCH.gemv_pdl = "auto", True
     assert all(torch.equal(y, off) for y in on)
+
+
+@pytest.mark.parametrize("b,h,hkv,length", [(1, 32, 32, 200), (16, 32, 32, 200), (1, 32, 8, 1000), (3, 4, 4, 1)])
+def test_decode_attention_matches_fp32_sdpa(b, h, hkv, length):
+    """The split-key decode attention on the GPU against fp32 SDPA on the same inputs: within one fp16 ulp
+    of the largest output (``test_decode_attention.py`` says why), for the default and a split config,
+    repeated (the split tickets must come back to zero)."""
+    from qcompile.backends.triton.attention_ops import _reference
+    from qcompile.backends.triton.decode_attention_kernel import decode_attention
+
+    g = torch.Generator(device=DEV).manual_seed(b + length)
+    q = torch.randn(b, h, 1, 128, device=DEV, generator=g).half()
+    k, v = (torch.randn(b, hkv, length, 128, device=DEV, generator=g).half() for _ in range(2))
+    mask = (torch.arange(length, device=DEV) <= max(length - 9, 0))[None, None, None]
+    ref = _reference(q, k, v, mask, 128 ** -0.5)
+    tol = torch.finfo(torch.half).eps * max(1.0, ref.float().abs().max().item())
+    for config in (None, dict(BLOCK_L=32, SPLITS=8, num_warps=4)):
+        for _ in range(3):
+            out = decode_attention(q, k, v, mask, 128 ** -0.5, config=config)
+            assert (out.float() - ref.float()).abs().max().item() <= tol, config
