@@ -52,9 +52,11 @@ parser.add_argument("--prefetch2", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_prefetch2 = True (GEMV configs two tiles ahead)")
 parser.add_argument("--no-direct", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_direct = False (the M = 1 GEMV as before 2026-12-05)")
-parser.add_argument("--inductor-pdl", action="store_true",
-                    help="also time both models with Inductor's programmatic dependent launches: FP16 with "
-                         "options={'triton.enable_pdl': True}, lowbit with options={'inductor_pdl': True}")
+parser.add_argument("--no-inductor-pdl", action="store_true",
+                    help="also time lowbit with options={'inductor_pdl': False} (Inductor's kernels as plain launches)")
+parser.add_argument("--fp16-pdl", action="store_true",
+                    help="also time FP16 with Inductor's programmatic dependent launches "
+                         "(options={'triton.enable_pdl': True}, what lowbit's inductor_pdl turns on)")
 parser.add_argument("--decode-attention", action="store_true",
                     help="also time both models with the decode-attention kernel (lowbit option decode_attention; "
                          "the FP16 model through lowbit without a recipe: nothing quantized, only attention lowered)")
@@ -161,16 +163,20 @@ def decode_run(m, batch, backend, options=None, label=None):
         del graph
     if prof is not None:
         PROFILES[(batch, label or backend)] = (prof, statistics.median(times) / STEPS)
+        log(f"  {label or backend}, top kernels per step: " + "; ".join(
+            f"{name[:60]} {us:.0f} us ({n:.0f})" for us, n, name in TOP_KERNELS[-1][:10]))
     return batch * STEPS / statistics.median(times), first_logits, compile_s, ref_logits
 
 
 PROFILES = {}  # (batch, backend) -> ({kind: (µs per step, kernels per step)}, seconds per step)
+TOP_KERNELS = []  # per profiled run, in run order: [(µs per step, launches per step, kernel name)], largest first
 
 
 KINDS = [  # (kind, substrings of the kernel name), first match wins
     ("W4A8 GEMV (ours)", ("w4_gemv",)), ("W4A8 tiled GEMM (ours)", ("w4_gemm",)),
     ("activation quantization (ours)", ("quantize_rows", "quantize_kernel", "_quantize")),
     ("cuBLAS / CUTLASS GEMM, GEMV", ("gemm", "gemv", "sm90_", "cutlass", "splitk", "xmma", "s16816")),
+    ("decode attention (ours)", ("decode_attention",)),
     ("attention (SDPA)", ("fmha", "flash", "attention", "efficient")),
     ("Inductor fused (norms, rotary, residual, softmax...)", ("triton_",)),
 ]
@@ -190,7 +196,10 @@ def profile_steps(graph, pos, steps=8):
         for _ in range(steps):
             graph.replay()
         torch.cuda.synchronize()
-    return kinds_per_step(prof.key_averages(), steps)
+    averages = prof.key_averages()
+    TOP_KERNELS.append(sorted(((getattr(e, "self_device_time_total", 0.0) / steps, e.count / steps, e.key)
+                               for e in averages if getattr(e, "self_device_time_total", 0.0) > 0), reverse=True))
+    return kinds_per_step(averages, steps)
 
 
 def kinds_per_step(averages, steps):
@@ -226,19 +235,14 @@ VARIANTS = [v for on, v in [
     (args.no_pdl, ("no PDL", None, {"gemv_pdl": False})),
     (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
-    (args.inductor_pdl, ("Inductor PDL", {"inductor_pdl": True}, {})),
+    (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.decode_attention, ("decode attention", {"decode_attention": True}, {})),
-    (args.decode_attention and args.inductor_pdl,
-     ("decode attention + Inductor PDL", {"decode_attention": True, "inductor_pdl": True}, {})),
 ] if on]
-# Extra FP16 runs beside the default, each compared with the lowbit variant of the same name:
-# (name, backend, options, lowbit variant).
+# Extra FP16 runs beside the default: (name, backend, options, the lowbit run to compare with it: a VARIANTS
+# name, or None for the default lowbit run).
 FP16_VARIANTS = [v for on, v in [
-    (args.inductor_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True}, "Inductor PDL")),
+    (args.fp16_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True}, None)),
     (args.decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True}, "decode attention")),
-    (args.decode_attention and args.inductor_pdl,
-     ("FP16, decode attention + Inductor PDL", "lowbit", {"decode_attention": True, "inductor_pdl": True},
-      "decode attention + Inductor PDL")),
 ] if on]
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
@@ -283,13 +287,13 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
          "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
          + "".join(f" lowbit, {name} | its speed-up |" for name, _, _ in VARIANTS)
-         + "".join(f" {name} tok/s | lowbit, {lb} vs it |" for name, _, _, lb in FP16_VARIANTS),
+         + "".join(f" {name} tok/s | lowbit{', ' + lb if lb else ''} vs it |" for name, _, _, lb in FP16_VARIANTS),
          "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * (len(VARIANTS) + len(FP16_VARIANTS))]
 for batch, tps16, tps4, c16, c4, _, _, report, _, extras, extras16 in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
                  f"{len(report.lowered)}/{len(report.sites)} |"
                  + "".join(f" {tps:.1f} | {tps / tps16:.2f}x |" for tps, _ in extras.values())
-                 + "".join(f" {extras16[name][0]:.1f} | {extras[lb][0] / extras16[name][0]:.2f}x |"
+                 + "".join(f" {extras16[name][0]:.1f} | {(extras[lb][0] if lb else tps4) / extras16[name][0]:.2f}x |"
                            for name, _, _, lb in FP16_VARIANTS))
 lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {packed_b / fp16_b:.3f}x their FP16 bytes "
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
