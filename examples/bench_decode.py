@@ -184,6 +184,8 @@ KINDS = [  # (kind, substrings of the kernel name), first match wins
 
 def kind_of(name):
     low = name.lower()
+    if low.startswith("triton_"):  # Inductor's kernels, named after the ops they fuse ("..._attention_...")
+        return KINDS[-1][0]
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 

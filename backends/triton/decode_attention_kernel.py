@@ -13,8 +13,10 @@ serial loop. Here the keys of every (batch, head) are cut into ``SPLITS`` slices
 (the same ticket scheme as the split-K GEMV: no second launch, the counter is re-zeroed by the last
 program). Scores are kept in the base-2 domain (``scale * log2 e`` folded into q), all arithmetic in fp32,
 the output rounded once to the query's dtype. ``hk = h // (H / Hkv)`` (grouped-query attention without a
-repeat of K / V). The mask is boolean (False: not attended) or additive, broadcast over batch and head by
-stride 0. A (batch, head) whose keys are all masked gets NaN, as the math reference does.
+repeat of K / V). On CUDA it launches as a programmatic dependent (PDL), as the quantization and GEMV
+launches do: the launch overlaps the tail of the kernel before it. The mask is boolean (False: not
+attended) or additive, broadcast over batch and head by stride 0. A (batch, head) whose keys are all
+masked gets NaN, as the math reference does.
 
 File order (Triton tutorial): configs -> kernel -> wrapper.
 """
@@ -25,6 +27,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ._common import pdl_launch
 
 __all__ = ["decode_attention", "launch_config"]
 
@@ -52,7 +57,10 @@ def _decode_attention_kernel(
         s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_mb, s_mh, s_ml, s_ob, s_oh,
         GROUP: tl.constexpr,  # query heads per KV head
         MASK_KIND: tl.constexpr,  # 0: none, 1: boolean (nonzero = attend), 2: additive
-        D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr):
+        D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
+        PDL: tl.constexpr):  # launched as a programmatic dependent: wait for the kernel before, then read
+    if PDL:
+        gdc_wait()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -88,6 +96,8 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
+    if PDL:  # the keys are read: the next kernel (a programmatic dependent) may launch; it waits for this one
+        gdc_launch_dependents()
     o_ptrs = o_ptr + b * s_ob + h * s_oh + d
     if SPLITS == 1:
         tl.store(o_ptrs, (acc / l_i).to(o_ptr.dtype.element_ty))
@@ -126,11 +136,13 @@ def _workspace(device, bh: int, splits: int, head_dim: int):
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                     scale: float | None = None, config: dict | None = None) -> torch.Tensor:
+                     scale: float | None = None, config: dict | None = None, pdl: bool = True) -> torch.Tensor:
     """``softmax(scale q K^T + mask) V`` for one query token: ``q [B, H, 1, D]``, ``k, v [B, Hkv, L, D]``
     (H a multiple of Hkv), ``mask`` boolean or additive, broadcastable to ``[B, H, 1, L]``. Any strides
     with a contiguous last dim. Returns ``[B, H, 1, D]`` in ``q``'s dtype. ``config``: ``BLOCK_L``,
-    ``SPLITS``, ``num_warps`` instead of ``launch_config``'s (callers check shapes; ``ops.py`` does)."""
+    ``SPLITS``, ``num_warps`` instead of ``launch_config``'s (callers check shapes; ``attention_ops.py``
+    does). ``pdl``: launch as a programmatic dependent of the kernel before (Hopper; it waits for that
+    kernel before its first read, and lets the next one launch once its keys are read)."""
     bsz, heads, _, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
@@ -146,9 +158,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         if kind == 1:
             mask_t = mask_t.view(torch.uint8)
     grid = (bsz * heads, cfg["SPLITS"])
+    pdl = pdl_launch(pdl, q.device)
     _decode_attention_kernel[grid](
         q, k, v, mask_t, out, ws, tickets, heads, kv_len, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *sm, out.stride(0), out.stride(1),
-        GROUP=heads // kv_heads, MASK_KIND=kind, D=dim, **cfg)
+        GROUP=heads // kv_heads, MASK_KIND=kind, D=dim, PDL=pdl, **cfg, **({"launch_pdl": True} if pdl else {}))
     return out

@@ -317,3 +317,22 @@ def test_decode_attention_matches_fp32_sdpa(b, h, hkv, length):
         for _ in range(3):
             out = decode_attention(q, k, v, mask, 128 ** -0.5, config=config)
             assert (out.float() - ref.float()).abs().max().item() <= tol, config
+
+
+def test_decode_attention_pdl_waits_for_its_producer():
+    """The decode attention launches as a programmatic dependent: it must read the query a slow GEMM wrote
+    right before it, every time."""
+    from qcompile.backends.triton.attention_ops import _reference
+    from qcompile.backends.triton.decode_attention_kernel import decode_attention
+
+    proj = torch.randn(16384, 4096, device=DEV, dtype=torch.half) / 128
+    k, v = (torch.randn(1, 32, 200, 128, device=DEV, dtype=torch.half) for _ in range(2))
+    q = torch.empty(1, 4096, device=DEV, dtype=torch.half)
+    for i in range(10):
+        a = torch.randn(1, 16384, device=DEV, dtype=torch.half, generator=torch.Generator(DEV).manual_seed(i))
+        torch.mm(a, proj, out=q)  # ~128 MB of reads: the attention launch overlaps it
+        out = decode_attention(q.view(1, 32, 1, 128), k, v, None, 128 ** -0.5)
+        torch.cuda.synchronize()
+        ref = _reference(q.view(1, 32, 1, 128), k, v, None, 128 ** -0.5)
+        assert (out.float() - ref.float()).abs().max().item() <= torch.finfo(torch.half).eps * max(
+            1.0, ref.float().abs().max().item()), i
