@@ -58,8 +58,11 @@ parser.add_argument("--fp16-pdl", action="store_true",
                     help="also time FP16 with Inductor's programmatic dependent launches "
                          "(options={'triton.enable_pdl': True}, what lowbit's inductor_pdl turns on)")
 parser.add_argument("--decode-attention", action="store_true",
-                    help="also time both models with the decode-attention kernel (lowbit option decode_attention; "
-                         "the FP16 model through lowbit without a recipe: nothing quantized, only attention lowered)")
+                    help="also time lowbit with the decode-attention kernel (options={'decode_attention': True})")
+parser.add_argument("--fp16-decode-attention", action="store_true",
+                    help="also time the FP16 model with the decode-attention kernel (through lowbit without a "
+                         "recipe: nothing quantized, only attention lowered), compared with lowbit's "
+                         "--decode-attention run when there is one")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -244,7 +247,8 @@ VARIANTS = [v for on, v in [
 # name, or None for the default lowbit run).
 FP16_VARIANTS = [v for on, v in [
     (args.fp16_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True}, None)),
-    (args.decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True}, "decode attention")),
+    (args.fp16_decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True},
+                                  "decode attention" if args.decode_attention else None)),
 ] if on]
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
