@@ -106,6 +106,6 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode else {}
-    if opts["inductor_pdl"]:
+    if opts["inductor_pdl"] and hasattr(torch._inductor.config.triton, "enable_pdl"):  # older torch: no such setting
         patches["triton.enable_pdl"] = True
     return compile_fx(gm, example_inputs, config_patches=patches)
