@@ -10,7 +10,6 @@ fp32, the reference. ``lower_attention.py`` puts it into a graph. Bad input gets
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -39,7 +38,7 @@ def check_decode_attention(q, k, v, mask) -> None:
             raise ValueError(f"decode_attention: {name}'s last dim must be contiguous (stride 1)")
     bsz, heads, q_len, dim = q.shape
     if q_len != 1:
-        raise ValueError(f"decode_attention takes one query token per sequence; q has {q_len}")
+        raise ValueError(f"decode_attention takes one query token per sequence; q has {q_len} query tokens")
     if k.shape != v.shape or k.shape[0] != bsz or k.shape[3] != dim or k.shape[2] < 1:
         raise ValueError(f"decode_attention: k and v must be [B={bsz}, Hkv, L >= 1, D={dim}]; got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -70,7 +69,8 @@ def _reference(q, k, v, mask, scale):
 
 @torch.library.custom_op("qcompile_triton::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                         scale: float) -> torch.Tensor:
+                         scale: Optional[float]) -> torch.Tensor:
+    # scale None: 1 / sqrt(D), from the kernel wrapper or SDPA (the reference), as SDPA defines it
     check_decode_attention(q, k, v, mask)
     if _use_triton(q):
         from .decode_attention_kernel import decode_attention as kernel
@@ -88,6 +88,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float | None = None) -> torch.Tensor:
     """``softmax(scale q K^T + mask) V`` for one query token per sequence (module docstring); ``scale``
     defaults to ``1 / sqrt(D)``. Grouped-query attention: ``k`` / ``v`` may have fewer heads than ``q``."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] else 1.0
-    return torch.ops.qcompile_triton.decode_attention(q, k, v, mask, float(scale))
+    return torch.ops.qcompile_triton.decode_attention(q, k, v, mask, None if scale is None else float(scale))

@@ -14,13 +14,12 @@ for Inductor, and the report says why. Prefill graphs (more than one query token
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from . import attention_ops as _attention_ops  # noqa: F401  (registers qcompile_triton::decode_attention)
+from .attention_ops import check_decode_attention  # (importing it registers qcompile_triton::decode_attention)
 
 __all__ = ["SDPA_TARGETS", "AttentionSite", "lower_attention"]
 
@@ -48,40 +47,25 @@ def _val(arg):
 
 
 def _why_not(a: dict) -> str | None:
-    """Why this call cannot take the kernel (None: it can)."""
+    """Why this call cannot take the kernel (None: it can): what the op itself rejects
+    (``attention_ops.check_decode_attention`` on the example values), then what SDPA's other arguments ask for."""
     q, k, v, mask = (_val(a[n]) for n in ("query", "key", "value", "attn_mask"))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "no example values for q / k / v"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"q / k / v are not 4-D ({q.dim()}, {k.dim()}, {v.dim()})"
-    if q.shape[2] != 1:
-        return f"{q.shape[2]} query tokens (decode has one)"
+    try:
+        check_decode_attention(q, k, v, mask)
+    except (TypeError, ValueError) as err:
+        return str(err)
     if isinstance(a["dropout_p"], fx.Node) or a["dropout_p"] != 0.0:
         return "dropout"
     if isinstance(a["is_causal"], fx.Node) or (a["is_causal"] and k.shape[2] != 1):
         return "is_causal with a cache (means key 0 only for one query)"
     if isinstance(a["scale"], fx.Node):
         return "scale is a tensor"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes {q.dtype} / {k.dtype} / {v.dtype}"
     if q.device.type not in ("cuda", "cpu"):
         return f"device {q.device}"
-    dim = q.shape[3]
-    if dim < 16 or dim > 256 or dim & (dim - 1) or k.shape[3] != dim or v.shape != k.shape:
-        return f"head dims {dim} / {k.shape[3]} (a power of two in [16, 256], k and v alike)"
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1] or (q.shape[1] != k.shape[1] and not a["enable_gqa"]):
-        return f"{q.shape[1]} query heads on {k.shape[1]} KV heads"
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
-        return "a last dim that is not contiguous"
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and mask.dtype != q.dtype):
-            return f"mask {getattr(mask, 'dtype', type(mask).__name__)}"
-        try:
-            torch.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], 1, k.shape[2]))
-        except RuntimeError:
-            return f"mask {tuple(mask.shape)} does not broadcast to one query row"
-        if mask.dim() == 4 and mask.shape[2] != 1:
-            return "mask with several query rows"
+    if q.shape[1] != k.shape[1] and not a["enable_gqa"]:
+        return f"{q.shape[1]} query heads on {k.shape[1]} KV heads without enable_gqa"
     return None
 
 
@@ -97,9 +81,9 @@ def lower_attention(gm: fx.GraphModule) -> list[AttentionSite]:
         sites.append(AttentionSite(node.name, reason))
         if reason is not None:
             continue
+        scale = None if a["scale"] is None else float(a["scale"])
         with gm.graph.inserting_before(node):
-            scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(_val(a["query"]).shape[3])
-            new = gm.graph.call_function(_KERNEL, (a["query"], a["key"], a["value"], a["attn_mask"], float(scale)))
+            new = gm.graph.call_function(_KERNEL, (a["query"], a["key"], a["value"], a["attn_mask"], scale))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
