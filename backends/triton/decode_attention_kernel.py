@@ -34,6 +34,7 @@ from ._common import pdl_launch
 __all__ = ["decode_attention", "launch_config"]
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the same, for the kernel (Triton reads only constexpr globals)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -86,7 +87,7 @@ def _decode_attention_kernel(
             ok = ok & (keep != 0)
         elif MASK_KIND == 2:
             bias = tl.load(mask_ptr + b * s_mb + h * s_mh + offs * s_ml, mask=ok, other=0.0).to(tl.float32)
-            s += bias * 1.4426950408889634  # log2(e): the logits are base 2
+            s += bias * _LOG2E  # the logits are base 2
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
