@@ -80,8 +80,9 @@ def variants(x, pws, m):
     v["auto"] = next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
                       and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
     if m <= 16:
+        gemv = W._gemv_kernels[d.gemv_prefetch2]  # the GEMV autotuner the dispatch uses
         kernels = {"fused": W._fused_decode_kernel, "unfused": W._decode_kernel,
-                   "splitk": W._splitk_decode_kernel, "gemv": W._gemv_kernel, "gemv_fused": W._gemv_kernel}
+                   "splitk": W._splitk_decode_kernel, "gemv": gemv, "gemv_fused": gemv}
         for path, kernel in kernels.items():
             d.decode_path = path
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)

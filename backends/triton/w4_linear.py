@@ -135,7 +135,6 @@ _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_con
                  for pf, cfgs in _GEMV_SETS.items()}
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
                                      _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
-_gemv_kernel = _gemv_kernels[False]
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 
 
