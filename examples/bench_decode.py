@@ -171,6 +171,11 @@ def decode_run(m, batch, backend, options=None, label=None):
     return batch * STEPS / statistics.median(times), first_logits, compile_s, ref_logits
 
 
+def rel_diff(a, ref) -> float:
+    """``|a - ref| / |ref|`` (Frobenius norms) of two logit tensors."""
+    return ((a - ref).norm() / ref.norm()).item()
+
+
 PROFILES = {}  # (batch, backend) -> ({kind: (µs per step, kernels per step)}, seconds per step)
 TOP_KERNELS = []  # per profiled run, in run order: [(µs per step, launches per step, kernel name)], largest first
 
@@ -260,12 +265,12 @@ for batch in args.batch:
     extras16 = {}  # FP16 variant name -> (tok/s, first-step logits rel. diff from the default FP16 run)
     for name, backend, options, _ in FP16_VARIANTS:
         tps_v, logits_v, _, _ = decode_run(model, batch, backend, options, name)
-        extras16[name] = (tps_v, ((logits_v - logits16).norm() / logits16.norm()).item())
+        extras16[name] = (tps_v, rel_diff(logits_v, logits16))
         log(f"[{time.time() - t_start:4.0f}s] B={batch} {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default FP16 run: rel. diff {extras16[name][1]:.1e}")
     tps4, logits4, c4, ref4 = decode_run(qmodel, batch, "lowbit")
     report = dynamo.last_report()
-    err = ((logits4 - ref4).norm() / ref4.norm()).item()
+    err = rel_diff(logits4, ref4)
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
         f"first-step logits vs the eager reference: rel. err {err:.1e}")
     extras = {}  # variant name -> (tok/s, first-step logits rel. diff from the default lowbit run)
@@ -278,7 +283,7 @@ for batch in args.batch:
         finally:
             for f, value in saved.items():
                 setattr(DISPATCH, f, value)
-        extras[name] = (tps_v, ((logits_v - logits4).norm() / logits4.norm()).item())
+        extras[name] = (tps_v, rel_diff(logits_v, logits4))
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default lowbit run: rel. diff {extras[name][1]:.1e}")
     rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras, extras16))
@@ -307,7 +312,7 @@ lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {pack
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
 for batch, _, _, _, _, l16, l4, report, err, extras, extras16 in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
-                 f"{err:.1e}; vs the FP16 model: rel. diff {((l4 - l16).norm() / l16.norm()).item():.3f} "
+                 f"{err:.1e}; vs the FP16 model: rel. diff {rel_diff(l4, l16):.3f} "
                  "(quantization error of random weights)"
                  + "".join(f"; {name} vs default: rel. diff {diff:.1e}" for name, (_, diff) in extras.items())
                  + "".join(f"; {name} vs FP16: rel. diff {diff:.1e}" for name, (_, diff) in extras16.items())
