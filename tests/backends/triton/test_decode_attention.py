@@ -8,8 +8,6 @@ of the dtype: ``eps(dtype) * max |ref|`` (fp32: 1e-5 relative to max |ref|).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -127,11 +125,9 @@ def test_prefill_and_causal_calls_stay_as_they_are():
 
 @pytest.mark.skipif(INTERPRET, reason="this is the parent's driver")
 def test_interpreter_suite():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-6000:] + run.stderr[-3000:]
+    from triton_cases import run_interpreted
+
+    run_interpreted(__file__, "-k", "interpreted", timeout=600)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")

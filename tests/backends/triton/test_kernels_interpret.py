@@ -8,8 +8,6 @@ parent, where GPU tests and other engineers' code run); in the child the real te
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -25,10 +23,9 @@ child_only = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERP
 
 @pytest.mark.skipif(INTERPRET, reason="this is the parent's driver")
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    from triton_cases import run_interpreted
+
+    run_interpreted(__file__, timeout=900)
 
 
 if INTERPRET:

@@ -8,14 +8,17 @@ Every check compares a kernel with the reference on the *same* integer codes:
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from qcompile import formats as F
 from qcompile.backends.triton import prepack
 from qcompile.backends.triton.reference import gemm_reference, quantize_rows_reference
 
-__all__ = ["check_gemm", "check_linear", "check_quantize", "fp_tolerance", "make_weight"]
+__all__ = ["check_gemm", "check_linear", "check_quantize", "fp_tolerance", "make_weight", "run_interpreted"]
 
 # Output rounding, relative. The interpreter converts fp32 -> bf16 by truncation (a full ulp, 2^-7;
 # triton/runtime/interpreter.py _convert_float), the GPU rounds to nearest (half an ulp).
@@ -109,3 +112,18 @@ def check_linear(x, pw, linear_fn, act_fmt, act_group=0):
     # Output rounding: measured ~2e-4 for fp16 (half ulp 2^-11); bf16's half ulp is 2^-8 (H100: 1.7e-3).
     assert rel < (4e-3 if y.dtype == torch.bfloat16 else 1e-3), rel
     return rel
+
+
+def run_interpreted(test_file: str, *pytest_args: str, timeout: int = 900) -> None:
+    """Run ``test_file`` (its tests chosen by ``pytest_args``) with pytest in a child process under
+    ``TRITON_INTERPRET=1``, and fail unless they pass. Triton decides interpreter vs compiled when a kernel
+    is decorated, so the variable must be set before the kernels are imported, and kept out of the parent,
+    where GPU tests run. Skips without triton >= 3.7."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        # 3.6's interpreter passes runtime ints as 1-element arrays that range() cannot take (numpy 2).
+        pytest.skip(f"the interpreter tests need triton >= 3.7 (3.9 tested); found {triton.__version__}")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *pytest_args]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-6000:] + run.stderr[-3000:]
