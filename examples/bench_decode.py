@@ -16,6 +16,8 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --no-pdl     # also lowbit with the GEMVs as plain launches (PDL is the default)
     python examples/bench_decode.py --prefetch2  # also lowbit with the GEMV's PREFETCH = 2 configs autotuned
     python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
+    python examples/bench_decode.py --l2-prefetch end end:48 start   # also lowbit with the GEMVs prefetching
+                                                 # the next weights into L2 (DISPATCH.l2_prefetch[:_mb])
     python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
 """
 import argparse
@@ -63,6 +65,9 @@ parser.add_argument("--fp16-decode-attention", action="store_true",
                     help="also time the FP16 model with the decode-attention kernel (through lowbit without a "
                          "recipe: nothing quantized, only attention lowered), compared with lowbit's "
                          "--decode-attention run when there is one")
+parser.add_argument("--l2-prefetch", nargs="*", default=[], metavar="MODE[:MB]",
+                    help="also time lowbit with DISPATCH.l2_prefetch = MODE ('end' / 'start') and l2_prefetch_mb = MB "
+                         "(default: the dispatch's), one run each: the GEMV prefetches the next linear's weights")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -248,6 +253,10 @@ VARIANTS = [v for on, v in [
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.decode_attention, ("decode attention", {"decode_attention": True}, {})),
 ] if on]
+for spec in args.l2_prefetch:
+    mode, _, mb = spec.partition(":")
+    mb = float(mb) if mb else DISPATCH.l2_prefetch_mb
+    VARIANTS.append((f"L2 prefetch {mode} {mb:g} MB", None, {"l2_prefetch": mode, "l2_prefetch_mb": mb}))
 # Extra FP16 runs beside the default: (name, backend, options, the lowbit run to compare with it: a VARIANTS
 # name, or None for the default lowbit run).
 FP16_VARIANTS = [v for on, v in [

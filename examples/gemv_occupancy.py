@@ -38,7 +38,8 @@ SHAPES = (4096, 11008, 14336)  # N of the LLaMA-2-7B / LLaMA-3-8B decode GEMVs (
 REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, PROGRAMS_PER_SM = 65536, 228 * 1024, 2048, 32
 ARG_TYPES = dict(x_ptr="*i8", x_scale_ptr="*fp32", x_zp_ptr="*i32", stride_xm="i32", w_ptr="*u8",
                  w_scale_ptr="*fp32", w_sum_ptr="*i32", w_zero_ptr="*u8", bias_ptr="*fp16", y_ptr="*fp16",
-                 stride_ym="i32", ws_ptr="*i32", cnt_ptr="*i32", M="i32", N="i32", K="i32")
+                 stride_ym="i32", ws_ptr="*i32", cnt_ptr="*i32", M="i32", N="i32", K="i32",
+                 pf0_ptr="*u8", pf0_bytes="i32", pf1_ptr="*u8", pf1_bytes="i32", pf2_ptr="*u8", pf2_bytes="i32")
 for _g in range(3):  # the group kernel's per-weight arguments
     ARG_TYPES.update({f"w{_g}_ptr": "*u8", f"s{_g}_ptr": "*fp32", f"t{_g}_ptr": "*i32", f"z{_g}_ptr": "*u8",
                       f"b{_g}_ptr": "*fp16", f"y{_g}_ptr": "*fp16", f"stride_y{_g}": "i32", f"N{_g}": "i32"})
@@ -46,12 +47,13 @@ ALIGNED = {"N", "K", "stride_xm", "stride_ym"}  # multiples of 16 at the model s
 
 
 def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = False, group: int = 0,
-                 pdl: bool = False, direct: bool = True):
+                 pdl: bool = False, direct: bool = True, l2_next: int = 0, l2_early: bool = False):
     """The decode GEMV compiled for sm_90 with one autotune ``config`` (dINT4): ``w4_gemv_kernel``, or
     ``w4_gemv_group_kernel`` for ``group`` = 2 or 3 weights; int8 codes given, or fp16 activations
     quantized in the kernel (``fuse_quant``); ``pdl``: as a programmatic dependent launch; ``direct``:
     ``X_DIRECT`` where the dispatch sets it (``DISPATCH.gemv_direct``: M = 1, int8 codes given); ``EVEN`` as
-    at the LLaMA shapes (N a multiple of BLOCK_N, ``k`` a whole number of steps, no split)."""
+    at the LLaMA shapes (N a multiple of BLOCK_N, ``k`` a whole number of steps, no split); ``l2_next`` /
+    ``l2_early``: that many L2 prefetch regions, issued after (or before) the weight loop."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,7 +64,7 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True,
                  FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
                  X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
-                 X_DIRECT=direct and not fuse_quant and block_m == 1,
+                 X_DIRECT=direct and not fuse_quant and block_m == 1, L2_NEXT=l2_next, L2_EARLY=l2_early,
                  EVEN=G.even([4096], k, 128, config.kwargs["BLOCK_N"], config.kwargs["BLOCK_W"],
                              config.kwargs.get("SPLIT_K", 1)),
                  **config.kwargs)

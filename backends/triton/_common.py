@@ -21,6 +21,7 @@ __all__ = [
     "act_qparams",
     "act_quantize",
     "dp4a",
+    "l2_prefetch",
     "lut_words",
     "prmt",
     "recip_div",
@@ -250,6 +251,34 @@ def dp4a(a, b, c, USE_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr = False):
                 a_j = (a << (24 - 8 * j)) >> 24
             out += a_j * ((b << (24 - 8 * j)) >> 24)
     return out
+
+
+# One bulk L2 prefetch (Hopper, PTX ISA 8.0) from thread 0 of the program, only if the size is not 0:
+# $1 address (16-byte aligned), $2 bytes (a multiple of 16). Nothing waits on it: a hint to the memory system.
+_ASM_L2_PREFETCH = tl.constexpr("""{
+    .reg .pred p, q;
+    .reg .u32 t;
+    mov.u32 t, %tid.x;
+    setp.eq.u32 p, t, 0;
+    setp.ne.u32 q, $2, 0;
+    and.pred p, p, q;
+    @p cp.async.bulk.prefetch.L2.global [$1], $2;
+    mov.u32 $0, 0;
+}""")
+
+
+@triton.jit
+def l2_prefetch(base_ptr, nbytes, part, parts):
+    """Ask for the ``part``-th of ``parts`` equal shares of the ``nbytes`` at ``base_ptr`` (16-byte aligned)
+    to be brought into L2 (``cp.async.bulk.prefetch.L2``: one instruction from one thread; the copy engine
+    does the rest while the program goes on or exits). For the next kernel's weights: their reads then
+    hit L2. CUDA sm_90+ only (no interpreter)."""
+    share = (tl.cdiv(nbytes, parts) + 15) // 16 * 16
+    start = part * share
+    size = tl.maximum(tl.minimum(share, nbytes - start), 0) // 16 * 16
+    ptr = base_ptr.to(tl.pointer_type(tl.uint8)) + tl.minimum(start, nbytes).to(tl.int64)
+    tl.inline_asm_elementwise(asm=_ASM_L2_PREFETCH, constraints="=r,l,r", args=[ptr, size.to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -93,10 +93,38 @@ def _run(x, pw, act_fmt, bias):
     return fn(x, pw, bias, act_fmt)
 
 
+def _next_weights(next_codes) -> list | None:
+    """The packed weights already made for ``next_codes`` (the next linear's codes, ``next0..2`` of the ops,
+    ``l2_chain.py``; None where unused), to prefetch into L2: cache hits only (a hint never packs, so it never
+    syncs or allocates)."""
+    out = []
+    for c in next_codes:
+        if c is None:
+            continue
+        hit = _CACHE.get(id(c))
+        if hit is not None and hit[0]() is c:
+            out.append(hit[2].qweight)
+    return out or None
+
+
 @torch.library.custom_op("qcompile_triton::w4_linear_codes", mutates_args=())
 def w4_linear_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str,
-                    granularity: str, in_features: int, act_fmt: str, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _run(x, packed_for_codes(codes, scale, zero_point, fmt, granularity, in_features), act_fmt, bias)
+                    granularity: str, in_features: int, act_fmt: str, bias: Optional[torch.Tensor],
+                    next0: Optional[torch.Tensor] = None, next1: Optional[torch.Tensor] = None,
+                    next2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    pw = packed_for_codes(codes, scale, zero_point, fmt, granularity, in_features)
+    spec = _parse_format(act_fmt)
+    nxt = _next_weights((next0, next1, next2))
+    if nxt is None or spec.bits != 8 or pw.group_size > 0 or not _use_triton(x):
+        return _run(x, pw, act_fmt, bias)
+    from .w4_linear import w4_linear_2d  # the w4a8_linear op's path, with the next weights to prefetch
+
+    _check_x(x, in_features, "w4_linear_codes")
+    if bias is not None and (bias.shape != (pw.out_features,) or bias.device != x.device):
+        raise ValueError(f"w4_linear_codes: bias must be [{pw.out_features}] on {x.device}; got "
+                         f"{tuple(bias.shape)} on {bias.device}")
+    y = w4_linear_2d(x.reshape(-1, in_features).contiguous(), pw, 8, spec.symmetric, 0, bias, l2_next=nxt)
+    return y.reshape(*x.shape[:-1], pw.out_features)
 
 
 @torch.library.custom_op("qcompile_triton::w4_linear_rtn", mutates_args=())
@@ -108,7 +136,9 @@ def w4_linear_rtn(x: torch.Tensor, weight: torch.Tensor, fmt: str, granularity: 
 @torch.library.custom_op("qcompile_triton::w4_linear_codes_shared", mutates_args=())
 def w4_linear_codes_shared(x: torch.Tensor, codes: list[torch.Tensor], scale: list[torch.Tensor],
                            zero_point: list[torch.Tensor], fmt: str, granularity: str, in_features: int,
-                           act_fmt: str, bias: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+                           act_fmt: str, bias: list[Optional[torch.Tensor]], next0: Optional[torch.Tensor] = None,
+                           next1: Optional[torch.Tensor] = None,
+                           next2: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     if not (len(codes) == len(scale) == len(zero_point) == len(bias)):
         raise ValueError("w4_linear_codes_shared: codes, scale, zero_point and bias lists differ in length")
     pws = [packed_for_codes(c, s, z, fmt, granularity, in_features) for c, s, z in zip(codes, scale, zero_point)]
@@ -119,7 +149,7 @@ def w4_linear_codes_shared(x: torch.Tensor, codes: list[torch.Tensor], scale: li
 
     _check_x(x, in_features, "w4_linear_codes_shared")
     x2 = x.reshape(-1, in_features).contiguous()
-    ys = w4_linear_2d_shared(x2, pws, spec.bits, spec.symmetric, bias)
+    ys = w4_linear_2d_shared(x2, pws, spec.bits, spec.symmetric, bias, l2_next=_next_weights((next0, next1, next2)))
     return [y.reshape(*x.shape[:-1], pw.out_features) for y, pw in zip(ys, pws)]
 
 
@@ -159,12 +189,14 @@ def _(xq, x_scale, x_zp, codes, scale, zero_point, fmt, in_features, act_fmt, bi
 
 
 @w4_linear_codes_shared.register_fake
-def _(x, codes, scale, zero_point, fmt, granularity, in_features, act_fmt, bias):
+def _(x, codes, scale, zero_point, fmt, granularity, in_features, act_fmt, bias, next0=None, next1=None,
+      next2=None):
     return [x.new_empty((*x.shape[:-1], c.shape[0])) for c in codes]
 
 
 @w4_linear_codes.register_fake
-def _(x, codes, scale, zero_point, fmt, granularity, in_features, act_fmt, bias):
+def _(x, codes, scale, zero_point, fmt, granularity, in_features, act_fmt, bias, next0=None, next1=None,
+      next2=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
@@ -174,7 +206,7 @@ def _(x, weight, fmt, granularity, act_fmt, bias):
 
 
 def _setup_codes(ctx, inputs, output):
-    x, codes, scale, zp, fmt, gran, k, act_fmt, bias = inputs
+    x, codes, scale, zp, fmt, gran, k, act_fmt, bias = inputs[:9]
     ctx.save_for_backward(codes, scale, zp)
     ctx.meta = (fmt, gran, k, x.dtype, bias is not None)
 
@@ -184,7 +216,7 @@ def _backward_codes(ctx, grad):
     fmt, gran, k, dtype, has_bias = ctx.meta
     w = torch.ops.qcompile.dequantize_weight(codes, scale, zp, fmt, gran, k, "float32")
     db = grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias else None
-    return (grad.float() @ w).to(dtype), None, None, None, None, None, None, None, db
+    return (grad.float() @ w).to(dtype), None, None, None, None, None, None, None, db, None, None, None
 
 
 def _setup_rtn(ctx, inputs, output):

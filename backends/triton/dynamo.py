@@ -15,7 +15,9 @@ without importing qcompile first. For each graph dynamo hands over:
    ``share_quant.share_activation_quantization`` lets sibling linears (q/k/v, gate/up) quantize their
    input once; with ``options["inductor_quant"]`` (off by default), on CUDA,
    ``inductor_quant.quantize_in_inductor`` writes that quantization as torch ops Inductor fuses into
-   the kernel producing the activation;
+   the kernel producing the activation; with ``options["l2_prefetch"]`` (on), ``l2_chain.chain_l2_prefetch``
+   tells each lowered linear the next one's weights (the decode GEMV prefetches them into L2 as
+   ``w4_linear.DISPATCH.l2_prefetch`` says);
 4. Inductor compiles the graph (``options["inductor"] = False`` runs it as is, e.g. to debug). ``mode``
    is Inductor's (``"reduce-overhead"`` turns on its CUDA graphs); ``options["inductor_pdl"]`` (on by
    default) turns on its programmatic dependent launches (Hopper).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .inductor_quant import quantize_in_inductor
+from .l2_chain import chain_l2_prefetch
 from .lower import LoweringReport, lower_linears
 from .lower_attention import lower_attention
 from .share_quant import share_activation_quantization
@@ -34,7 +37,7 @@ from .share_quant import share_activation_quantization
 __all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
 OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False,
-           "inductor_pdl": True, "decode_attention": False}
+           "inductor_pdl": True, "decode_attention": False, "l2_prefetch": True}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -78,6 +81,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             ``decode_attention``: decode-step
             ``scaled_dot_product_attention`` calls (one query token over a KV cache) run the split-key
             Triton kernel of ``decode_attention_kernel.py`` (``lower_attention.py``; the report lists them).
+            ``l2_prefetch`` (on): each lowered linear gets the next one's weight codes (``l2_chain.py``), for
+            the decode GEMV's L2 prefetch (``DISPATCH.l2_prefetch``); same outputs.
 
     Returns:
         The compiled callable.
@@ -97,6 +102,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
         report.shared_groups = share_activation_quantization(gm)
     if opts["inductor_quant"] and opts["inductor"]:
         report.inductor_quant = quantize_in_inductor(gm)
+    if opts["l2_prefetch"]:
+        report.l2_chained = chain_l2_prefetch(gm)
     _REPORTS.append(report)
     if opts["print_report"]:
         print(report.table())

@@ -84,6 +84,7 @@ class LoweringReport:
     shared_groups: int = 0  # groups of sibling linears quantizing their common input once (share_quant.py)
     inductor_quant: int = 0  # kernel calls whose activation quantization Inductor computes (inductor_quant.py)
     attention: list = field(default_factory=list)  # lower_attention.AttentionSite per SDPA call, if it ran
+    l2_chained: int = 0  # sites told the next site's weights, for the GEMV's L2 prefetch (l2_chain.py)
 
     @property
     def lowered(self) -> list[SiteReport]:

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import LUT_BIAS, act_quantize, dp4a, lut_words, prmt, unpack_words, unpack_words_lut
+from ._common import LUT_BIAS, act_quantize, dp4a, l2_prefetch, lut_words, prmt, unpack_words, unpack_words_lut
 from .w4_gemm_kernel import _row_qparams
 
 __all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_PREFETCH2_CONFIGS", "GEMV_SPLITK_CONFIGS",
@@ -335,6 +335,20 @@ def _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scal
         tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=y_mask)
 
 
+@triton.jit
+def _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT: tl.constexpr):
+    """This program's share of the L2 prefetch of the next kernel's weights (``L2_NEXT`` regions; the
+    launch's programs split each region evenly)."""
+    if L2_NEXT > 0:
+        part = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        parts = tl.num_programs(0) * tl.num_programs(1)
+        l2_prefetch(pf0_ptr, pf0_bytes, part, parts)
+        if L2_NEXT > 1:
+            l2_prefetch(pf1_ptr, pf1_bytes, part, parts)
+        if L2_NEXT > 2:
+            l2_prefetch(pf2_ptr, pf2_bytes, part, parts)
+
+
 @triton.jit(do_not_specialize=["M"])
 def w4_gemv_kernel(
         # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); per-token qparams [M, 1]
@@ -344,6 +358,8 @@ def w4_gemv_kernel(
         bias_ptr, y_ptr, stride_ym,
         # split-K: int32 workspace [>= M * N] and tickets [>= cdiv(N, BLOCK_N)], zero between calls
         ws_ptr, cnt_ptr,
+        # L2_NEXT regions of the next kernel's weights to prefetch into L2 (unused ones never read)
+        pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes,
         M, N, K,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
@@ -351,11 +367,15 @@ def w4_gemv_kernel(
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
         PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-        EVEN: tl.constexpr):
+        EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False):
+    if L2_EARLY:
+        _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
                 w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
                 BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
+    if not L2_EARLY:
+        _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -367,6 +387,7 @@ def w4_gemv_group_kernel(
         w1_ptr, s1_ptr, t1_ptr, z1_ptr, b1_ptr, y1_ptr, stride_y1, N1,
         w2_ptr, s2_ptr, t2_ptr, z2_ptr, b2_ptr, y2_ptr, stride_y2, N2,
         ws_ptr, cnt_ptr,  # split-K workspace and tickets, weight g's after weight g-1's (16 N and nb each)
+        pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes,  # as w4_gemv_kernel's
         M, K, G: tl.constexpr,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr,
@@ -374,9 +395,11 @@ def w4_gemv_group_kernel(
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
         PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-        EVEN: tl.constexpr):
+        EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
+    if L2_EARLY:
+        _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     nb0 = tl.cdiv(N0, BLOCK_N)
@@ -397,3 +420,5 @@ def w4_gemv_group_kernel(
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
                     X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT,
                     PREFETCH, EVEN)
+    if not L2_EARLY:
+        _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)

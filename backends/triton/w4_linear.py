@@ -74,6 +74,12 @@ class Dispatch:
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
+    # The decode GEMV asks for (part of) the next linear's weights in L2 (``l2_next`` of the launchers, from
+    # ``l2_chain.py``): "off", "end" (each program once its own weights are read: the traffic fills the gap
+    # of norm / attention / quantization kernels before the next GEMV) or "start" (before its own loop);
+    # at most ``l2_prefetch_mb`` MB per launch (H100 / H200 L2: 50 MB), from the start of each weight.
+    l2_prefetch: str = "off"
+    l2_prefetch_mb: float = 24.0
 
 
 DISPATCH = Dispatch()
@@ -236,6 +242,25 @@ INTERPRET_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_W=32, SPLIT_K=1, num_warps=4)
 EXPLICIT_GEMV_DEFAULTS = dict(SPLIT_K=1, PIPELINE=0, PREFETCH=1)  # what an explicit GEMV config may leave out
 
 
+def _l2_args(l2_next, y: torch.Tensor):
+    """The GEMV's prefetch arguments ``(pf0_ptr, pf0_bytes, ..., pf2_bytes)`` and meta (``L2_NEXT``,
+    ``L2_EARLY``) for ``l2_next`` (up to 3 tensors: the next kernel's weights), ``DISPATCH.l2_prefetch``
+    and its byte cap; nothing on CPU / under the interpreter (no bulk prefetch there)."""
+    mode = DISPATCH.l2_prefetch
+    if mode not in ("off", "end", "start"):
+        raise ValueError(f"DISPATCH.l2_prefetch must be 'off', 'end' or 'start', not {mode!r}")
+    regions, budget = [], int(DISPATCH.l2_prefetch_mb * 2**20)
+    if mode != "off" and l2_next and y.device.type == "cuda" and not interpreting():
+        for t in list(l2_next)[:3]:
+            nbytes = min(t.numel() * t.element_size(), budget) // 16 * 16
+            if nbytes > 0 and t.device == y.device and t.data_ptr() % 16 == 0:
+                regions.append((t, nbytes))
+                budget -= nbytes
+    args = [a for t, nb in regions for a in (t, nb)]
+    args += [y, 0] * (3 - len(regions))
+    return tuple(args), dict(L2_NEXT=len(regions), L2_EARLY=mode == "start")
+
+
 def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor):
     """The split-K workspace where this launch may split K (an explicit SPLIT_K > 1, or an autotuned one
     with K >= SPLITK_MIN_K, the only case its split configs survive pruning); else ``(y, y)``, never read."""
@@ -245,14 +270,15 @@ def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor
 
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
-                split_k=False, lut=None, pdl=False):
+                split_k=False, lut=None, pdl=False, l2_next=None):
     """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
     per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps`` and
     optionally ``SPLIT_K`` (default 1), ``PREFETCH`` (tiles ahead in the register buffer, 1 or 2; default 1)
     and ``PIPELINE`` (stages of the compiler-pipelined weight stream; default 0, the register buffer).
     ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``.
     ``pdl``: launch as a programmatic dependent of the previous kernel (``quantize_rows(pdl=True)``): the
-    weight prologue overlaps that kernel (Hopper; CUDA only, off in the interpreter)."""
+    weight prologue overlaps that kernel (Hopper; CUDA only, off in the interpreter).
+    ``l2_next``: the next kernel's weight tensors, prefetched into L2 as ``DISPATCH.l2_prefetch`` says."""
     m, k = x.shape
     n = pw.out_features
     if x_grouped or w_expanded is not None or split_k:
@@ -264,8 +290,10 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     if config is None and interpreting():
         config = INTERPRET_GEMV_CONFIG
     ws, tickets = _gemv_workspace(x.device, n, k, config, y)
+    pf_args, pf_meta = _l2_args(l2_next, y)
+    meta.update(pf_meta)
     args = (x, x_scale, x_zp, x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
-            y if bias is None else bias, y, y.stride(0), ws, tickets, m, n, k)
+            y if bias is None else bias, y, y.stride(0), ws, tickets, *pf_args, m, n, k)
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
@@ -281,7 +309,7 @@ GROUP_MAX = 3  # weights per w4_gemv_group_kernel launch
 
 
 def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_sym=False, fuse_quant=False,
-                      biases=None, int_out=False, config=None, use_asm=None, lut=None, pdl=False):
+                      biases=None, int_out=False, config=None, use_asm=None, lut=None, pdl=False, l2_next=None):
     """``launch_gemv`` for 2 or 3 weights of one activation in a single launch (``w4_gemv_group_kernel``).
 
     Every weight must have the same format (dINT R), pack width and ``in_features`` = ``x.shape[1]``;
@@ -308,7 +336,9 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
     if config is None and interpreting():
         config = INTERPRET_GEMV_CONFIG
     ws, tickets = _gemv_workspace(x.device, sum(ns), k, config, ys[0])
-    args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], ws, tickets, m, k)
+    pf_args, pf_meta = _l2_args(l2_next, ys[0])
+    metas[0].update(pf_meta)
+    args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], ws, tickets, *pf_args, m, k)
 
     def grid(meta_):
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
@@ -327,10 +357,10 @@ def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_
                        bias=bias, w_expanded=w_exp, split_k=split_k)
 
 
-def _quantized_gemv(x, pw, y, act_bits, act_sym, bias):
+def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None):
     pdl = DISPATCH.gemv_pdl
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
-    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl)
+    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl, l2_next=l2_next)
 
 
 _PATH_CACHE: dict = {}
@@ -376,8 +406,9 @@ def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
 
 
 def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool, act_group: int,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """``y = dequant(quant(x)) @ dequant(W).T (+ bias)`` for a contiguous ``x [M, K]`` on the Triton path."""
+                 bias: torch.Tensor | None, l2_next=None) -> torch.Tensor:
+    """``y = dequant(quant(x)) @ dequant(W).T (+ bias)`` for a contiguous ``x [M, K]`` on the Triton path.
+    ``l2_next``: the next linear's weight tensors, for the GEMV paths' L2 prefetch (``launch_gemv``)."""
     m = x.shape[0]
     y = torch.empty((m, pw.out_features), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -391,9 +422,10 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         if pw.group_size == 0 and m <= SPLITK_MAX_M:
             candidates["splitk"] = gemm(False, split_k=True)
         if pw.group_size == 0 and act_group == 0:
-            candidates["gemv"] = lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias)
+            candidates["gemv"] = lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next)
             candidates["gemv_fused"] = lambda: launch_gemv(x, None, None, pw, y, act_bits=act_bits,
-                                                           act_sym=act_sym, fuse_quant=True, bias=bias)
+                                                           act_sym=act_sym, fuse_quant=True, bias=bias,
+                                                           l2_next=l2_next)
         if act_group == 0:
             candidates = {"fused": lambda: launch_gemm(x, None, None, pw, y, act_bits=act_bits,
                                                        act_sym=act_sym, fuse_quant=True, bias=bias),
@@ -409,7 +441,8 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
     return candidates[_choose_path(key, candidates, forced)]()
 
 
-def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool, biases: list) -> list:
+def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool, biases: list,
+                        l2_next=None) -> list:
     """``w4_linear_2d`` for several per-channel weights on one ``x [M, K]`` with int8 per-token
     activations, quantized once.
 
@@ -421,6 +454,7 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
     * ``gemv_group_fused``: the group kernel quantizing the activation itself: a single launch.
 
     Otherwise ``per_weight`` (prefill: ``inloop`` / ``expand`` per weight on the shared codes).
+    ``l2_next``: the next linear's weight tensors, for the GEMVs' L2 prefetch (``launch_gemv``).
     """
     if any(pw.group_size > 0 for pw in pws):
         raise ValueError("w4_linear_2d_shared takes per-channel weights")
@@ -430,11 +464,11 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
         return ys
     pdl = DISPATCH.gemv_pdl
     cands = _codes_candidates(lambda: quantize_rows(x, act_bits, act_sym, 0, pdl=pdl), pws, ys, biases, act_bits,
-                              act_sym, pdl)
+                              act_sym, pdl, l2_next)
     if not _groupable(m, pws, biases):
         return cands["per_weight"]()
     cands["gemv_group_fused"] = lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
-                                                          act_bits=act_bits, act_sym=act_sym)
+                                                          act_bits=act_bits, act_sym=act_sym, l2_next=l2_next)
     key = ("group", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws), pws[0].in_features,
            pws[0].fmt, act_bits, act_sym, x.dtype, biases[0] is not None, x.device)
     return cands[_choose_path(key, cands, DISPATCH.group_path)]()
@@ -461,13 +495,14 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     return cands[_choose_path(key, cands, forced)]()
 
 
-def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False) -> dict:
+def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False, l2_next=None) -> dict:
     """The decode paths both shared entry points time on activation codes ``codes()`` = ``(xq, xs, xz)``
     (called inside each candidate, so a quantizing ``codes`` is part of what is timed); ``pdl``: the group
-    GEMV as a programmatic dependent of ``codes()``'s quantization."""
-    return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym),
+    GEMV as a programmatic dependent of ``codes()``'s quantization; ``l2_next``: weights to prefetch into L2
+    (by the group GEMV, or the last weight's GEMV)."""
+    return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next),
             "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
-                                                    act_sym=act_sym, pdl=pdl)}
+                                                    act_sym=act_sym, pdl=pdl, l2_next=l2_next)}
 
 
 def _groupable(m: int, pws: list, biases: list) -> bool:
@@ -476,18 +511,18 @@ def _groupable(m: int, pws: list, biases: list) -> bool:
             and len({b is None for b in biases}) == 1 and len({(pw.fmt, pw.pack_k) for pw in pws}) == 1)
 
 
-def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym) -> list:
+def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None) -> list:
     """Each weight's fastest path on the activation codes ``q = (xq, xs, xz)`` (chosen and cached like
     ``w4_linear_2d``'s)."""
     xq, xs, xz = q
     m = xq.shape[0]
     kw = dict(act_bits=act_bits, act_sym=act_sym)
 
-    def candidates(pw, y, bias):
+    def candidates(pw, y, bias, nxt):
         if m <= DISPATCH.decode_max_m:
             cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw),
                      "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, **kw),
-                     "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw)}
+                     "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt)}
             forced = DISPATCH.decode_path
         else:
             cands = {"inloop": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)}
@@ -497,8 +532,8 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym) -> list:
             forced = DISPATCH.prefill_path
         return cands, forced if forced in cands else "auto"
 
-    for pw, y, bias in zip(pws, ys, biases):
-        cands, forced = candidates(pw, y, bias)
+    for i, (pw, y, bias) in enumerate(zip(pws, ys, biases)):
+        cands, forced = candidates(pw, y, bias, l2_next if i == len(pws) - 1 else None)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
                pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
         cands[_choose_path(key, cands, forced)]()

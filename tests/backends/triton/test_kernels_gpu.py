@@ -244,6 +244,37 @@ def test_w4a8_gemv_pdl_exact(fmt, m, ns, k):
         assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
 
 
+@pytest.mark.parametrize("mode", ["end", "start"])
+@pytest.mark.parametrize("ns,autotuned", [((4096,), False), ((4096, 1024, 1024), False), ((11008,), True)])
+def test_w4a8_gemv_l2_prefetch_exact(mode, ns, autotuned):
+    """The GEMV asking for the next weights in L2 (``DISPATCH.l2_prefetch``, 1-3 regions, one past the
+    byte cap) gives the outputs of the GEMV without it, bitwise, single and group, with PDL on."""
+    from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv_group
+
+    k = 4096
+    pws = [make_weight(n, k, "dint4", "channel", DEV, seed=n + i) for i, n in enumerate(ns)]
+    nxt = [make_weight(n, k, "dint4", "channel", DEV, seed=7 + i).qweight for i, n in enumerate((4096, 11008, 512))]
+    x = make_x(1, k, DEV, seed=3)
+    cfg = None if autotuned else GEMV
+
+    def run(l2_next):
+        q = quantize_rows(x, 8, False, pdl=True)
+        ys = [torch.empty(1, p.out_features, device=DEV, dtype=torch.half) for p in pws]
+        if len(pws) == 1:
+            return launch_gemv(*q, pws[0], ys[0], config=cfg, pdl=True, l2_next=l2_next)
+        return launch_gemv_group(*q, pws, ys, config=cfg, pdl=True, l2_next=l2_next)[0]
+
+    ref = run(None)
+    old = DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb
+    DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = mode, 16.0  # the second region only partly
+    try:
+        for n_regions in (1, 3):
+            for _ in range(5):
+                assert torch.equal(run(nxt[:n_regions]), ref)
+    finally:
+        DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = old
+
+
 def test_quantize_rows_pdl_waits_for_its_producer():
     """``quantize_rows(pdl=True)`` launches as a programmatic dependent of the kernel before it: it must
     still read that kernel's output (a slow GEMV writing x right before), every time, and give the codes
