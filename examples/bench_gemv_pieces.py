@@ -35,8 +35,14 @@ layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through share
 two tiles ahead in the register buffer (``PREFETCH = 2``), best config of each, model shapes and groups,
 outputs checked bitwise equal.
 
+``--l2``: instead, a LLaMA-2-7B layer's four decode linears (q/k/v group, o, gate/up group, down; M = 1,
+quantize_rows + GEMV, both programmatic dependent launches, autotuned) over 6 layers of distinct weights,
+with a compute-only gap kernel (``torch.cuda._sleep``, standing for the norm / attention work) after each
+GEMV, and each GEMV prefetching the next linear's weights into L2 (``DISPATCH.l2_prefetch``) or not: µs per
+layer, outputs checked bitwise equal.
+
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --direct]
+                                          --direct | --l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -363,7 +369,52 @@ def quant():
                   flush=True)
 
 
-MODES = {"--direct": direct, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline, "--splitk": splitk,
+def l2():
+    """Decode linears of 6 LLaMA-2-7B layers in sequence with gaps between them, the GEMV prefetching the next
+    weights into L2 or not (module docstring)."""
+    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
+    layout = [((4096, 4096, 4096), 4096), ((4096,), 4096), ((11008, 11008), 4096), ((4096,), 11008)]
+    seq = []  # (packed weights, outputs, activation) per linear, layer after layer
+    for _ in range(6):
+        for ns, k in layout:
+            pws = [prepack(*F.quantize((torch.randn(n, k, device="cuda") * 0.02), spec, gran), "dint4", "channel")
+                   for n in ns]
+            seq.append((pws, [torch.empty(1, n, device="cuda", dtype=torch.half) for n in ns],
+                        torch.randn(1, k, device="cuda").half()))
+    mb = sum(p.qweight.numel() for pws, _, _ in seq for p in pws) / 2**20
+    cycles_per_us = torch.cuda.get_device_properties(0).clock_rate / 1e3  # kHz -> cycles per us
+    print(f"device: {torch.cuda.get_device_name()}; 6 layers x 4 decode linears ({mb:.0f} MB of packed weights), "
+          "a gap kernel after each GEMV; us per layer", flush=True)
+
+    def run(gap_us, with_linears=True):
+        outs = []
+        for i, (pws, ys, x) in enumerate(seq):
+            if with_linears:
+                nxt = [p.qweight for p in seq[(i + 1) % len(seq)][0]]
+                outs += _gemv_call(quantize_rows(x, 8, False, pdl=True), pws, ys, None, pdl=True, l2_next=nxt)
+            if gap_us:
+                torch.cuda._sleep(int(gap_us * cycles_per_us))
+        return outs
+
+    t0 = time.time()
+    saved = DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb
+    try:
+        for gap in (0, 3, 8, 15):
+            alone = bench_graph(lambda _: run(gap, False), [None], reps=1) / 6 if gap else 0.0
+            cells, ref = [], None
+            for mode, cap in (("off", 0), ("end", 24), ("end", 48), ("start", 24), ("start", 48)):
+                DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = mode, float(cap)
+                ref = _same_as(ref, run(gap), f"gap {gap} {mode} {cap}")
+                t = bench_graph(lambda _: run(gap), [None], reps=1) / 6
+                cells.append((f"{mode}" + (f" {cap} MB" if cap else ""), t))
+            off = cells[0][1]
+            print(f"[{time.time() - t0:4.0f}s] gap {gap} us x 4 (gaps alone {alone:.1f} us/layer): "
+                  + "; ".join(f"{name} {t:.1f} ({off / t:.3f}x)" for name, t in cells), flush=True)
+    finally:
+        DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = saved
+
+
+MODES = {"--l2": l2, "--direct": direct, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline, "--splitk": splitk,
          "--slope": slope}  # each replaces the default run (main() then groups(); --groups-only: groups())
 
 if __name__ == "__main__":
