@@ -106,7 +106,8 @@ class LoweringReport:
                 + (f"; {self.inductor_quant} kernel calls take activation codes quantized by Inductor-fused torch ops"
                    if self.inductor_quant else "")
                 + (f"; {sum(a.lowered for a in self.attention)} of {len(self.attention)} attention calls on the "
-                   "decode-attention kernel" if self.attention else ""))
+                   "decode-attention kernel" if self.attention else "")
+                + (f"; {self.l2_chained} sites know the next site's weights (L2 prefetch)" if self.l2_chained else ""))
 
     def table(self) -> str:
         """A printable table: site, lowered or fell back, kernel / reason."""

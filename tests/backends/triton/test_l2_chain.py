@@ -40,6 +40,7 @@ def test_each_site_names_the_next_sites_codes():
     sites = _sites(gm)
     assert len(sites) == 8  # 2 layers: q/k/v group, o, gate/up group, down
     assert rep.l2_chained == 7 and rep_plain.l2_chained == 0
+    assert "7 sites know the next site's weights" in rep.summary() and "L2" not in rep_plain.summary()
     assert all(len(n.args) == 9 for n in _sites(g_plain))
     for site, nxt in zip(sites, sites[1:]):
         codes = nxt.args[1] if isinstance(nxt.args[1], (list, tuple)) else [nxt.args[1]]
