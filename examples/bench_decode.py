@@ -59,12 +59,12 @@ parser.add_argument("--no-inductor-pdl", action="store_true",
 parser.add_argument("--fp16-pdl", action="store_true",
                     help="also time FP16 with Inductor's programmatic dependent launches "
                          "(options={'triton.enable_pdl': True}, what lowbit's inductor_pdl turns on)")
-parser.add_argument("--decode-attention", action="store_true",
-                    help="also time lowbit with the decode-attention kernel (options={'decode_attention': True})")
+parser.add_argument("--no-decode-attention", action="store_true",
+                    help="also time lowbit with SDPA for decode attention (options={'decode_attention': False}; "
+                         "the default runs the split-key kernel)")
 parser.add_argument("--fp16-decode-attention", action="store_true",
                     help="also time the FP16 model with the decode-attention kernel (through lowbit without a "
-                         "recipe: nothing quantized, only attention lowered), compared with lowbit's "
-                         "--decode-attention run when there is one")
+                         "recipe: nothing quantized, only attention lowered), compared with the default lowbit run")
 parser.add_argument("--l2-prefetch", nargs="*", default=[], metavar="MODE[:MB]",
                     help="also time lowbit with DISPATCH.l2_prefetch = MODE ('end' / 'start') and l2_prefetch_mb = MB "
                          "(default: the dispatch's), one run each: the GEMV prefetches the next linear's weights")
@@ -251,7 +251,7 @@ VARIANTS = [v for on, v in [
     (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
-    (args.decode_attention, ("decode attention", {"decode_attention": True}, {})),
+    (args.no_decode_attention, ("SDPA attention", {"decode_attention": False}, {})),
 ] if on]
 for spec in args.l2_prefetch:
     mode, _, mb = spec.partition(":")
@@ -261,8 +261,7 @@ for spec in args.l2_prefetch:
 # name, or None for the default lowbit run).
 FP16_VARIANTS = [v for on, v in [
     (args.fp16_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True}, None)),
-    (args.fp16_decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True},
-                                  "decode attention" if args.decode_attention else None)),
+    (args.fp16_decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True}, None)),
 ] if on]
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the

@@ -10,12 +10,12 @@ without importing qcompile first. For each graph dynamo hands over:
    (``rtn_graph.quantize_float_linears``; no calibration), to the kernel op where one applies;
 2. ``lower.lower_linears`` rewrites the QDQ linears into ``qcompile_triton::`` ops on prepacked weights
    and records a ``LoweringReport`` (``last_report()``; printed with ``options["print_report"]``);
-3. with ``options["decode_attention"]``, ``lower_attention.lower_attention`` puts decode-step attention
+3. with ``options["decode_attention"]`` (on), ``lower_attention.lower_attention`` puts decode-step attention
    on the split-key kernel (``decode_attention_kernel.py``; also for a float model);
    ``share_quant.share_activation_quantization`` lets sibling linears (q/k/v, gate/up) quantize their
    input once; with ``options["inductor_quant"]`` (off by default), on CUDA,
    ``inductor_quant.quantize_in_inductor`` writes that quantization as torch ops Inductor fuses into
-   the kernel producing the activation; with ``options["l2_prefetch"]`` (on), ``l2_chain.chain_l2_prefetch``
+   the kernel producing the activation; with ``options["l2_prefetch"]`` (off), ``l2_chain.chain_l2_prefetch``
    tells each lowered linear the next one's weights (the decode GEMV prefetches them into L2 as
    ``w4_linear.DISPATCH.l2_prefetch`` says);
 4. Inductor compiles the graph (``options["inductor"] = False`` runs it as is, e.g. to debug). ``mode``
@@ -37,7 +37,7 @@ from .share_quant import share_activation_quantization
 __all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
 OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False,
-           "inductor_pdl": True, "decode_attention": False, "l2_prefetch": True}
+           "inductor_pdl": True, "decode_attention": True, "l2_prefetch": False}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -78,11 +78,13 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             programmatic dependents, so each one's launch overlaps the tail of the kernel before it (the
             decode GEMV lets them go once its weights are read); same outputs. H100, LLaMA-2-7B decode batch
             1: 392.6 -> 411.4 tok/s (FP16 with the same Inductor setting: 168.9 -> 170.0).
-            ``decode_attention``: decode-step
-            ``scaled_dot_product_attention`` calls (one query token over a KV cache) run the split-key
-            Triton kernel of ``decode_attention_kernel.py`` (``lower_attention.py``; the report lists them).
-            ``l2_prefetch`` (on): each lowered linear gets the next one's weight codes (``l2_chain.py``), for
-            the decode GEMV's L2 prefetch (``DISPATCH.l2_prefetch``); same outputs.
+            ``decode_attention`` (on by default): decode-step ``scaled_dot_product_attention`` calls (one
+            query token over a KV cache) run the split-key Triton kernel of ``decode_attention_kernel.py``
+            (``lower_attention.py``; the report lists them). H100, LLaMA-2-7B decode batch 1: 409.7 -> 431.3
+            tok/s (2026-12-06); the attention output is within fp32-SDPA rounding, not bitwise SDPA's.
+            ``l2_prefetch`` (off by default): each lowered linear gets the next one's weight codes
+            (``l2_chain.py``), for the decode GEMV's L2 prefetch (``DISPATCH.l2_prefetch``, also off); same
+            outputs; on the H100 it slowed decode (409.7 -> 382.2 tok/s, ``examples/bench_gemv_pieces.py --l2``).
 
     Returns:
         The compiled callable.

@@ -91,16 +91,25 @@ def _tiny_llama_step(num_kv_heads=2, cache_len=24, prompt_len=6):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_lowbit_option_lowers_decode_attention_and_keeps_the_logits():
+@pytest.mark.parametrize("options", [{}, {"decode_attention": True}])
+def test_lowbit_lowers_decode_attention_by_default_and_keeps_the_logits(options):
     step, ids, pos = _tiny_llama_step()
     with torch.no_grad():
         want = step(ids, pos)
         torch._dynamo.reset()
-        got = torch.compile(step, backend="lowbit", options={"decode_attention": True, "inductor": False})(ids, pos)
+        got = torch.compile(step, backend="lowbit", options={**options, "inductor": False})(ids, pos)
     report = dynamo.last_report()
     assert len(report.attention) == 2 and all(a.lowered for a in report.attention)
     assert "2 of 2 attention calls" in report.summary() and "lowered: decode_attention" in report.table()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lowbit_decode_attention_can_be_turned_off():
+    step, ids, pos = _tiny_llama_step()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(step, backend="lowbit", options={"decode_attention": False, "inductor": False})(ids, pos)
+    assert dynamo.last_report().attention == [] and "attention" not in dynamo.last_report().summary()
 
 
 def test_prefill_and_causal_calls_stay_as_they_are():

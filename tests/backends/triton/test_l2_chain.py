@@ -35,8 +35,8 @@ def _sites(gm):
 
 def test_each_site_names_the_next_sites_codes():
     qm = qcompile.quantize(tiny_model("llama"), "w4a8-rtn-dint4", progress=False)
-    plain, rep_plain, g_plain = _run(qm, l2_prefetch=False)
-    chained, rep, gm = _run(qm)
+    plain, rep_plain, g_plain = _run(qm)  # off by default
+    chained, rep, gm = _run(qm, l2_prefetch=True)
     sites = _sites(gm)
     assert len(sites) == 8  # 2 layers: q/k/v group, o, gate/up group, down
     assert rep.l2_chained == 7 and rep_plain.l2_chained == 0
@@ -56,7 +56,7 @@ def test_prefetch_hint_changes_nothing_on_cpu():
     for mode in ("end", "start"):
         DISPATCH.l2_prefetch = mode
         try:
-            on, _, _ = _run(qm)
+            on, _, _ = _run(qm, l2_prefetch=True)
         finally:
             DISPATCH.l2_prefetch = "off"
         assert torch.equal(off, on)
