@@ -1,11 +1,13 @@
 """Kernel ops that take the graph's own weight tensors and find their prepacked form at run time.
 
 * ``qcompile_triton::w4_linear_codes(x, codes, scale, zero_point, fmt, granularity, in_features,
-  act_fmt, bias)``: the lowering of ``linear(qdq_activation(x), dequantize_weight(codes, ...))``;
+  act_fmt, bias, next0=None, next1=None, next2=None)``: the lowering of
+  ``linear(qdq_activation(x), dequantize_weight(codes, ...))``; ``next0..2``: the next linear's codes, whose
+  packed weights the decode GEMV may prefetch into L2 (``l2_chain.py``; a hint, same outputs);
 * ``qcompile_triton::w4_linear_rtn(x, weight, fmt, granularity, act_fmt, bias)``: a float weight,
   quantized round-to-nearest (``formats.quantize``) on first use (``lowbit``'s ``options["recipe"]``);
 * ``qcompile_triton::w4_linear_codes_shared(x, [codes], [scale], [zero_point], fmt, granularity,
-  in_features, act_fmt, [bias])``: several ``w4_linear_codes`` of one input (q/k/v, gate/up) with the
+  in_features, act_fmt, [bias], next0..2)``: several ``w4_linear_codes`` of one input (q/k/v, gate/up) with the
   int8 per-token quantization of ``x`` done once (``share_quant.py``); same numbers, fewer launches;
 * ``qcompile_triton::w4_linear_qcodes(xq, x_scale, x_zp, [codes], [scale], [zero_point], fmt, in_features,
   act_fmt, [bias], out_dtype)``: the same on activations already quantized per token in int8 (codes
