@@ -18,6 +18,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
     python examples/bench_decode.py --l2-prefetch end end:48 start   # also lowbit with the GEMVs prefetching
                                                  # the next weights into L2 (DISPATCH.l2_prefetch[:_mb])
+    python examples/bench_decode.py --interleave 20   # + 20 rounds alternating the FP16 and lowbit steps
     python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
 """
 import argparse
@@ -68,6 +69,10 @@ parser.add_argument("--fp16-decode-attention", action="store_true",
 parser.add_argument("--l2-prefetch", nargs="*", default=[], metavar="MODE[:MB]",
                     help="also time lowbit with DISPATCH.l2_prefetch = MODE ('end' / 'start') and l2_prefetch_mb = MB "
                          "(default: the dispatch's), one run each: the GEMV prefetches the next linear's weights")
+parser.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="after each batch size's runs, R rounds alternating the captured FP16 and lowbit steps "
+                         f"({STEPS} replays each): the speed-up of every round (median, min, max), both sides timed "
+                         "seconds apart on the same machine")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -129,8 +134,10 @@ def eager_step_logits(m, batch, prompt):
         return make_step(m, cache)(prompt[:, -1:].clone(), pos)[1].float()
 
 
-def decode_run(m, batch, backend, options=None, label=None):
+def decode_run(m, batch, backend, options=None, label=None, keep=False):
     """Prefill eagerly, compile the decode step, capture it in a CUDA graph (``label``: its profile's name).
+    ``keep``: keep the captured step in ``KEPT[(batch, label or backend)]`` as a timer (``timer(rounds)`` ->
+    seconds per step of each round), for ``--interleave``.
 
     Returns (tokens/s, first-step logits, compile seconds, first-step logits of eager ``m``)."""
     prompt = torch.randint(0, config.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -157,18 +164,25 @@ def decode_run(m, batch, backend, options=None, label=None):
             nxt, _ = step(ids, pos)
             ids.copy_(nxt)
             pos.add_(1)
-        times = []
         prof = profile_steps(graph, pos) if args.profile else None
-        for _ in range(5):
-            pos.fill_(PROMPT + 3)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(STEPS):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        del graph
+
+        def timer(rounds, graph=graph, pos=pos, _alive=(cache, ids, step)):  # what the graph reads stays alive
+            secs = []
+            for _ in range(rounds):
+                pos.fill_(PROMPT + 3)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(STEPS):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                secs.append(start.elapsed_time(end) / 1e3 / STEPS)
+            return secs
+
+        times = [t * STEPS for t in timer(5)]
+        if keep:
+            KEPT[(batch, label or backend)] = timer
+        del graph, timer
     if prof is not None:
         PROFILES[(batch, label or backend)] = (prof, statistics.median(times) / STEPS)
         log(f"  {label or backend}, top kernels per step: " + "; ".join(
@@ -181,6 +195,8 @@ def rel_diff(a, ref) -> float:
     return ((a - ref).norm() / ref.norm()).item()
 
 
+INTERLEAVED = {}  # batch -> speed-up of each --interleave round
+KEPT = {}  # (batch, label or backend) -> timer of a kept captured step (decode_run(keep=True)), for --interleave
 PROFILES = {}  # (batch, backend) -> ({kind: (µs per step, kernels per step)}, seconds per step)
 TOP_KERNELS = []  # per profiled run, in run order: [(µs per step, launches per step, kernel name)], largest first
 
@@ -268,7 +284,8 @@ FP16_VARIANTS = [v for on, v in [
 #    eager reference module form (same codes, reference QDQ ops).
 rows = []
 for batch in args.batch:
-    tps16, logits16, c16, _ = decode_run(model, batch, "inductor")
+    keep = args.interleave > 0 and gpu
+    tps16, logits16, c16, _ = decode_run(model, batch, "inductor", keep=keep)
     log(f"[{time.time() - t_start:4.0f}s] B={batch} fp16: {tps16:8.1f} tok/s (compile {c16:.0f}s)")
     extras16 = {}  # FP16 variant name -> (tok/s, first-step logits rel. diff from the default FP16 run)
     for name, backend, options, _ in FP16_VARIANTS:
@@ -276,7 +293,7 @@ for batch in args.batch:
         extras16[name] = (tps_v, rel_diff(logits_v, logits16))
         log(f"[{time.time() - t_start:4.0f}s] B={batch} {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default FP16 run: rel. diff {extras16[name][1]:.1e}")
-    tps4, logits4, c4, ref4 = decode_run(qmodel, batch, "lowbit")
+    tps4, logits4, c4, ref4 = decode_run(qmodel, batch, "lowbit", keep=keep)
     report = dynamo.last_report()
     err = rel_diff(logits4, ref4)
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
@@ -294,6 +311,15 @@ for batch in args.batch:
         extras[name] = (tps_v, rel_diff(logits_v, logits4))
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default lowbit run: rel. diff {extras[name][1]:.1e}")
+    if keep:  # FP16 and lowbit steps alternately, R rounds: the ratio of each round
+        fp16_timer, lowbit_timer = KEPT.pop((batch, "inductor")), KEPT.pop((batch, "lowbit"))
+        ratios = []
+        for _ in range(args.interleave):
+            ratios.append(fp16_timer(1)[0] / lowbit_timer(1)[0])
+        del fp16_timer, lowbit_timer
+        INTERLEAVED[batch] = ratios
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {len(ratios)} rounds: speed-up median "
+            f"{statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
     rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras, extras16))
     if gpu:
         torch.cuda.empty_cache()
@@ -318,6 +344,10 @@ lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {pack
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
+for batch, ratios in INTERLEAVED.items():
+    lines.append(f"B={batch}, FP16 and lowbit steps alternating, {len(ratios)} rounds of {STEPS} steps each: speed-up "
+                 f"median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x "
+                 f"(every round: {', '.join(f'{r:.2f}' for r in ratios)}).")
 for batch, _, _, _, _, l16, l4, report, err, extras, extras16 in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
                  f"{err:.1e}; vs the FP16 model: rel. diff {rel_diff(l4, l16):.3f} "
