@@ -55,6 +55,9 @@ parser.add_argument("--prefetch2", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_prefetch2 = True (GEMV configs two tiles ahead)")
 parser.add_argument("--no-direct", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_direct = False (the M = 1 GEMV as before 2026-12-05)")
+parser.add_argument("--swiglu-quant", action="store_true",
+                    help="also time lowbit with options={'swiglu_quant': True} (silu(gate) * up computed in the down "
+                         "projection's activation quantization, swiglu_quant.py)")
 parser.add_argument("--no-inductor-pdl", action="store_true",
                     help="also time lowbit with options={'inductor_pdl': False} (Inductor's kernels as plain launches)")
 parser.add_argument("--fp16-pdl", action="store_true",
@@ -268,6 +271,7 @@ VARIANTS = [v for on, v in [
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.no_decode_attention, ("SDPA attention", {"decode_attention": False}, {})),
+    (args.swiglu_quant, ("swiglu_quant on", {"swiglu_quant": True}, {})),
 ] if on]
 for spec in args.l2_prefetch:
     mode, _, mb = spec.partition(":")

@@ -13,7 +13,9 @@ without importing qcompile first. For each graph dynamo hands over:
 3. with ``options["decode_attention"]`` (on), ``lower_attention.lower_attention`` puts decode-step attention
    on the split-key kernel (``decode_attention_kernel.py``; also for a float model);
    ``share_quant.share_activation_quantization`` lets sibling linears (q/k/v, gate/up) quantize their
-   input once; with ``options["inductor_quant"]`` (off by default), on CUDA,
+   input once; with ``options["swiglu_quant"]`` (off), ``swiglu_quant.fuse_swiglu_quant`` computes
+   ``silu(gate) * up`` inside the down projection's activation quantization; with
+   ``options["inductor_quant"]`` (off by default), on CUDA,
    ``inductor_quant.quantize_in_inductor`` writes that quantization as torch ops Inductor fuses into
    the kernel producing the activation; with ``options["l2_prefetch"]`` (off), ``l2_chain.chain_l2_prefetch``
    tells each lowered linear the next one's weights (the decode GEMV prefetches them into L2 as
@@ -33,11 +35,12 @@ from .l2_chain import chain_l2_prefetch
 from .lower import LoweringReport, lower_linears
 from .lower_attention import lower_attention
 from .share_quant import share_activation_quantization
+from .swiglu_quant import fuse_swiglu_quant
 
 __all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
 OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False,
-           "inductor_pdl": True, "decode_attention": True, "l2_prefetch": False}
+           "inductor_pdl": True, "decode_attention": True, "l2_prefetch": False, "swiglu_quant": False}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -82,6 +85,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             query token over a KV cache) run the split-key Triton kernel of ``decode_attention_kernel.py``
             (``lower_attention.py``; the report lists them). H100, LLaMA-2-7B decode batch 1: 409.7 -> 431.3
             tok/s (2026-12-06); the attention output is within fp32-SDPA rounding, not bitwise SDPA's.
+            ``swiglu_quant`` (off by default, not timed yet): a SwiGLU MLP's ``silu(gate) * up`` is computed in
+            the down projection's activation quantization kernel (``swiglu_quant.py``): one launch less per layer.
             ``l2_prefetch`` (off by default): each lowered linear gets the next one's weight codes
             (``l2_chain.py``), for the decode GEMV's L2 prefetch (``DISPATCH.l2_prefetch``, also off); same
             outputs; on the H100 it slowed decode (409.7 -> 382.2 tok/s, ``examples/bench_gemv_pieces.py --l2``).
@@ -102,6 +107,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
         report.attention = lower_attention(gm)
     if opts["share_quant"]:
         report.shared_groups = share_activation_quantization(gm)
+    if opts["swiglu_quant"]:
+        report.swiglu_fused = fuse_swiglu_quant(gm)
     if opts["inductor_quant"] and opts["inductor"]:
         report.inductor_quant = quantize_in_inductor(gm)
     if opts["l2_prefetch"]:

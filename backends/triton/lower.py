@@ -85,6 +85,7 @@ class LoweringReport:
     inductor_quant: int = 0  # kernel calls whose activation quantization Inductor computes (inductor_quant.py)
     attention: list = field(default_factory=list)  # lower_attention.AttentionSite per SDPA call, if it ran
     l2_chained: int = 0  # sites told the next site's weights, for the GEMV's L2 prefetch (l2_chain.py)
+    swiglu_fused: int = 0  # down projections quantizing silu(gate) * up themselves (swiglu_quant.py)
 
     @property
     def lowered(self) -> list[SiteReport]:
@@ -107,7 +108,9 @@ class LoweringReport:
                    if self.inductor_quant else "")
                 + (f"; {sum(a.lowered for a in self.attention)} of {len(self.attention)} attention calls on the "
                    "decode-attention kernel" if self.attention else "")
-                + (f"; {self.l2_chained} sites know the next site's weights (L2 prefetch)" if self.l2_chained else ""))
+                + (f"; {self.l2_chained} sites know the next site's weights (L2 prefetch)" if self.l2_chained else "")
+                + (f"; {self.swiglu_fused} down projections compute silu(gate) * up in their quantization"
+                   if self.swiglu_fused else ""))
 
     def table(self) -> str:
         """A printable table: site, lowered or fell back, kernel / reason."""

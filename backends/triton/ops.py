@@ -7,6 +7,8 @@
 * ``quantize_per_token(x, fmt="int8")`` / ``quantize_per_group(x, group_size, fmt="int4")``: the
   activation quantizer alone -> ``(codes int8, scale fp32, zp int32)``, codes and zero-points in the
   signed convention ``formats_code - 2^(b-1)``. Ops ``qcompile_triton::quantize_per_token|group``.
+* op ``qcompile_triton::swiglu_quantize_per_token(gate, up, fmt)``: the same per token of ``silu(gate) * up``
+  computed inside the quantization kernel (``swiglu_quant.py`` lowers a SwiGLU MLP's down-projection input to it).
 
 Each op runs the Triton kernel for CUDA tensors, the Triton interpreter for CPU tensors under
 ``TRITON_INTERPRET=1``, and the pure-torch integer reference (``reference.py``) for other CPU tensors.
@@ -184,6 +186,32 @@ def _quantize_per_token_op(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, tor
 def _quantize_per_group_op(x: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor]:
     return _quantize_impl(x, _act_spec(fmt, F.FormatSpec.parse(fmt).bits), group_size, "quantize_per_group")
+
+
+@torch.library.custom_op("qcompile_triton::swiglu_quantize_per_token", mutates_args=())
+def _swiglu_quantize_op(gate: torch.Tensor, up: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    spec = _act_spec(fmt, 8)
+    if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor) or gate.dtype not in _FLOAT_DTYPES:
+        raise TypeError("swiglu_quantize_per_token: gate and up must be float16/bfloat16/float32 tensors")
+    if up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device or gate.dim() < 1:
+        raise ValueError(f"swiglu_quantize_per_token: gate and up must match in shape, dtype and device; got "
+                         f"{tuple(gate.shape)} {gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
+    k = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, k).contiguous(), up.reshape(-1, k).contiguous()
+    if _use_triton(gate):
+        from .quantize_kernel import quantize_rows
+
+        codes, scale, zp = quantize_rows(g2, spec.bits, spec.symmetric, 0, up=u2)
+    else:
+        codes, scale, zp = quantize_rows_reference(torch.nn.functional.silu(g2) * u2, spec.bits, spec.symmetric, 0)
+    lead = gate.shape[:-1]
+    return codes.reshape(gate.shape), scale.reshape(*lead, 1), zp.reshape(*lead, 1)
+
+
+@_swiglu_quantize_op.register_fake
+def _(gate, up, fmt):
+    return _fake_quantize(gate, 1)
 
 
 def _fake_quantize(x, g_count):

@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import act_qparams, act_quantize, pdl_launch, recip_div
+from ._common import act_qparams, act_quantize, interpreting, pdl_launch, recip_div
 
 __all__ = ["launch_config", "quantize_rows"]
 
@@ -62,14 +63,35 @@ def _config(n_rows: int, row_len: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ kernel
 @triton.jit
+def _load_values(x_ptr, up_ptr, offs, mask, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 values to quantize at ``offs``: ``x``, or with SWIGLU ``silu(x) * up`` rounded as torch rounds it
+    in x's dtype (silu in fp32 with an IEEE division and libdevice's expf, as CUDA's ``silu`` kernel, rounded
+    to the dtype; the product of two such values is exact in fp32, then rounded; the interpreter has no
+    libdevice: numpy's exp there, which can differ from expf by an ulp). Masked elements are 0."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if SWIGLU:
+        g = x.to(tl.float32)
+        if INTERPRETED:
+            e = tl.exp(-g)
+        else:
+            e = libdevice.exp(-g)
+        silu = tl.math.div_rn(g, 1.0 + e).to(x.dtype).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (silu * u).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _quantize_rows_kernel(
         x_ptr, codes_ptr, scale_ptr, zp_ptr,  # x [R, L] (fp16/bf16/fp32), codes int8 [R, L], [R] fp32 / int32
+        up_ptr,  # SWIGLU: the up projection [R, L], x's dtype: quantize silu(x) * up (else never read)
         n_rows, row_len,
         QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,  # format: INT-b, QMAX = 2^b - 1
         RECIP_DIV: tl.constexpr,  # divide by QMAX as torch does on this device (see _common.act_qparams)
         ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent; lets the next one (the GEMV) start now
-        SPLIT: tl.constexpr, SLICE: tl.constexpr):  # SPLIT > 1: program (i, j) codes columns [j, j + 1) * SLICE
+        SPLIT: tl.constexpr, SLICE: tl.constexpr,  # SPLIT > 1: program (i, j) codes columns [j, j + 1) * SLICE
+        SWIGLU: tl.constexpr = False, INTERPRETED: tl.constexpr = False):
     OFFSET: tl.constexpr = (QMAX + 1) // 2
     if PDL:
         # The GEMV launched after this one may start now (its weight prologue); this launch itself may
@@ -85,7 +107,7 @@ def _quantize_rows_kernel(
     # Pass 1: lo = min(x, 0), hi = max(x, 0). Masked elements read as 0: harmless, the range holds 0.
     if ONE_PASS:
         mask = row_ok[:, None] & (cols < row_len)
-        x = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _load_values(x_ptr, up_ptr, base + cols, mask, SWIGLU, INTERPRETED)
         lo = tl.minimum(tl.min(x, axis=1), 0.0)
         hi = tl.maximum(tl.max(x, axis=1), 0.0)
     else:
@@ -95,7 +117,7 @@ def _quantize_rows_kernel(
         hi_t = tl.zeros([ROWS, BLOCK], tl.float32)
         for k0 in range(0, row_len, BLOCK):
             mask = row_ok[:, None] & (k0 + cols < row_len)
-            xk = tl.load(x_ptr + base + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            xk = _load_values(x_ptr, up_ptr, base + k0 + cols, mask, SWIGLU, INTERPRETED)
             lo_t = tl.minimum(lo_t, xk)
             hi_t = tl.maximum(hi_t, xk)
         lo = tl.min(lo_t, axis=1)
@@ -109,7 +131,7 @@ def _quantize_rows_kernel(
     if SPLIT > 1:  # this program's slice only (a second read, from L2)
         cols = part * SLICE + tl.arange(0, SLICE)[None, :]
         mask = row_ok[:, None] & (cols < row_len)
-        xk = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        xk = _load_values(x_ptr, up_ptr, base + cols, mask, SWIGLU, INTERPRETED)
         q = act_quantize(xk, scale[:, None], zp[:, None], QMAX) - OFFSET
         tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
     elif ONE_PASS:
@@ -118,7 +140,7 @@ def _quantize_rows_kernel(
     else:
         for k0 in range(0, row_len, BLOCK):
             mask = row_ok[:, None] & (k0 + cols < row_len)
-            xk = tl.load(x_ptr + base + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            xk = _load_values(x_ptr, up_ptr, base + k0 + cols, mask, SWIGLU, INTERPRETED)
             q = act_quantize(xk, scale[:, None], zp[:, None], QMAX) - OFFSET
             tl.store(codes_ptr + base + k0 + cols, q.to(tl.int8), mask=mask)
 
@@ -147,7 +169,7 @@ def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict
 
 
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False,
-                  config: dict | None = None):
+                  config: dict | None = None, up: torch.Tensor | None = None):
     """Quantize ``x [M, K]`` per token (``group_size=0``) or per group of ``group_size`` along K.
     ``pdl``: launch as a programmatic dependent of the previous kernel (its launch overlaps that kernel's
     tail; it waits for it before reading ``x``) and let the next kernel, if launched as one
@@ -155,6 +177,9 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     all the same).
     ``config``: ``ROWS``, ``BLOCK``, ``num_warps`` and optionally ``SLICE`` (columns per program, a power of
     two; default: one program per row) instead of ``_config``'s (benchmarks sweep them).
+    ``up``: quantize ``silu(x) * up`` instead (a SwiGLU MLP's down-projection input; ``up`` like ``x``), the
+    product rounded to x's dtype as torch computes it (``_load_values``), so the Inductor kernel that would
+    compute it goes away.
 
     Returns ``(codes int8 [M, K], scale fp32 [M, G], zp int32 [M, G])`` with the signed convention of
     the module docstring (``G = 1`` per token). ``x`` must be 2-D and contiguous (callers check).
@@ -170,8 +195,13 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     cfg = launch_config(n_rows, row_len, config)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]), cfg["SPLIT"])
     pdl = pdl_launch(pdl, x.device)
-    _quantize_rows_kernel[grid](x, codes, scale, zp, n_rows, row_len, QMAX=(1 << bits) - 1,
-                                SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl, **cfg,
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.device != x.device
+                           or not up.is_contiguous()):
+        raise ValueError(f"quantize_rows: up must be a contiguous tensor like x {tuple(x.shape)} {x.dtype}; got "
+                         f"{tuple(up.shape)} {up.dtype} on {up.device}")
+    _quantize_rows_kernel[grid](x, codes, scale, zp, x if up is None else up, n_rows, row_len,
+                                QMAX=(1 << bits) - 1, SYMMETRIC=symmetric, RECIP_DIV=recip_div(x.device), PDL=pdl,
+                                SWIGLU=up is not None, INTERPRETED=interpreting(), **cfg,
                                 **({"launch_pdl": True} if pdl else {}))
     return codes, scale, zp
 

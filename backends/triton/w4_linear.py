@@ -486,7 +486,7 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     ys = [torch.empty((m, pw.out_features), dtype=out_dtype, device=xq.device) for pw in pws]
     if m == 0:
         return ys
-    cands = _codes_candidates(lambda: (xq, xs, xz), pws, ys, biases, act_bits, act_sym)
+    cands = _codes_candidates(lambda: (xq, xs, xz), pws, ys, biases, act_bits, act_sym, DISPATCH.gemv_pdl)
     if not _groupable(m, pws, biases):
         return cands["per_weight"]()
     forced = DISPATCH.group_path if DISPATCH.group_path in cands else "auto"
@@ -498,9 +498,10 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
 def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False, l2_next=None) -> dict:
     """The decode paths both shared entry points time on activation codes ``codes()`` = ``(xq, xs, xz)``
     (called inside each candidate, so a quantizing ``codes`` is part of what is timed); ``pdl``: the group
-    GEMV as a programmatic dependent of ``codes()``'s quantization; ``l2_next``: weights to prefetch into L2
-    (by the group GEMV, or the last weight's GEMV)."""
-    return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next),
+    GEMV (and the per-weight GEMVs) as programmatic dependents of the kernel before them (``codes()``'s
+    quantization, or whatever wrote the codes: they wait for it before reading them); ``l2_next``: weights to
+    prefetch into L2 (by the group GEMV, or the last weight's GEMV)."""
+    return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next, pdl),
             "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
                                                     act_sym=act_sym, pdl=pdl, l2_next=l2_next)}
 
@@ -511,7 +512,7 @@ def _groupable(m: int, pws: list, biases: list) -> bool:
             and len({b is None for b in biases}) == 1 and len({(pw.fmt, pw.pack_k) for pw in pws}) == 1)
 
 
-def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None) -> list:
+def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=False) -> list:
     """Each weight's fastest path on the activation codes ``q = (xq, xs, xz)`` (chosen and cached like
     ``w4_linear_2d``'s)."""
     xq, xs, xz = q
@@ -522,7 +523,7 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None) -> l
         if m <= DISPATCH.decode_max_m:
             cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw),
                      "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, **kw),
-                     "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt)}
+                     "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl)}
             forced = DISPATCH.decode_path
         else:
             cands = {"inloop": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)}

@@ -275,6 +275,20 @@ def test_w4a8_gemv_l2_prefetch_exact(mode, ns, autotuned):
         DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = old
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 11008), (16, 11008), (300, 4096)])
+def test_quantize_rows_swiglu_matches_torch(dtype, m, k):
+    """``quantize_rows(gate, up=up)``: the codes of ``silu(gate) * up`` as torch computes it on CUDA, bitwise
+    (libdevice expf and an IEEE division, as ATen's silu kernel; roundings to the dtype where torch rounds)."""
+    g = torch.Generator(DEV).manual_seed(k + m)
+    gate = (torch.randn(m, k, device=DEV, generator=g) * 3).to(dtype)
+    up = torch.randn(m, k, device=DEV, generator=g).to(dtype)
+    for sym in (False, True):
+        got = quantize_rows(gate, 8, sym, up=up)
+        want = quantize_rows(torch.nn.functional.silu(gate) * up, 8, sym)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, m, k, sym)
+
+
 def test_quantize_rows_pdl_waits_for_its_producer():
     """``quantize_rows(pdl=True)`` launches as a programmatic dependent of the kernel before it: it must
     still read that kernel's output (a slow GEMV writing x right before), every time, and give the codes
