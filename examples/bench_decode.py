@@ -58,6 +58,9 @@ parser.add_argument("--no-direct", action="store_true",
 parser.add_argument("--swiglu-quant", action="store_true",
                     help="also time lowbit with options={'swiglu_quant': True} (silu(gate) * up computed in the down "
                          "projection's activation quantization, swiglu_quant.py)")
+parser.add_argument("--norm-quant", action="store_true",
+                    help="also time lowbit with options={'norm_quant': True} (residual add + RMSNorm inside the next "
+                         "activation quantization, norm_quant.py), and with swiglu_quant as well")
 parser.add_argument("--no-inductor-pdl", action="store_true",
                     help="also time lowbit with options={'inductor_pdl': False} (Inductor's kernels as plain launches)")
 parser.add_argument("--fp16-pdl", action="store_true",
@@ -272,6 +275,8 @@ VARIANTS = [v for on, v in [
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.no_decode_attention, ("SDPA attention", {"decode_attention": False}, {})),
     (args.swiglu_quant, ("swiglu_quant on", {"swiglu_quant": True}, {})),
+    (args.norm_quant, ("norm_quant on", {"norm_quant": True}, {})),
+    (args.norm_quant, ("norm_quant + swiglu_quant on", {"norm_quant": True, "swiglu_quant": True}, {})),
 ] if on]
 for spec in args.l2_prefetch:
     mode, _, mb = spec.partition(":")

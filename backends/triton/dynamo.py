@@ -14,7 +14,8 @@ without importing qcompile first. For each graph dynamo hands over:
    on the split-key kernel (``decode_attention_kernel.py``; also for a float model);
    ``share_quant.share_activation_quantization`` lets sibling linears (q/k/v, gate/up) quantize their
    input once; with ``options["swiglu_quant"]`` (off), ``swiglu_quant.fuse_swiglu_quant`` computes
-   ``silu(gate) * up`` inside the down projection's activation quantization; with
+   ``silu(gate) * up`` inside the down projection's activation quantization; with ``options["norm_quant"]``
+   (off), ``norm_quant.fuse_norm_quant`` fuses the residual add and RMSNorm into the next quantization; with
    ``options["inductor_quant"]`` (off by default), on CUDA,
    ``inductor_quant.quantize_in_inductor`` writes that quantization as torch ops Inductor fuses into
    the kernel producing the activation; with ``options["l2_prefetch"]`` (off), ``l2_chain.chain_l2_prefetch``
@@ -34,13 +35,15 @@ from .inductor_quant import quantize_in_inductor
 from .l2_chain import chain_l2_prefetch
 from .lower import LoweringReport, lower_linears
 from .lower_attention import lower_attention
+from .norm_quant import fuse_norm_quant
 from .share_quant import share_activation_quantization
 from .swiglu_quant import fuse_swiglu_quant
 
 __all__ = ["OPTIONS", "last_report", "lowbit_backend", "reports"]
 
 OPTIONS = {"recipe": None, "inductor": True, "print_report": False, "share_quant": True, "inductor_quant": False,
-           "inductor_pdl": True, "decode_attention": True, "l2_prefetch": False, "swiglu_quant": False}
+           "inductor_pdl": True, "decode_attention": True, "l2_prefetch": False, "swiglu_quant": False,
+           "norm_quant": False}
 _REPORTS: list[LoweringReport] = []
 
 
@@ -87,6 +90,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             tok/s (2026-12-06); the attention output is within fp32-SDPA rounding, not bitwise SDPA's.
             ``swiglu_quant`` (off by default, not timed yet): a SwiGLU MLP's ``silu(gate) * up`` is computed in
             the down projection's activation quantization kernel (``swiglu_quant.py``): one launch less per layer.
+            ``norm_quant`` (off by default, not timed yet): at decode, the residual add, LLaMA's RMSNorm and the
+            q/k/v (gate/up) activation quantization run as one kernel (``norm_quant.py``): one launch less per norm.
             ``l2_prefetch`` (off by default): each lowered linear gets the next one's weight codes
             (``l2_chain.py``), for the decode GEMV's L2 prefetch (``DISPATCH.l2_prefetch``, also off); same
             outputs; on the H100 it slowed decode (409.7 -> 382.2 tok/s, ``examples/bench_gemv_pieces.py --l2``).
@@ -109,6 +114,8 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
         report.shared_groups = share_activation_quantization(gm)
     if opts["swiglu_quant"]:
         report.swiglu_fused = fuse_swiglu_quant(gm)
+    if opts["norm_quant"]:
+        report.norm_fused = fuse_norm_quant(gm)
     if opts["inductor_quant"] and opts["inductor"]:
         report.inductor_quant = quantize_in_inductor(gm)
     if opts["l2_prefetch"]:

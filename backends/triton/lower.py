@@ -86,6 +86,7 @@ class LoweringReport:
     attention: list = field(default_factory=list)  # lower_attention.AttentionSite per SDPA call, if it ran
     l2_chained: int = 0  # sites told the next site's weights, for the GEMV's L2 prefetch (l2_chain.py)
     swiglu_fused: int = 0  # down projections quantizing silu(gate) * up themselves (swiglu_quant.py)
+    norm_fused: int = 0  # RMSNorms (with their residual add) fused into the next quantization (norm_quant.py)
 
     @property
     def lowered(self) -> list[SiteReport]:
@@ -110,7 +111,8 @@ class LoweringReport:
                    "decode-attention kernel" if self.attention else "")
                 + (f"; {self.l2_chained} sites know the next site's weights (L2 prefetch)" if self.l2_chained else "")
                 + (f"; {self.swiglu_fused} down projections compute silu(gate) * up in their quantization"
-                   if self.swiglu_fused else ""))
+                   if self.swiglu_fused else "")
+                + (f"; {self.norm_fused} RMSNorms run inside the next quantization" if self.norm_fused else ""))
 
     def table(self) -> str:
         """A printable table: site, lowered or fell back, kernel / reason."""

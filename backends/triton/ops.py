@@ -9,6 +9,9 @@
   signed convention ``formats_code - 2^(b-1)``. Ops ``qcompile_triton::quantize_per_token|group``.
 * op ``qcompile_triton::swiglu_quantize_per_token(gate, up, fmt)``: the same per token of ``silu(gate) * up``
   computed inside the quantization kernel (``swiglu_quant.py`` lowers a SwiGLU MLP's down-projection input to it).
+* op ``qcompile_triton::rmsnorm_quantize_per_token(x, residual, weight, eps, fmt)``: ``h = x + residual`` (if
+  given), LLaMA's RMSNorm of ``h`` and its per-token int8 quantization in one kernel
+  (``rmsnorm_quant_kernel.py``; ``norm_quant.py`` lowers the norms before the q/k/v and gate/up projections).
 
 Each op runs the Triton kernel for CUDA tensors, the Triton interpreter for CPU tensors under
 ``TRITON_INTERPRET=1``, and the pure-torch integer reference (``reference.py``) for other CPU tensors.
@@ -212,6 +215,43 @@ def _swiglu_quantize_op(gate: torch.Tensor, up: torch.Tensor, fmt: str) -> tuple
 @_swiglu_quantize_op.register_fake
 def _(gate, up, fmt):
     return _fake_quantize(gate, 1)
+
+
+@torch.library.custom_op("qcompile_triton::rmsnorm_quantize_per_token", mutates_args=())
+def _rmsnorm_quantize_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                         fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _act_spec(fmt, 8)
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1:
+        raise TypeError("rmsnorm_quantize_per_token: x must be a float16/bfloat16/float32 tensor")
+    k = x.shape[-1]
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"rmsnorm_quantize_per_token: residual must match x {tuple(x.shape)} {x.dtype}; got "
+                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    if weight.shape != (k,) or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"rmsnorm_quantize_per_token: weight must be [{k}] {x.dtype} on {x.device}; got "
+                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    x2 = x.reshape(-1, k).contiguous()
+    r2 = residual.reshape(-1, k).contiguous() if residual is not None else None
+    if _use_triton(x):
+        from .rmsnorm_quant_kernel import rmsnorm_quantize_rows
+
+        h, codes, scale, zp = rmsnorm_quantize_rows(x2, r2, weight.contiguous(), eps, spec.bits, spec.symmetric)
+    else:  # LlamaRMSNorm after the residual add, as torch computes it
+        h = x2 + r2 if r2 is not None else x2
+        h32 = h.float()
+        v = weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        codes, scale, zp = quantize_rows_reference(v, spec.bits, spec.symmetric, 0)
+        h = h if r2 is not None else x.new_empty(0)
+    lead = x.shape[:-1]
+    return (h.reshape(x.shape) if residual is not None else h, codes.reshape(x.shape), scale.reshape(*lead, 1),
+            zp.reshape(*lead, 1))
+
+
+@_rmsnorm_quantize_op.register_fake
+def _(x, residual, weight, eps, fmt):
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return (h, *_fake_quantize(x, 1))
 
 
 def _fake_quantize(x, g_count):
