@@ -53,15 +53,21 @@ def _version(t: torch.Tensor) -> int:
         return 0
 
 
-def _lookup(anchor: torch.Tensor, key: tuple, make) -> PackedWeight:
+def _live_entry(anchor: torch.Tensor):
+    """The cache entry of ``anchor`` (this very tensor, still alive), else None."""
     hit = _CACHE.get(id(anchor))
-    if hit is not None and hit[0]() is anchor and hit[1] == key:
+    return hit if hit is not None and hit[0]() is anchor else None
+
+
+def _lookup(anchor: torch.Tensor, key: tuple, make) -> PackedWeight:
+    hit = _live_entry(anchor)
+    if hit is not None and hit[1] == key:
         return hit[2]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("qcompile_triton: a weight is packed on its first use, which needs a host sync and "
                            "cannot run inside a CUDA graph capture; run the compiled model once before capturing")
     pw = make()
-    if hit is None or hit[0]() is not anchor:
+    if hit is None:
         weakref.finalize(anchor, _CACHE.pop, id(anchor), None)
     _CACHE[id(anchor)] = (weakref.ref(anchor), key, pw)
     return pw
@@ -99,14 +105,8 @@ def _next_weights(next_codes) -> list | None:
     """The packed weights already made for ``next_codes`` (the next linear's codes, ``next0..2`` of the ops,
     ``l2_chain.py``; None where unused), to prefetch into L2: cache hits only (a hint never packs, so it never
     syncs or allocates)."""
-    out = []
-    for c in next_codes:
-        if c is None:
-            continue
-        hit = _CACHE.get(id(c))
-        if hit is not None and hit[0]() is c:
-            out.append(hit[2].qweight)
-    return out or None
+    hits = [_live_entry(c) for c in next_codes if c is not None]
+    return [hit[2].qweight for hit in hits if hit is not None] or None
 
 
 @torch.library.custom_op("qcompile_triton::w4_linear_codes", mutates_args=())

@@ -37,13 +37,10 @@ import operator
 import torch
 from torch import fx
 
-from . import codes_ops  # noqa: F401  (registers the ops)
+from .qcodes_sites import int8_site, node_val, replace_with_qcodes
 
 __all__ = ["quantize_in_inductor", "quantize_per_token_ops"]
 
-_KERNEL = torch.ops.qcompile_triton.w4_linear_codes.default
-_SHARED = torch.ops.qcompile_triton.w4_linear_codes_shared.default
-_QCODES = torch.ops.qcompile_triton.w4_linear_qcodes.default
 _ACT = {"int8": False, "int8_sym": True}  # activation formats this pass takes -> symmetric
 
 
@@ -80,25 +77,6 @@ def quantize_per_token_ops(x: torch.Tensor, act_fmt: str, recip_div: bool | None
     return (q - 128).to(torch.int8), scale, (zp - 128).to(torch.int32)
 
 
-def _val(node):
-    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
-
-
-def _site(node: fx.Node, devices):
-    """``(x, codes, scale, zp, fmt, k, act_fmt, biases, single)`` of a lowered int8 per-token site whose
-    input is on one of ``devices``, else None."""
-    if node.op != "call_function" or node.target not in (_KERNEL, _SHARED):
-        return None
-    x, codes, scale, zp, fmt, gran, k, act_fmt, bias = node.args
-    xv = _val(x)
-    if str(gran) != "channel" or str(act_fmt) not in _ACT or xv is None or xv.device.type not in devices:
-        return None
-    single = node.target is _KERNEL
-    if single:
-        codes, scale, zp, bias = [codes], [scale], [zp], [bias]
-    return x, list(codes), list(scale), list(zp), str(fmt), int(k), str(act_fmt), list(bias), single
-
-
 def quantize_in_inductor(gm: fx.GraphModule, devices=("cuda",)) -> int:
     """Rewrite every lowered int8 per-token site on ``devices`` in place; returns how many were rewritten.
 
@@ -106,23 +84,13 @@ def quantize_in_inductor(gm: fx.GraphModule, devices=("cuda",)) -> int:
     there is nothing to fuse (tests pass ``devices=("cpu",)`` to run the rewritten graph)."""
     count = 0
     for node in list(gm.graph.nodes):
-        site = _site(node, devices)
-        if site is None:
+        site = int8_site(node)
+        if site is None or node_val(site.x).device.type not in devices:
             continue
-        x, codes, scale, zp, fmt, k, act_fmt, biases, single = site
-        xv = _val(x)
         with gm.graph.inserting_before(node):
-            quant = gm.graph.call_function(quantize_per_token_ops, (x, act_fmt))
+            quant = gm.graph.call_function(quantize_per_token_ops, (site.x, site.act_fmt))
             xq, xs, xz = (gm.graph.call_function(operator.getitem, (quant, i)) for i in range(3))
-            new = gm.graph.call_function(_QCODES, (xq, xs, xz, codes, scale, zp, fmt, k, act_fmt, biases, xv.dtype))
-            if single:
-                out = gm.graph.call_function(operator.getitem, (new, 0))
-                out.meta.update(node.meta)
-            else:
-                out = new
-                new.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        replace_with_qcodes(gm, node, site, xq, xs, xz)
         count += 1
     if count:
         gm.graph.lint()

@@ -24,23 +24,16 @@ import operator
 import torch
 from torch import fx
 
-from . import codes_ops as _codes_ops  # noqa: F401  (registers the ops)
 from . import ops as _ops  # noqa: F401  (registers rmsnorm_quantize_per_token)
+from .qcodes_sites import Int8Site, int8_site, node_val, replace_with_qcodes
 from .rmsnorm_quant_kernel import MAX_ROW
 
 __all__ = ["fuse_norm_quant"]
 
-_KERNEL = torch.ops.qcompile_triton.w4_linear_codes.default
-_SHARED = torch.ops.qcompile_triton.w4_linear_codes_shared.default
-_QCODES = torch.ops.qcompile_triton.w4_linear_qcodes.default
 _NORM_QUANT = torch.ops.qcompile_triton.rmsnorm_quantize_per_token.default
 _MUL = (operator.mul, torch.mul)
 _ADD = (operator.add, torch.add)
 _RSQRT = (torch.rsqrt, torch.ops.aten.rsqrt.default)
-
-
-def _val(node):
-    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
 
 
 def _fn(node, targets) -> bool:
@@ -67,11 +60,11 @@ def _other(pair, node):
 def _match_norm(v: fx.Node):
     """``(h, weight, eps, chain)`` if ``v`` is the traced RMSNorm of ``h`` (``chain``: its nodes, last first),
     else None."""
-    vv = _val(v)
+    vv = node_val(v)
     if not _fn(v, _MUL) or len(v.args) != 2 or vv is None:
         return None
     for t, weight in (v.args, v.args[::-1]):
-        wv = _val(weight)
+        wv = node_val(weight)
         if _to_dtype(t) != vv.dtype or len(t.users) != 1 or not isinstance(wv, torch.Tensor) \
                 or tuple(wv.shape) != (vv.shape[-1],) or wv.dtype != vv.dtype:
             continue
@@ -98,20 +91,13 @@ def _match_norm(v: fx.Node):
     return None
 
 
-def _site(node: fx.Node, max_rows: int):
-    """``(x, codes, scale, zp, fmt, k, act_fmt, biases, single)`` of a lowered int8 per-token decode site."""
-    if node.op != "call_function" or node.target not in (_KERNEL, _SHARED):
+def _site(node: fx.Node, max_rows: int) -> Int8Site | None:
+    """``int8_site(node)`` if it is decode-sized (at most ``max_rows`` rows of at most ``MAX_ROW``) and its
+    input feeds nothing else."""
+    site = int8_site(node)
+    if site is None or site.k > MAX_ROW or set(site.x.users) != {node}:
         return None
-    x, codes, scale, zp, fmt, gran, k, act_fmt, bias = node.args[:9]
-    xv = _val(x)
-    if str(gran) != "channel" or str(act_fmt) not in ("int8", "int8_sym") or xv is None or int(k) > MAX_ROW:
-        return None
-    if xv.numel() // max(int(k), 1) > max_rows or set(x.users) != {node}:
-        return None
-    single = node.target is _KERNEL
-    if single:
-        codes, scale, zp, bias = [codes], [scale], [zp], [bias]
-    return x, list(codes), list(scale), list(zp), str(fmt), int(k), str(act_fmt), list(bias), single
+    return site if node_val(site.x).numel() // max(site.k, 1) <= max_rows else None
 
 
 def fuse_norm_quant(gm: fx.GraphModule, max_rows: int = 16) -> int:
@@ -120,28 +106,22 @@ def fuse_norm_quant(gm: fx.GraphModule, max_rows: int = 16) -> int:
     count = 0
     for node in list(gm.graph.nodes):
         site = _site(node, max_rows)
-        match = _match_norm(site[0]) if site is not None else None
+        match = _match_norm(site.x) if site is not None else None
         if match is None:
             continue
-        x, codes, scale, zp, fmt, k, act_fmt, biases, single = site
         h, weight, eps, chain = match
         later = [u for u in h.users if u is not chain[-1]]
         if any(order.get(u, -1) < order[node] for u in later):
             continue  # something reads h before the site: the kernel's h would come too late
-        hv = _val(h)
+        hv = node_val(h)
         residual = (_fn(h, _ADD) and len(h.args) == 2 and all(
-            isinstance(a, fx.Node) and _val(a) is not None and _val(a).shape == hv.shape and _val(a).dtype == hv.dtype
-            for a in h.args))
+            isinstance(a, fx.Node) and node_val(a) is not None and node_val(a).shape == hv.shape
+            and node_val(a).dtype == hv.dtype for a in h.args))
         inputs = (h.args[0], h.args[1]) if residual else (h, None)
         with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(_NORM_QUANT, (*inputs, weight, eps, act_fmt))
+            fused = gm.graph.call_function(_NORM_QUANT, (*inputs, weight, eps, site.act_fmt))
             h_new, xq, xs, xz = (gm.graph.call_function(operator.getitem, (fused, i)) for i in range(4))
-            new = gm.graph.call_function(_QCODES, (xq, xs, xz, codes, scale, zp, fmt, k, act_fmt, biases,
-                                                   _val(x).dtype))
-            out = gm.graph.call_function(operator.getitem, (new, 0)) if single else new
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        replace_with_qcodes(gm, node, site, xq, xs, xz)
         for n in chain:
             gm.graph.erase_node(n)
         if residual:

@@ -21,16 +21,12 @@ import operator
 import torch
 from torch import fx
 
-from . import codes_ops as _codes_ops  # noqa: F401  (registers the ops)
+from .qcodes_sites import node_val
 
 __all__ = ["share_activation_quantization"]
 
 _KERNEL = torch.ops.qcompile_triton.w4_linear_codes.default
 _SHARED = torch.ops.qcompile_triton.w4_linear_codes_shared.default
-
-
-def _val(node: fx.Node):
-    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _shareable(node: fx.Node) -> tuple | None:
@@ -62,7 +58,7 @@ def share_activation_quantization(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(members[0]):
             shared = gm.graph.call_function(_SHARED, (x, list(cols[0]), list(cols[1]), list(cols[2]), fmt, "channel",
                                                       k, act_fmt, biases))
-            vals = [_val(m) for m in members]
+            vals = [node_val(m) for m in members]
             if all(v is not None for v in vals):
                 shared.meta["val"] = vals
             for i, member in enumerate(members):

@@ -20,24 +20,19 @@ import operator
 import torch
 from torch import fx
 
-from . import codes_ops as _codes_ops  # noqa: F401  (registers the ops)
 from . import ops as _ops  # noqa: F401  (registers swiglu_quantize_per_token)
+from .qcodes_sites import int8_site, node_val, replace_with_qcodes
 
 __all__ = ["fuse_swiglu_quant"]
 
-_KERNEL = torch.ops.qcompile_triton.w4_linear_codes.default
-_QCODES = torch.ops.qcompile_triton.w4_linear_qcodes.default
 _SWIGLU_QUANT = torch.ops.qcompile_triton.swiglu_quantize_per_token.default
 _SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default, torch.ops.aten.silu)
 _MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 
 
-def _val(node):
-    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
-
-
 def _gate_up(x) -> tuple | None:
-    """``(gate, up)`` if ``x`` is ``silu(gate) * up`` (or ``up * silu(gate)``) read only by its one user."""
+    """``(gate, up, the silu node)`` if ``x`` is ``silu(gate) * up`` (or ``up * silu(gate)``) read only by its
+    one user."""
     if not isinstance(x, fx.Node) or x.op != "call_function" or x.target not in _MUL or len(x.users) != 1:
         return None
     if len(x.args) != 2 or x.kwargs:
@@ -45,10 +40,10 @@ def _gate_up(x) -> tuple | None:
     for silu, up in (x.args, x.args[::-1]):
         if (isinstance(silu, fx.Node) and silu.op == "call_function" and silu.target in _SILU
                 and len(silu.users) == 1 and not silu.kwargs.get("inplace", False) and len(silu.args) == 1):
-            gv, uv = _val(silu.args[0]), _val(up)
+            gv, uv = node_val(silu.args[0]), node_val(up)
             if isinstance(gv, torch.Tensor) and isinstance(uv, torch.Tensor) and gv.shape == uv.shape \
                     and gv.dtype == uv.dtype:
-                return silu.args[0], up
+                return silu.args[0], up, silu
     return None
 
 
@@ -56,24 +51,16 @@ def fuse_swiglu_quant(gm: fx.GraphModule) -> int:
     """Rewrite every matching down projection in place (module docstring); returns how many."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not _KERNEL:
+        site = int8_site(node)
+        match = _gate_up(site.x) if site is not None and site.single else None
+        if match is None:
             continue
-        x, codes, scale, zp, fmt, gran, k, act_fmt, bias = node.args[:9]
-        pair = _gate_up(x)
-        xv = _val(x)
-        if pair is None or str(gran) != "channel" or str(act_fmt) not in ("int8", "int8_sym") or xv is None:
-            continue
-        silu = next(a for a in x.args if a.target in _SILU)
+        gate, up, silu = match
         with gm.graph.inserting_before(node):
-            quant = gm.graph.call_function(_SWIGLU_QUANT, (*pair, str(act_fmt)))
+            quant = gm.graph.call_function(_SWIGLU_QUANT, (gate, up, site.act_fmt))
             xq, xs, xz = (gm.graph.call_function(operator.getitem, (quant, i)) for i in range(3))
-            new = gm.graph.call_function(_QCODES, (xq, xs, xz, [codes], [scale], [zp], fmt, k, act_fmt, [bias],
-                                                   xv.dtype))
-            out = gm.graph.call_function(operator.getitem, (new, 0))
-        out.meta.update(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-        gm.graph.erase_node(x)
+        replace_with_qcodes(gm, node, site, xq, xs, xz)
+        gm.graph.erase_node(site.x)
         gm.graph.erase_node(silu)
         count += 1
     if count:
