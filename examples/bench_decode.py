@@ -282,11 +282,10 @@ for spec in args.l2_prefetch:
     mode, _, mb = spec.partition(":")
     mb = float(mb) if mb else DISPATCH.l2_prefetch_mb
     VARIANTS.append((f"L2 prefetch {mode} {mb:g} MB", None, {"l2_prefetch": mode, "l2_prefetch_mb": mb}))
-# Extra FP16 runs beside the default: (name, backend, options, the lowbit run to compare with it: a VARIANTS
-# name, or None for the default lowbit run).
+# Extra FP16 runs beside the default, each compared with the default lowbit run: (name, backend, options).
 FP16_VARIANTS = [v for on, v in [
-    (args.fp16_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True}, None)),
-    (args.fp16_decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True}, None)),
+    (args.fp16_pdl, ("FP16, Inductor PDL", "inductor", {"triton.enable_pdl": True})),
+    (args.fp16_decode_attention, ("FP16, decode attention", "lowbit", {"decode_attention": True})),
 ] if on]
 
 # 2. Decode, FP16 then lowbit, for each batch size; the first step's logits are compared with the
@@ -297,7 +296,7 @@ for batch in args.batch:
     tps16, logits16, c16, _ = decode_run(model, batch, "inductor", keep=keep)
     log(f"[{time.time() - t_start:4.0f}s] B={batch} fp16: {tps16:8.1f} tok/s (compile {c16:.0f}s)")
     extras16 = {}  # FP16 variant name -> (tok/s, first-step logits rel. diff from the default FP16 run)
-    for name, backend, options, _ in FP16_VARIANTS:
+    for name, backend, options in FP16_VARIANTS:
         tps_v, logits_v, _, _ = decode_run(model, batch, backend, options, name)
         extras16[name] = (tps_v, rel_diff(logits_v, logits16))
         log(f"[{time.time() - t_start:4.0f}s] B={batch} {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
@@ -341,14 +340,13 @@ lines = [f"Decode with a StaticCache, {'LLaMA-2-7B' if not args.tiny else 'tiny'
          "(dINT4 per-channel, int8 per-token), lm_head fp16 in both.", "",
          "| batch | FP16 tok/s | lowbit W4A8 tok/s | speed-up | compile s (fp16 / lowbit) | lowered linears |"
          + "".join(f" lowbit, {name} | its speed-up |" for name, _, _ in VARIANTS)
-         + "".join(f" {name} tok/s | lowbit{', ' + lb if lb else ''} vs it |" for name, _, _, lb in FP16_VARIANTS),
+         + "".join(f" {name} tok/s | lowbit vs it |" for name, _, _ in FP16_VARIANTS),
          "|---:|---:|---:|---:|---:|---|" + "---:|---:|" * (len(VARIANTS) + len(FP16_VARIANTS))]
 for batch, tps16, tps4, c16, c4, _, _, report, _, extras, extras16 in rows:
     lines.append(f"| {batch} | {tps16:.1f} | {tps4:.1f} | {tps4 / tps16:.2f}x | {c16:.0f} / {c4:.0f} | "
                  f"{len(report.lowered)}/{len(report.sites)} |"
                  + "".join(f" {tps:.1f} | {tps / tps16:.2f}x |" for tps, _ in extras.values())
-                 + "".join(f" {extras16[name][0]:.1f} | {(extras[lb][0] if lb else tps4) / extras16[name][0]:.2f}x |"
-                           for name, _, _, lb in FP16_VARIANTS))
+                 + "".join(f" {tps:.1f} | {tps4 / tps:.2f}x |" for tps, _ in extras16.values()))
 lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {packed_b / fp16_b:.3f}x their FP16 bytes "
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
