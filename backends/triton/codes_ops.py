@@ -37,7 +37,7 @@ import torch
 from qcompile import formats as F
 from qcompile import ops as _qops  # noqa: F401  (registers qcompile::dequantize_weight)
 
-from .ops import _check_x, _use_triton, w4a4_linear, w4a8_linear
+from .ops import _act_spec, _check_x, _linear_impl, _use_triton, w4a4_linear, w4a8_linear
 from .packing import PackedWeight, _parse_format, prepack
 
 __all__ = ["cached_packed_weights", "packed_for_codes", "packed_for_weight"]
@@ -117,16 +117,11 @@ def w4_linear_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, z
     pw = packed_for_codes(codes, scale, zero_point, fmt, granularity, in_features)
     spec = _parse_format(act_fmt)
     nxt = _next_weights((next0, next1, next2))
-    if nxt is None or spec.bits != 8 or pw.group_size > 0 or not _use_triton(x):
+    if nxt is None or spec.bits != 8 or pw.group_size > 0:
         return _run(x, pw, act_fmt, bias)
-    from .w4_linear import w4_linear_2d  # the w4a8_linear op's path, with the next weights to prefetch
-
-    _check_x(x, in_features, "w4_linear_codes")
-    if bias is not None and (bias.shape != (pw.out_features,) or bias.device != x.device):
-        raise ValueError(f"w4_linear_codes: bias must be [{pw.out_features}] on {x.device}; got "
-                         f"{tuple(bias.shape)} on {bias.device}")
-    y = w4_linear_2d(x.reshape(-1, in_features).contiguous(), pw, 8, spec.symmetric, 0, bias, l2_next=nxt)
-    return y.reshape(*x.shape[:-1], pw.out_features)
+    # the w4a8_linear op's body, with the next weights to prefetch
+    return _linear_impl(x, pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, pw.fmt, pw.group_size,
+                        pw.in_features, _act_spec(act_fmt, 8), 0, bias, "w4_linear_codes", l2_next=nxt)
 
 
 @torch.library.custom_op("qcompile_triton::w4_linear_rtn", mutates_args=())

@@ -98,7 +98,9 @@ def _packed(qweight, unit_scale, code_sum, zero_byte, fmt, group_size, in_featur
 
 
 def _linear_impl(x, qweight, unit_scale, code_sum, zero_byte, fmt, group_size, in_features, act_spec,
-                 act_group, bias, what):
+                 act_group, bias, what, l2_next=None):
+    """Check, then run the kernel path (``l2_next``: weights its decode GEMV may prefetch into L2) or the
+    reference."""
     _check_x(x, in_features, what)
     _check_packed(x, qweight, unit_scale, code_sum, zero_byte, group_size, in_features, what)
     if bias is not None and (bias.shape != (qweight.shape[1],) or bias.device != x.device):
@@ -109,7 +111,7 @@ def _linear_impl(x, qweight, unit_scale, code_sum, zero_byte, fmt, group_size, i
     if _use_triton(x):
         from .w4_linear import w4_linear_2d
 
-        y = w4_linear_2d(x2, pw, act_spec.bits, act_spec.symmetric, act_group, bias)
+        y = w4_linear_2d(x2, pw, act_spec.bits, act_spec.symmetric, act_group, bias, l2_next=l2_next)
     else:
         y = linear_reference(x2, pw, act_spec.bits, act_spec.symmetric, act_group, bias)
     return y.reshape(*x.shape[:-1], pw.out_features)
