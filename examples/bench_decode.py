@@ -18,7 +18,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
     python examples/bench_decode.py --l2-prefetch end end:48 start   # also lowbit with the GEMVs prefetching
                                                  # the next weights into L2 (DISPATCH.l2_prefetch[:_mb])
-    python examples/bench_decode.py --interleave 20   # + 20 rounds alternating the FP16 and lowbit steps
+    python examples/bench_decode.py --interleave 20   # + 20 rounds timing FP16, then each lowbit run, in turn
     python examples/bench_decode.py --profile    # + where a step's GPU time goes, kernels grouped by kind
 """
 import argparse
@@ -76,9 +76,9 @@ parser.add_argument("--l2-prefetch", nargs="*", default=[], metavar="MODE[:MB]",
                     help="also time lowbit with DISPATCH.l2_prefetch = MODE ('end' / 'start') and l2_prefetch_mb = MB "
                          "(default: the dispatch's), one run each: the GEMV prefetches the next linear's weights")
 parser.add_argument("--interleave", type=int, default=0, metavar="R",
-                    help="after each batch size's runs, R rounds alternating the captured FP16 and lowbit steps "
-                         f"({STEPS} replays each): the speed-up of every round (median, min, max), both sides timed "
-                         "seconds apart on the same machine")
+                    help="after each batch size's runs, R rounds timing the captured FP16 step and then each lowbit "
+                         f"run's ({STEPS} replays each): every lowbit run's speed-up per round (median, min, max), "
+                         "all sides timed seconds apart on the same machine")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -312,22 +312,27 @@ for batch in args.batch:
         for f, value in fields.items():
             setattr(DISPATCH, f, value)
         try:
-            tps_v, logits_v, _, _ = decode_run(qmodel, batch, "lowbit", options, f"lowbit {name}")
+            tps_v, logits_v, _, _ = decode_run(qmodel, batch, "lowbit", options, f"lowbit {name}", keep=keep)
         finally:
             for f, value in saved.items():
                 setattr(DISPATCH, f, value)
         extras[name] = (tps_v, rel_diff(logits_v, logits4))
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
-            f"default lowbit run: rel. diff {extras[name][1]:.1e}")
-    if keep:  # FP16 and lowbit steps alternately, R rounds: the ratio of each round
-        fp16_timer, lowbit_timer = KEPT.pop((batch, "inductor")), KEPT.pop((batch, "lowbit"))
-        ratios = []
+            f"default lowbit run: rel. diff {extras[name][1]:.1e}; {dynamo.last_report().summary()}")
+    if keep:  # FP16 and every lowbit run, one after another, R rounds: each lowbit run's speed-up per round
+        fp16_timer = KEPT.pop((batch, "inductor"))
+        timers = {"lowbit": KEPT.pop((batch, "lowbit"))}
+        timers.update((name, KEPT.pop((batch, f"lowbit {name}"))) for name, _, _ in VARIANTS)
+        ratios = {name: [] for name in timers}
         for _ in range(args.interleave):
-            ratios.append(fp16_timer(1)[0] / lowbit_timer(1)[0])
-        del fp16_timer, lowbit_timer
+            sec16 = fp16_timer(1)[0]
+            for name, timer in timers.items():
+                ratios[name].append(sec16 / timer(1)[0])
+        del fp16_timer, timers
         INTERLEAVED[batch] = ratios
-        log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {len(ratios)} rounds: speed-up median "
-            f"{statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
+        for name, rs in ratios.items():
+            log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {name}, {len(rs)} rounds: speed-up median "
+                f"{statistics.median(rs):.2f}x, min {min(rs):.2f}x, max {max(rs):.2f}x")
     rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras, extras16))
     if gpu:
         torch.cuda.empty_cache()
@@ -351,10 +356,12 @@ lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {pack
           f"({fp16_b / 1e9:.3f} GB; target <= 0.27x). The module form also keeps the graph-form codes "
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
-for batch, ratios in INTERLEAVED.items():
-    lines.append(f"B={batch}, FP16 and lowbit steps alternating, {len(ratios)} rounds of {STEPS} steps each: speed-up "
-                 f"median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x "
-                 f"(every round: {', '.join(f'{r:.2f}' for r in ratios)}).")
+for batch, by_run in INTERLEAVED.items():
+    for name, ratios in by_run.items():
+        lines.append(f"B={batch}, FP16 and the lowbit runs timed one after another, {len(ratios)} rounds of {STEPS} "
+                     f"steps each; {name} vs FP16: speed-up median {statistics.median(ratios):.2f}x, "
+                     f"min {min(ratios):.2f}x, max {max(ratios):.2f}x "
+                     f"(every round: {', '.join(f'{r:.2f}' for r in ratios)}).")
 for batch, _, _, _, _, l16, l4, report, err, extras, extras16 in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
                  f"{err:.1e}; vs the FP16 model: rel. diff {rel_diff(l4, l16):.3f} "
