@@ -196,12 +196,22 @@ def decode_run(m, batch, backend, options=None, label=None, keep=False):
     return batch * STEPS / statistics.median(times), first_logits, compile_s, ref_logits
 
 
+def gpu_state() -> str:
+    """The GPU's SM clock, temperature and power draw now (NVML through torch; '' where unavailable)."""
+    try:
+        return (f"{torch.cuda.clock_rate()} MHz, {torch.cuda.temperature()} C, "
+                f"{torch.cuda.power_draw() / 1000:.0f} W")
+    except Exception as exc:  # no NVML bindings: say so instead of failing the run
+        return f"(clock / temperature unavailable: {type(exc).__name__})"
+
+
 def rel_diff(a, ref) -> float:
     """``|a - ref| / |ref|`` (Frobenius norms) of two logit tensors."""
     return ((a - ref).norm() / ref.norm()).item()
 
 
-INTERLEAVED = {}  # batch -> speed-up of each --interleave round
+INTERLEAVED = {}  # batch -> {lowbit run: (speed-up of each --interleave round, median tok/s)}
+INTERLEAVED_FP16 = {}  # batch -> (FP16 median tok/s over the --interleave rounds, GPU state before, after)
 KEPT = {}  # (batch, label or backend) -> timer of a kept captured step (decode_run(keep=True)), for --interleave
 PROFILES = {}  # (batch, backend) -> ({kind: (µs per step, kernels per step)}, seconds per step)
 TOP_KERNELS = []  # per profiled run, in run order: [(µs per step, launches per step, kernel name)], largest first
@@ -294,7 +304,7 @@ rows = []
 for batch in args.batch:
     keep = args.interleave > 0 and gpu
     tps16, logits16, c16, _ = decode_run(model, batch, "inductor", keep=keep)
-    log(f"[{time.time() - t_start:4.0f}s] B={batch} fp16: {tps16:8.1f} tok/s (compile {c16:.0f}s)")
+    log(f"[{time.time() - t_start:4.0f}s] B={batch} fp16: {tps16:8.1f} tok/s (compile {c16:.0f}s); GPU {gpu_state()}")
     extras16 = {}  # FP16 variant name -> (tok/s, first-step logits rel. diff from the default FP16 run)
     for name, backend, options in FP16_VARIANTS:
         tps_v, logits_v, _, _ = decode_run(model, batch, backend, options, name)
@@ -305,7 +315,7 @@ for batch in args.batch:
     report = dynamo.last_report()
     err = rel_diff(logits4, ref4)
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
-        f"first-step logits vs the eager reference: rel. err {err:.1e}")
+        f"first-step logits vs the eager reference: rel. err {err:.1e}; GPU {gpu_state()}")
     extras = {}  # variant name -> (tok/s, first-step logits rel. diff from the default lowbit run)
     for name, options, fields in VARIANTS:
         saved = {f: getattr(DISPATCH, f) for f in fields}
@@ -320,18 +330,23 @@ for batch in args.batch:
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default lowbit run: rel. diff {extras[name][1]:.1e}; {dynamo.last_report().summary()}")
     if keep:  # FP16 and every lowbit run, one after another, R rounds: each lowbit run's speed-up per round
-        fp16_timer = KEPT.pop((batch, "inductor"))
-        timers = {"lowbit": KEPT.pop((batch, "lowbit"))}
+        timers = {"FP16": KEPT.pop((batch, "inductor")), "lowbit": KEPT.pop((batch, "lowbit"))}
         timers.update((name, KEPT.pop((batch, f"lowbit {name}"))) for name, _, _ in VARIANTS)
-        ratios = {name: [] for name in timers}
+        secs = {name: [] for name in timers}
+        state0 = gpu_state()
         for _ in range(args.interleave):
-            sec16 = fp16_timer(1)[0]
             for name, timer in timers.items():
-                ratios[name].append(sec16 / timer(1)[0])
-        del fp16_timer, timers
-        INTERLEAVED[batch] = ratios
-        for name, rs in ratios.items():
-            log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {name}, {len(rs)} rounds: speed-up median "
+                secs[name].append(timer(1)[0])
+        state1 = gpu_state()
+        del timers
+        INTERLEAVED[batch] = {name: ([a / b for a, b in zip(secs["FP16"], s)], batch / statistics.median(s))
+                              for name, s in secs.items() if name != "FP16"}
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {args.interleave} rounds: FP16 "
+            f"{batch / statistics.median(secs['FP16']):.1f} tok/s (its own run above: {tps16:.1f}); GPU {state0} "
+            f"before, {state1} after")
+        INTERLEAVED_FP16[batch] = (batch / statistics.median(secs["FP16"]), state0, state1)
+        for name, (rs, tps) in INTERLEAVED[batch].items():
+            log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {name}: {tps:.1f} tok/s, speed-up median "
                 f"{statistics.median(rs):.2f}x, min {min(rs):.2f}x, max {max(rs):.2f}x")
     rows.append((batch, tps16, tps4, c16, c4, logits16, logits4, report, err, extras, extras16))
     if gpu:
@@ -357,10 +372,12 @@ lines += ["", f"Quantized linear weights: packed {packed_b / 1e9:.3f} GB = {pack
           f"({codes_b / 1e9:.3f} GB) the packed copy is made from. Peak GPU memory {mem:.1f} GiB (both models).",
           f"Target: >= 2.5x at batch 1. Total {time.time() - t_start:.0f}s."]
 for batch, by_run in INTERLEAVED.items():
-    for name, ratios in by_run.items():
-        lines.append(f"B={batch}, FP16 and the lowbit runs timed one after another, {len(ratios)} rounds of {STEPS} "
-                     f"steps each; {name} vs FP16: speed-up median {statistics.median(ratios):.2f}x, "
-                     f"min {min(ratios):.2f}x, max {max(ratios):.2f}x "
+    tps16_i, state0, state1 = INTERLEAVED_FP16[batch]
+    lines.append(f"B={batch}, FP16 and the lowbit runs timed one after another, {args.interleave} rounds of {STEPS} "
+                 f"steps each: FP16 {tps16_i:.1f} tok/s (median; GPU {state0} before the rounds, {state1} after).")
+    for name, (ratios, tps) in by_run.items():
+        lines.append(f"B={batch}, interleaved, {name}: {tps:.1f} tok/s; vs FP16: speed-up median "
+                     f"{statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x "
                      f"(every round: {', '.join(f'{r:.2f}' for r in ratios)}).")
 for batch, _, _, _, _, l16, l4, report, err, extras, extras16 in rows:
     lines.append(f"B={batch}: first-step logits, lowbit vs the eager reference QDQ module form (same codes): rel. err "
