@@ -88,10 +88,12 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
             query token over a KV cache) run the split-key Triton kernel of ``decode_attention_kernel.py``
             (``lower_attention.py``; the report lists them). H100, LLaMA-2-7B decode batch 1: 409.7 -> 431.3
             tok/s (2026-12-06); the attention output is within fp32-SDPA rounding, not bitwise SDPA's.
-            ``swiglu_quant`` (off by default, not timed yet): a SwiGLU MLP's ``silu(gate) * up`` is computed in
-            the down projection's activation quantization kernel (``swiglu_quant.py``): one launch less per layer.
-            ``norm_quant`` (off by default, not timed yet): at decode, the residual add, LLaMA's RMSNorm and the
-            q/k/v (gate/up) activation quantization run as one kernel (``norm_quant.py``): one launch less per norm.
+            ``swiglu_quant`` (off by default): a SwiGLU MLP's ``silu(gate) * up`` is computed in the down
+            projection's activation quantization kernel (``swiglu_quant.py``): one launch less per layer, but
+            slower on the H100 (LLaMA-2-7B decode batch 1: 432.7 -> 404.5 tok/s, 2026-12-06).
+            ``norm_quant`` (off by default): at decode, the residual add, LLaMA's RMSNorm and the q/k/v (gate/up)
+            activation quantization run as one kernel (``norm_quant.py``): one launch less per norm, but slower
+            on the H100 (432.7 -> 424.7 tok/s).
             ``l2_prefetch`` (off by default): each lowered linear gets the next one's weight codes
             (``l2_chain.py``), for the decode GEMV's L2 prefetch (``DISPATCH.l2_prefetch``, also off); same
             outputs; on the H100 it slowed decode (409.7 -> 382.2 tok/s, ``examples/bench_gemv_pieces.py --l2``).
