@@ -25,6 +25,7 @@ __all__ = [
     "lut_words",
     "prmt",
     "recip_div",
+    "stream_key",
     "unpack",
     "unpack_asm",
     "unpack_pure",
@@ -49,6 +50,17 @@ def pdl_launch(pdl: bool, device) -> bool:
     """Whether a launch asked for programmatic dependent launch (``pdl``) gets it: on CUDA, compiled
     kernels only (the interpreter has no grid dependencies)."""
     return bool(pdl) and device.type == "cuda" and not interpreting()
+
+
+def stream_key(device) -> tuple:
+    """``(device, stream)`` for scratch buffers that a kernel fills and leaves zero again (split-K partial
+    sums, tickets): launches on one stream run in order and can share them, launches on two streams may
+    overlap and must not. On CUDA the stream is the current one (under CUDA graph capture, the capture
+    stream); elsewhere 0."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return str(device), torch.cuda.current_stream(device).cuda_stream
+    return str(device), 0
 
 
 def recip_div(device) -> bool:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import pdl_launch
+from ._common import pdl_launch, stream_key
 
 __all__ = ["decode_attention", "launch_config"]
 
@@ -128,8 +128,10 @@ _WORKSPACES: dict = {}
 
 def _workspace(device, bh: int, splits: int, head_dim: int):
     """fp32 partials ``[bh * splits, D + 2]`` and int32 tickets ``[bh]`` (kept zero between calls), one
-    pair per device and size, reused (decode calls are serial on a stream; CUDA graphs capture them)."""
-    key = (str(device), bh, splits, head_dim)
+    pair per (device, stream) and size, reused: calls on one stream run in order (CUDA graphs capture the
+    pair of the capture stream); two streams get two pairs. Two graphs captured on one stream and replayed
+    at once on two streams would still share one pair."""
+    key = (*stream_key(device), bh, splits, head_dim)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = (torch.empty(bh * splits * (head_dim + 2), device=device, dtype=torch.float32),
                             torch.zeros(bh, device=device, dtype=torch.int32))

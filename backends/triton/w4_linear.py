@@ -28,7 +28,7 @@ import triton
 from . import dispatch_cache
 from . import w4_gemm_kernel as kern
 from . import w4_gemv_kernel as gemv_kern
-from ._common import interpreting, pdl_launch, recip_div
+from ._common import interpreting, pdl_launch, recip_div, stream_key
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
 
@@ -92,10 +92,11 @@ _WORKSPACES: dict = {}
 def splitk_workspace(device, n: int):
     """Zeroed int32 ``[16, N]`` partial sums and ``[ceil(N / 4) + 4]`` arrival counters for split-K decode
     (one per output tile of >= 4 channels; the group GEMV lays its 2-3 weights' sums and counters one after
-    the other, ``N`` = their total), one pair per (device, N); every split-K launch leaves them zero again
+    the other, ``N`` = their total), one pair per (device, stream, N); every split-K launch leaves them zero again
     (the last slice re-zeroes its tile). Kernels on one stream run in order, so linears of the same N can
-    share them. Never freed: a captured CUDA graph keeps pointing at them."""
-    key = (str(device), n)
+    share them; each stream has its own (``_common.stream_key``). Never freed: a captured CUDA graph keeps
+    pointing at them."""
+    key = (*stream_key(device), n)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = (torch.zeros((SPLITK_MAX_M, n), dtype=torch.int32, device=device),
                             torch.zeros((triton.cdiv(n, 4) + 4,), dtype=torch.int32, device=device))

@@ -166,3 +166,18 @@ def test_kernel_interpreted_through_the_op_and_strided_inputs():
     out = decode_attention(qt, big_k[:, :, :40], v, mask)
     ref = _reference(q, k, v, mask, 32 ** -0.5)
     assert (out.float() - ref.float()).abs().max().item() <= _tol(torch.float16, ref)
+
+
+def test_split_workspaces_are_kept_per_device_and_stream():
+    """The split partial sums and tickets are allocated once per (device, stream) and size and reused (a
+    captured graph points at them); on CPU the stream is 0. Two CUDA streams: ``test_kernels_gpu.py``."""
+    from qcompile.backends.triton._common import stream_key
+    from qcompile.backends.triton.decode_attention_kernel import _workspace
+    from qcompile.backends.triton.w4_linear import splitk_workspace
+
+    cpu = torch.device("cpu")
+    assert stream_key(cpu) == ("cpu", 0) and stream_key("cpu") == ("cpu", 0)
+    ws, tickets = _workspace(cpu, 6, 4, 8)
+    assert ws.shape == (6 * 4 * 10,) and tickets.shape == (6,) and not tickets.any()
+    assert _workspace(cpu, 6, 4, 8)[0] is ws and _workspace(cpu, 6, 8, 8)[0] is not ws
+    assert splitk_workspace("cpu", 96)[0] is splitk_workspace(cpu, 96)[0]

@@ -404,3 +404,37 @@ def test_decode_attention_pdl_waits_for_its_producer():
         ref = _reference(q.view(1, 32, 1, 128), k, v, None, 128 ** -0.5)
         assert (out.float() - ref.float()).abs().max().item() <= torch.finfo(torch.half).eps * max(
             1.0, ref.float().abs().max().item()), i
+
+
+def test_split_workspaces_are_per_stream():
+    """Split-K GEMVs and the decode attention on two streams at once: each stream has its own partial-sum
+    workspace and tickets, so the results are the serial ones, every time. One shared pair would let one
+    stream's slices add into the other's sums."""
+    from qcompile.backends.triton.attention_ops import _reference
+    from qcompile.backends.triton.decode_attention_kernel import decode_attention
+
+    k, v = (torch.randn(1, 32, 4096, 128, device=DEV, dtype=torch.half) for _ in range(2))
+    qs = [torch.randn(1, 32, 1, 128, device=DEV, dtype=torch.half) for _ in range(2)]
+    refs = [_reference(q, k, v, None, 128 ** -0.5) for q in qs]
+    tol = torch.finfo(torch.half).eps * max(1.0, max(r.float().abs().max().item() for r in refs))
+    pw = make_weight(4096, 4096, "dint4", "channel", DEV)
+    codes = [quantize_rows(make_x(1, 4096, DEV, seed=s), 8, False) for s in range(2)]
+    cfg = {**GEMV, "SPLIT_K": 4}
+
+    def gemv(i):
+        return launch_gemv(*codes[i], pw, torch.empty(1, 4096, device=DEV, dtype=torch.half), config=cfg)
+
+    serial = [gemv(i) for i in range(2)]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    for _ in range(20):
+        outs, ys = [None, None], [None, None]
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i] = decode_attention(qs[i], k, v, None, 128 ** -0.5, config=dict(BLOCK_L=32, SPLITS=32,
+                                                                                      num_warps=4))
+                ys[i] = gemv(i)
+        torch.cuda.synchronize()
+        for i in range(2):
+            assert (outs[i].float() - refs[i].float()).abs().max().item() <= tol
+            assert torch.equal(ys[i], serial[i])
