@@ -76,9 +76,9 @@ parser.add_argument("--l2-prefetch", nargs="*", default=[], metavar="MODE[:MB]",
                     help="also time lowbit with DISPATCH.l2_prefetch = MODE ('end' / 'start') and l2_prefetch_mb = MB "
                          "(default: the dispatch's), one run each: the GEMV prefetches the next linear's weights")
 parser.add_argument("--interleave", type=int, default=0, metavar="R",
-                    help="after each batch size's runs, R rounds timing the captured FP16 step and then each lowbit "
-                         f"run's ({STEPS} replays each): every lowbit run's speed-up per round (median, min, max), "
-                         "all sides timed seconds apart on the same machine")
+                    help="after each batch size's runs, R rounds timing the captured FP16 step and each lowbit run's "
+                         f"in turn ({STEPS} replays each; FP16 first in even rounds, last in odd ones): every lowbit "
+                         "run's speed-up per round (median, min, max), all sides timed seconds apart on one machine")
 parser.add_argument("--profile", action="store_true",
                     help="profile a few replayed steps of each model: GPU time per step by kernel kind")
 args = parser.parse_args()
@@ -330,13 +330,15 @@ for batch in args.batch:
         log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit, {name}: {tps_v:8.1f} tok/s; first-step logits vs the "
             f"default lowbit run: rel. diff {extras[name][1]:.1e}; {dynamo.last_report().summary()}")
     if keep:  # FP16 and every lowbit run, one after another, R rounds: each lowbit run's speed-up per round
+        # (a round's FP16 time over that round's lowbit time)
         timers = {"FP16": KEPT.pop((batch, "inductor")), "lowbit": KEPT.pop((batch, "lowbit"))}
         timers.update((name, KEPT.pop((batch, f"lowbit {name}"))) for name, _, _ in VARIANTS)
         secs = {name: [] for name in timers}
         state0 = gpu_state()
-        for _ in range(args.interleave):
-            for name, timer in timers.items():
-                secs[name].append(timer(1)[0])
+        order = list(timers)
+        for r in range(args.interleave):  # FP16 first in even rounds, last in odd ones: no side always follows
+            for name in (order if r % 2 == 0 else order[::-1]):  # the same other one
+                secs[name].append(timers[name](1)[0])
         state1 = gpu_state()
         del timers
         INTERLEAVED[batch] = {name: ([a / b for a, b in zip(secs["FP16"], s)], batch / statistics.median(s))
