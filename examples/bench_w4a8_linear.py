@@ -14,6 +14,8 @@ Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when 
 
     python examples/bench_w4a8_linear.py            # the table
     python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only
+    BENCH_MS=4096 BENCH_SHAPES=4096x11008 python examples/bench_w4a8_linear.py --variants --gemm-sweep
+                                                    # + at M > 16, every tiled-GEMM config timed on its own
 """
 import math
 import os
@@ -31,10 +33,13 @@ from qcompile.backends.triton import w4_linear as W
 from qcompile.backends.triton.quantize_kernel import quantize_rows
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) = (out, in) features
+if os.environ.get("BENCH_SHAPES"):  # e.g. BENCH_SHAPES=4096x11008,4096x4096
+    SHAPES = [tuple(int(d) for d in s.split("x")) for s in os.environ["BENCH_SHAPES"].split(",")]
 MS = [int(m) for m in os.environ.get("BENCH_MS", "1,4,16,64,256,1024,4096").split(",")]
 W_FMT, W_GRAN = "dint4", "channel"
 W4A4_FMT, W4A4_GRAN = "int4", "group128"
 VARIANTS = "--variants" in sys.argv
+GEMM_SWEEP = "--gemm-sweep" in sys.argv  # with --variants, M > 16: each prefill config explicitly (sweep_gemm)
 VARIANT_BUDGET_S = 300  # stop measuring variants after this many seconds (keep the main table)
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "1e9"))  # stop measuring after this; the table keeps what ran
 OUT = os.environ.get("OUT")
@@ -94,6 +99,8 @@ def variants(x, pws, m):
         v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
         v["gemm"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
         v["cfg"] = str(getattr(W._prefill_kernel, "best_config", ""))
+        if GEMM_SWEEP:
+            v.update(sweep_gemm(xq, xs, xz, pws, yb))
         if m >= d.expand_min_m:
             v["expand_weight"] = graph_or_nan(W.expand_weight, pws)
             for path in ("inloop", "expand"):
@@ -105,6 +112,38 @@ def variants(x, pws, m):
         v["pure_unpacker"] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
         d.use_asm = True
     return v
+
+
+# The autotuner's prefill configs, then a few it does not see: other GROUP_M swizzles and a deeper pipeline.
+SWEEP_EXTRA = [dict(BLOCK_M=bm, BLOCK_N=bn, UNITS_PER_ITER=upi, GROUP_M=gm, num_warps=w, num_stages=st)
+               for bm, bn, upi, gm, w, st in [(128, 256, 1, 4, 8, 3), (128, 256, 1, 16, 8, 3), (256, 128, 1, 16, 8, 3),
+                                              (128, 128, 1, 16, 8, 4), (128, 128, 2, 8, 8, 4), (128, 256, 2, 8, 8, 2)]]
+
+
+def sweep_gemm(xq, xs, xz, pws, yb):
+    """GPU time of the tiled GEMM on given codes with each config explicitly (``launch_gemm(config=)``):
+    ``{"sweep_<BMxBN,upi,gm,warps,stages>": µs}`` and the best, outputs checked bitwise equal to the
+    autotuned launch's (a config that fails to compile or differs gets nan / is said)."""
+    from qcompile.backends.triton import w4_gemm_kernel as kern
+    ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kern.PREFILL_CONFIGS]
+    out = {}
+    for cfg in configs + SWEEP_EXTRA:
+        cfg = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
+        name = (f"sweep_{cfg['BLOCK_M']}x{cfg['BLOCK_N']},u{cfg['UNITS_PER_ITER']},g{cfg['GROUP_M']},"
+                f"w{cfg['num_warps']},s{cfg['num_stages']}")
+        try:
+            y = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb), config=cfg)
+            if not torch.equal(y, ref):
+                out[name] = "differs"
+                continue
+            out[name] = graph_or_nan(lambda p, cfg=cfg: W.launch_gemm(xq, xs, xz, p, yb, config=cfg), pws)
+        except Exception as e:  # out of shared memory / registers: this config does not fit
+            out[name] = f"failed ({type(e).__name__})"
+    timed = {k: t for k, t in out.items() if isinstance(t, float) and t == t}
+    if timed:
+        out["sweep_best"] = min(timed, key=timed.get)
+    return out
 
 
 rows, var_rows, worst_err = [], [], 0.0
