@@ -35,6 +35,10 @@ layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through share
 two tiles ahead in the register buffer (``PREFETCH = 2``), best config of each, model shapes and groups,
 outputs checked bitwise equal.
 
+``--rows``: instead, the M = 2 and 4 GEMV on given codes with its broadcast accumulator (the default) vs one
+accumulator per row (``DISPATCH.gemv_direct_rows``), best config of each, outputs checked bitwise equal, and
+each best config with its quantization as programmatic dependent launches, vs FP16.
+
 ``--l2``: instead, a LLaMA-2-7B layer's four decode linears (q/k/v group, o, gate/up group, down; M = 1,
 quantize_rows + GEMV, both programmatic dependent launches, autotuned) over 6 layers of distinct weights,
 with a compute-only gap kernel (``torch.cuda._sleep``, standing for the norm / attention work) after each
@@ -42,7 +46,7 @@ GEMV, and each GEMV prefetching the next linear's weights into L2 (``DISPATCH.l2
 layer, outputs checked bitwise equal.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --direct | --l2]
+                                          --direct | --rows | --l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import sys
@@ -293,6 +297,47 @@ def direct():
         del pw_sets, w16_sets
 
 
+def rows():
+    """M = 2 and 4 GEMV on given codes: the broadcast ``[BLOCK_M, BLOCK_N, BLOCK_W]`` accumulator (the default)
+    vs one accumulator per row (``DISPATCH.gemv_direct_rows``); best config of each (those whose accumulator
+    fits), outputs checked bitwise equal; then quantize + GEMV of each best config as programmatic dependent
+    launches, vs FP16."""
+    from qcompile.backends.triton.w4_gemv_kernel import GEMV_CONFIGS, accumulator_fits
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; M = 2 and 4 GEMV on given codes: broadcast vs per-row "
+          "accumulators, best config of each, GPU time per call in us", flush=True)
+    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
+    for name, ns, k in cases:
+        pw_sets, w16_sets = _weight_sets(ns, k)
+        mb = sum(n * k for n in ns) / 2 / 1e6
+        for m in (2, 4):
+            x, ys, q, fp = _decode_inputs(ns, k, m, w16_sets)
+            best, ref = {}, None
+            for kind in ("broadcast", "per-row"):
+                DISPATCH.gemv_direct_rows = kind == "per-row"
+                try:
+                    for c in GEMV_CONFIGS:
+                        if not accumulator_fits(c, 1 << (m - 1).bit_length()):
+                            continue
+                        cfg = dict(c.kwargs, num_warps=c.num_warps)
+                        ref = _same_as(ref, _gemv_call(q, pw_sets[0], ys, cfg), f"{name} M={m} {kind} {cfg}")
+                        t = bench_graph(lambda ps: _gemv_call(q, ps, ys, cfg), pw_sets)
+                        if kind not in best or t < best[kind][0]:
+                            best[kind] = (t, cfg)
+                    cfg = best[kind][1]
+                    full = bench_graph(lambda ps: _gemv_call(quantize_rows(x, 8, False, pdl=True), ps, ys, cfg,
+                                                             pdl=True), pw_sets)
+                    best[kind] = (*best[kind], full)
+                finally:
+                    DISPATCH.gemv_direct_rows = False
+            cells = [f"{kind} {t:.2f} ({c['BLOCK_N']}, {c['BLOCK_W']}, {c['num_warps']}) = {mb / t:.2f} TB/s, "
+                     f"with quantize {full:.2f} = {fp / full:.2f}x fp16" for kind, (t, c, full) in best.items()]
+            print(f"[{time.time() - t0:4.0f}s] {name} M={m} ({mb:.1f} MB): fp16 {fp:.1f}; " + "; ".join(cells)
+                  + f"; per-row vs broadcast {best['broadcast'][0] / best['per-row'][0]:.2f}x", flush=True)
+        del pw_sets, w16_sets
+
+
 def pdl():
     """Activation quantization + GEMV, the two launches of a W4A8 decode linear, plain vs as a programmatic
     dependent launch (the GEMV's weight prologue overlaps ``quantize_rows``), best register config of each,
@@ -414,8 +459,9 @@ def l2():
         DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = saved
 
 
-MODES = {"--l2": l2, "--direct": direct, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline, "--splitk": splitk,
-         "--slope": slope}  # each replaces the default run (main() then groups(); --groups-only: groups())
+# each replaces the default run (main() then groups(); --groups-only: groups())
+MODES = {"--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline,
+         "--splitk": splitk, "--slope": slope}
 
 if __name__ == "__main__":
     mode = next((fn for flag, fn in MODES.items() if flag in sys.argv), None)

@@ -47,13 +47,15 @@ ALIGNED = {"N", "K", "stride_xm", "stride_ym"}  # multiples of 16 at the model s
 
 
 def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = False, group: int = 0,
-                 pdl: bool = False, direct: bool = True, l2_next: int = 0, l2_early: bool = False):
+                 pdl: bool = False, direct: bool = True, l2_next: int = 0, l2_early: bool = False,
+                 rows: bool = False):
     """The decode GEMV compiled for sm_90 with one autotune ``config`` (dINT4): ``w4_gemv_kernel``, or
     ``w4_gemv_group_kernel`` for ``group`` = 2 or 3 weights; int8 codes given, or fp16 activations
     quantized in the kernel (``fuse_quant``); ``pdl``: as a programmatic dependent launch; ``direct``:
     ``X_DIRECT`` where the dispatch sets it (``DISPATCH.gemv_direct``: M = 1, int8 codes given); ``EVEN`` as
     at the LLaMA shapes (N a multiple of BLOCK_N, ``k`` a whole number of steps, no split); ``l2_next`` /
-    ``l2_early``: that many L2 prefetch regions, issued after (or before) the weight loop."""
+    ``l2_early``: that many L2 prefetch regions, issued after (or before) the weight loop; ``rows``: ``X_DIRECT``
+    at BLOCK_M 2 and 4 too (``DISPATCH.gemv_direct_rows``: one accumulator per row)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -64,7 +66,8 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=False, INT_OUT=False, USE_ASM=True,
                  FUSE_QUANT=fuse_quant, X_WORDS=not fuse_quant, LUT=False, X_QMAX=255, X_SYMMETRIC=False,
                  X_RECIP_DIV=False, STAT_BLOCK=G.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
-                 X_DIRECT=direct and not fuse_quant and block_m == 1, L2_NEXT=l2_next, L2_EARLY=l2_early,
+                 X_DIRECT=direct and not fuse_quant and (block_m == 1 or (rows and block_m <= 4)),
+                 L2_NEXT=l2_next, L2_EARLY=l2_early,
                  EVEN=G.even([4096], k, 128, config.kwargs["BLOCK_N"], config.kwargs["BLOCK_W"],
                              config.kwargs.get("SPLIT_K", 1)),
                  **config.kwargs)
@@ -178,17 +181,18 @@ def main(argv=None) -> list[dict]:
         return [{"problems": check_variants(G.GEMV_CONFIGS + G.GEMV_SPLITK_CONFIGS + G.GEMV_PIPELINED_CONFIGS
                                             + G.GEMV_PREFETCH2_CONFIGS)}]
     if args.sass:
-        print("| BLOCK_M | BLOCK_N | BLOCK_W | warps | PREFETCH | loop instructions | per weight word | dp4a | "
-              "barriers | shared ld/st |\n|" + "---:|" * 10)
+        print("| BLOCK_M | per-row accumulators | BLOCK_N | BLOCK_W | warps | PREFETCH | loop instructions | "
+              "per weight word | dp4a | barriers | shared ld/st |\n|" + "---:|" * 11)
         rows = []
-        for bm, cfg in itertools.product((1, 4, 16), G.GEMV_CONFIGS + G.GEMV_PREFETCH2_CONFIGS):
+        for (bm, per_row), cfg in itertools.product(((1, False), (4, False), (4, True), (16, False)),
+                                                    G.GEMV_CONFIGS + G.GEMV_PREFETCH2_CONFIGS):
             if G.accumulator_fits(cfg, bm):
-                mix = loop_mix(compile_gemv(cfg, block_m=bm), cfg)
+                mix = loop_mix(compile_gemv(cfg, block_m=bm, rows=per_row), cfg)
                 kw = cfg.kwargs
-                print(f"| {bm} | {kw['BLOCK_N']} | {kw['BLOCK_W']} | {cfg.num_warps} | {kw['PREFETCH']} | "
-                      f"{mix['instructions']} | "
+                print(f"| {bm} | {'yes' if per_row else 'no'} | {kw['BLOCK_N']} | {kw['BLOCK_W']} | {cfg.num_warps} | "
+                      f"{kw['PREFETCH']} | {mix['instructions']} | "
                       f"{mix['per_word']:.1f} | {mix['dp4a']} | {mix['barriers']} | {mix['shared']} |", flush=True)
-                rows.append(dict(block_m=bm, config=dict(kw, num_warps=cfg.num_warps), **mix))
+                rows.append(dict(block_m=bm, rows=per_row, config=dict(kw, num_warps=cfg.num_warps), **mix))
         return rows
 
     head = ["BLOCK_N", "BLOCK_W", "warps", "PIPELINE", "PREFETCH", "regs", "smem KB", "cp.async"]

@@ -193,7 +193,11 @@ def _gemv_block(
     # [1, BLOCK_N, BLOCK_W] and activation words loaded straight into the accumulator's layout (see the
     # loop); else [BLOCK_N, BLOCK_W] and [BLOCK_M, BLOCK_W], broadcast. Not with PIPELINE > 1: the
     # pipeliner would stage those words through shared memory too, halving the programs per SM.
-    DIRECT: tl.constexpr = (X_DIRECT and PIPELINE <= 1) and ((X_WORDS and not LUT) and BLOCK_M == 1)
+    # At BLOCK_M = 2 or 4 (X_DIRECT set for them: ``DISPATCH.gemv_direct_rows``) each row keeps its own
+    # [1, BLOCK_N, BLOCK_W] accumulator (ROWS): the weight tile stays in the M = 1 layout, met by each row's
+    # words in turn, instead of a [BLOCK_M, ...] accumulator the weights must be broadcast (converted) into.
+    DIRECT: tl.constexpr = (X_DIRECT and PIPELINE <= 1) and ((X_WORDS and not LUT) and BLOCK_M <= 4)
+    ROWS: tl.constexpr = DIRECT and BLOCK_M > 1
     CH: tl.constexpr = BLOCK_W // WPC  # chunks per step
     HALF: tl.constexpr = PACK_K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,6 +240,11 @@ def _gemv_block(
 
     shape: tl.constexpr = [BLOCK_M, BLOCK_N, BLOCK_W]
     acc = tl.zeros(shape, tl.int32)
+    row_shape: tl.constexpr = [1, BLOCK_N, BLOCK_W]  # ROWS: one accumulator per row (unused ones vanish)
+    acc0 = tl.zeros(row_shape, tl.int32)
+    acc1 = tl.zeros(row_shape, tl.int32)
+    acc2 = tl.zeros(row_shape, tl.int32)
+    acc3 = tl.zeros(row_shape, tl.int32)
     x_sum = tl.zeros([BLOCK_M, BLOCK_W], tl.int32)  # LUT: sum_k x_k, for the table's +64 bias
     for it in tl.range(n_steps, num_stages=PIPELINE if PIPELINE > 1 else 1):
         c0 = c_begin + it * CH
@@ -251,7 +260,9 @@ def _gemv_block(
                 w_next = _w_tile(w32, it + 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT,
                                  EVEN)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
-        if DIRECT:
+        if ROWS:
+            pass  # each row reads its own words (_direct_row, below)
+        elif DIRECT:
             # Every thread reads the activation words of its own weight words (the BLOCK_N threads of a word
             # lane read the same ones, from L1): a broadcast [BLOCK_M, 1, BLOCK_W] would be a layout change
             # through shared memory, two barriers per vector of words (offline sm_90 SASS at M = 1: 26 -> 24
@@ -284,6 +295,15 @@ def _gemv_block(
                        USE_ASM, True)
             ones = tl.full(x_lo.shape, 0x01010101, tl.int32)
             x_sum = dp4a(x_hi, ones, dp4a(x_lo, ones, x_sum, USE_ASM), USE_ASM)
+        elif ROWS:
+            lo, hi = unpack_words(w_cur, zb, DINT, DINT_R, USE_ASM)
+            x32 = x_ptr.to(tl.pointer_type(tl.int32))
+            x_word = (c0 + chunk_of) * (PACK_K // 4) + word_of
+            acc0 = _direct_row(acc0, lo, hi, x32, 0, M, stride_xm, x_word, K, BLOCK_N, HALF, EVEN, USE_ASM)
+            acc1 = _direct_row(acc1, lo, hi, x32, 1, M, stride_xm, x_word, K, BLOCK_N, HALF, EVEN, USE_ASM)
+            if BLOCK_M > 2:
+                acc2 = _direct_row(acc2, lo, hi, x32, 2, M, stride_xm, x_word, K, BLOCK_N, HALF, EVEN, USE_ASM)
+                acc3 = _direct_row(acc3, lo, hi, x32, 3, M, stride_xm, x_word, K, BLOCK_N, HALF, EVEN, USE_ASM)
         else:
             lo, hi = unpack_words(w_cur, zb, DINT, DINT_R, USE_ASM)
             if not DIRECT:
@@ -297,7 +317,14 @@ def _gemv_block(
         gdc_launch_dependents()
     # Epilogue: one reduction over the word lanes (split-K: summed across the slices in int32, exactly),
     # zero-point correction, scales, bias.
-    total = tl.sum(acc, axis=2)
+    if ROWS:  # [BLOCK_M, BLOCK_N] from the rows' sums
+        total = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=2), 0)
+        total += tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=2), 0)
+        if BLOCK_M > 2:
+            total += tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=2), 0)
+            total += tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=2), 0)
+    else:
+        total = tl.sum(acc, axis=2)
     if LUT:
         total -= LUT_BIAS * tl.sum(x_sum, axis=1)[:, None]
     y_mask = m_ok[:, None] & n_ok[None, :]
@@ -317,6 +344,24 @@ def _gemv_block(
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
             _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr,
                         bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _direct_row(acc, lo, hi, x32, r: tl.constexpr, M, stride_xm, x_word, K, BLOCK_N: tl.constexpr,
+                HALF: tl.constexpr, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+    """ROWS: row ``r``'s activation words read into the weight tile's ``[1, BLOCK_N, BLOCK_W]`` layout (as at
+    M = 1) and dotted with the unpacked words ``lo`` / ``hi``. A row past M re-reads row M - 1 (in bounds;
+    its sums are never stored)."""
+    row = tl.minimum(r, M - 1)
+    x_off = row * (stride_xm // 4) + tl.zeros([1, BLOCK_N, 1], tl.int32) + x_word[None, None, :]
+    if EVEN:  # every step inside K
+        x_lo = tl.load(x32 + x_off)
+        x_hi = tl.load(x32 + x_off + HALF // 4)
+    else:
+        x_lo = tl.load(x32 + x_off, mask=(x_word < K // 4)[None, None, :], other=0)
+        x_hi = tl.load(x32 + x_off + HALF // 4, mask=(x_word + HALF // 4 < K // 4)[None, None, :], other=0)
+    acc = dp4a(lo, x_lo, acc, USE_ASM)
+    return dp4a(hi, x_hi, acc, USE_ASM)
 
 
 @triton.jit

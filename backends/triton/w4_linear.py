@@ -71,6 +71,9 @@ class Dispatch:
     # broadcasting them (no shared memory or barrier in the K loop; examples/results/gemv_sass_sm90.md).
     # Same outputs; H100, M = 1: 1.13x on 4096x4096, noise on the other shapes (bench_gemv_pieces --direct).
     gemv_direct: bool = True
+    # The same at M = 2-4 (BLOCK_M 2 or 4): one accumulator per row, each row's words read into the weight
+    # tile's layout (w4_gemv_kernel ROWS); same outputs. Off: not timed on a GPU yet.
+    gemv_direct_rows: bool = False
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
@@ -235,7 +238,8 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
                 STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
-                X_DIRECT=DISPATCH.gemv_direct and x_words and not use_lut and block_m == 1,
+                X_DIRECT=DISPATCH.gemv_direct and x_words and not use_lut and (
+                    block_m == 1 or (DISPATCH.gemv_direct_rows and block_m <= 4)),
                 **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
 
 

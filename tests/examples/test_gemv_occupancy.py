@@ -51,3 +51,18 @@ def test_batch1_loop_has_no_layout_change():
         assert mix["dp4a"] == 2 * words, (cfg, mix)
     wide = O.loop_mix(O.compile_gemv(_cfg(16, 32, 4), block_m=16), _cfg(16, 32, 4))
     assert wide["shared"] > 0 and wide["dp4a"] == 2 * 16 * 4
+
+
+def test_per_row_accumulators_keep_the_loop_in_registers():
+    """M = 2-4 with ``rows`` (``DISPATCH.gemv_direct_rows``): each row's accumulator in the weight tile's layout,
+    so the K loop has no shared memory and no barrier (the broadcast ``[4, BLOCK_N, BLOCK_W]`` accumulator
+    converts the weight tile through shared memory every step), two dp4a per weight word, row and thread,
+    and fewer instructions per weight word than that broadcast."""
+    for cfg in (_cfg(8, 64, 2), _cfg(4, 256, 4), _cfg(16, 64, 4)):
+        words = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_W"] // (32 * cfg.num_warps)
+        for bm in (2, 4):
+            mix = O.loop_mix(O.compile_gemv(cfg, block_m=bm, rows=True), cfg)
+            assert mix["barriers"] == 0 and mix["shared"] == 0, (cfg, bm, mix)
+            assert mix["dp4a"] == 2 * bm * words, (cfg, bm, mix)
+        broadcast = O.loop_mix(O.compile_gemv(cfg, block_m=4), cfg)
+        assert broadcast["barriers"] > 0 and mix["per_word"] < broadcast["per_word"], (cfg, mix, broadcast)

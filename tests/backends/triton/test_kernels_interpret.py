@@ -363,6 +363,34 @@ if INTERPRET:
         assert all(torch.equal(a, b) for a, b in zip(direct, broadcast))
         check_gemm(x, pws[0], launch_gemv)
 
+    @child_only
+    @pytest.mark.parametrize("m,n,k", [(2, 16, 256), (3, 21, 300), (4, 12, 1000), (4, 32, 512)])
+    def test_gemv_direct_rows_keep_the_outputs(m, n, k):
+        """``DISPATCH.gemv_direct_rows`` (M = 2-4: one accumulator per row, each row's words read into the
+        weight tile's layout) = the broadcast words, bitwise, for the single, split-K and group GEMV, EVEN and
+        masked steps, M = 3 in a BLOCK_M = 4 program; and the reference's int32 sums."""
+        from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv_group
+
+        pws = [make_weight(n + i, k, "dint4", "channel", "cpu", seed=n + i) for i in range(3)]
+        x = make_x(m, k, "cpu", seed=k)
+        q = quantize_rows(x, 8, False)
+
+        def run():
+            ys = [torch.empty(m, pw.out_features) for pw in pws]
+            single = launch_gemv(*q, pws[0], torch.empty(m, n), config=dict(BLOCK_N=4, BLOCK_W=64, num_warps=4))
+            split = launch_gemv(*q, pws[1], torch.empty(m, n + 1), config=dict(BLOCK_N=4, BLOCK_W=32, SPLIT_K=3,
+                                                                                 num_warps=4))
+            return [single, split, *launch_gemv_group(*q, pws, ys)]
+
+        broadcast = run()
+        DISPATCH.gemv_direct_rows = True
+        try:
+            rows = run()
+            check_gemm(x, pws[0], launch_gemv)
+        finally:
+            DISPATCH.gemv_direct_rows = False
+        assert all(torch.equal(a, b) for a, b in zip(rows, broadcast))
+
     def _sibling_sites():
         """Three dINT4 per-channel weights (N = 16, 24, 40; K = 200) as ``formats.quantize`` outputs."""
         from qcompile import formats as F
