@@ -20,7 +20,8 @@ step's tile already in flight (registers, double-buffered by hand; ``PREFETCH = 
 tiles), and keeps an int32 accumulator per (row, channel, word lane) reduced once at the end: no
 shuffles inside the K loop. At M = 1 every thread reads the activation words its weight words meet
 (``X_DIRECT``: the same words for all BLOCK_N rows, from L1), so nothing changes layout inside the loop
-(``gemv_occupancy.py --sass``). ``FUSE_QUANT``
+(``gemv_occupancy.py --sass``). At M = 2-4 the same holds with one accumulator per row (``ROWS``, where
+``DISPATCH.gemv_direct_rows`` sets X_DIRECT for them); else those rows share a broadcast accumulator. ``FUSE_QUANT``
 quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
 then quantizes the slice it needs): one launch instead of two.
 
