@@ -382,14 +382,24 @@ def _gpu_time(fn) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
+def _kernel_switches() -> tuple:
+    """The ``DISPATCH`` switches that change what a path's kernels do: part of every path-choice key, so a
+    choice timed with one setting is not reused under another (an experiment that speeds up one path gets
+    the choice between paths timed again)."""
+    d = DISPATCH
+    return (d.gemv_direct, d.gemv_direct_rows, d.gemv_prefetch2, d.gemv_pdl, d.gemv_lut, d.use_asm, d.l2_prefetch,
+            d.l2_prefetch_mb)
+
+
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
     """``forced`` if set, else the fastest candidate for ``key`` (the call's shapes and options, ending with
-    its device): timed once, kept in this process and on disk (``dispatch_cache``: a later process takes it
-    without timing or compiling the rest)."""
+    its device) under the current kernel switches (``_kernel_switches``): timed once, kept in this process
+    and on disk (``dispatch_cache``: a later process takes it without timing or compiling the rest)."""
     if forced != "auto":
         if forced not in candidates:
             raise ValueError(f"path {forced!r} is not available here; candidates: {sorted(candidates)}")
         return forced
+    key = (*key[:-1], _kernel_switches(), key[-1])
     if key in _PATH_CACHE:
         return _PATH_CACHE[key]
     first = next(iter(candidates))

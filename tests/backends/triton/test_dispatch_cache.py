@@ -46,7 +46,7 @@ def test_a_later_process_takes_the_stored_winner(timing, tmp_path, monkeypatch):
     assert timing["calls"] == 4  # each path run once to compile, once timed
     stored = json.loads((tmp_path / "home" / "triton" / "dispatch_paths.json").read_text())
     (env, entries), = stored.items()
-    assert "kernels " in env and entries == {repr(KEY): "gemv"}
+    assert "kernels " in env and entries == {repr((*KEY[:-1], w4_linear._kernel_switches(), KEY[-1])): "gemv"}
     _new_process(monkeypatch)
     timing["times"] = {"fused": 1.0, "gemv": 2.0}  # would now pick fused if it timed again
     assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
@@ -79,3 +79,18 @@ def test_switch_off_and_unwritable_home(timing, tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="cannot keep the timed dispatch paths"):
         assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_a_kernel_switch_times_the_choice_again(timing, monkeypatch):
+    """A choice timed under one setting of the kernel switches (``DISPATCH.gemv_direct_rows`` here) is not
+    reused under another, in this process or a later one; back under the first, it is."""
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
+    monkeypatch.setattr(w4_linear.DISPATCH, "gemv_direct_rows", True)
+    timing["times"] = {"fused": 1.0, "gemv": 2.0}  # as if the switch had made fused the faster path
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "fused"
+    assert timing["calls"] == 8
+    _new_process(monkeypatch)
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "fused"
+    monkeypatch.setattr(w4_linear.DISPATCH, "gemv_direct_rows", False)
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
+    assert timing["calls"] == 8  # both stored: nothing timed again
