@@ -32,12 +32,10 @@ reference's (tiny fp16 LLaMA: logits 5e-3 relative from the unfused graph), so
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
-from .qcodes_sites import int8_site, node_val, replace_with_qcodes
+from .qcodes_sites import call_before, int8_site, node_val, replace_with_qcodes
 
 __all__ = ["quantize_in_inductor", "quantize_per_token_ops"]
 
@@ -87,9 +85,7 @@ def quantize_in_inductor(gm: fx.GraphModule, devices=("cuda",)) -> int:
         site = int8_site(node)
         if site is None or node_val(site.x).device.type not in devices:
             continue
-        with gm.graph.inserting_before(node):
-            quant = gm.graph.call_function(quantize_per_token_ops, (site.x, site.act_fmt))
-            xq, xs, xz = (gm.graph.call_function(operator.getitem, (quant, i)) for i in range(3))
+        xq, xs, xz = call_before(gm, node, quantize_per_token_ops, (site.x, site.act_fmt), 3)
         replace_with_qcodes(gm, node, site, xq, xs, xz)
         count += 1
     if count:

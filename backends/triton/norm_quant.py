@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers rmsnorm_quantize_per_token)
-from .qcodes_sites import Int8Site, int8_site, node_val, replace_with_qcodes
+from .qcodes_sites import Int8Site, call_before, int8_site, is_call, node_val, replace_with_qcodes
 from .rmsnorm_quant_kernel import MAX_ROW
 
 __all__ = ["fuse_norm_quant"]
@@ -37,7 +37,7 @@ _RSQRT = (torch.rsqrt, torch.ops.aten.rsqrt.default)
 
 
 def _fn(node, targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets and not node.kwargs
+    return is_call(node, targets) and not node.kwargs
 
 
 def _method(node, name: str) -> bool:
@@ -118,9 +118,7 @@ def fuse_norm_quant(gm: fx.GraphModule, max_rows: int = 16) -> int:
             isinstance(a, fx.Node) and node_val(a) is not None and node_val(a).shape == hv.shape
             and node_val(a).dtype == hv.dtype for a in h.args))
         inputs = (h.args[0], h.args[1]) if residual else (h, None)
-        with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(_NORM_QUANT, (*inputs, weight, eps, site.act_fmt))
-            h_new, xq, xs, xz = (gm.graph.call_function(operator.getitem, (fused, i)) for i in range(4))
+        h_new, xq, xs, xz = call_before(gm, node, _NORM_QUANT, (*inputs, weight, eps, site.act_fmt), 4)
         replace_with_qcodes(gm, node, site, xq, xs, xz)
         for n in chain:
             gm.graph.erase_node(n)

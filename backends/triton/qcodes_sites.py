@@ -2,8 +2,8 @@
 
 ``inductor_quant.py`` (torch ops Inductor fuses), ``swiglu_quant.py`` (``silu(gate) * up`` in the
 quantization kernel) and ``norm_quant.py`` (residual add + RMSNorm in it) each find a lowered W4A8 site
-(``int8_site``), compute its activation codes their own way, and hand them to ``w4_linear_qcodes`` in the
-site's place (``replace_with_qcodes``).
+(``int8_site``), insert the op that computes its activation codes their own way (``call_before``), and hand
+the codes to ``w4_linear_qcodes`` in the site's place (``replace_with_qcodes``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import fx
 
 from . import codes_ops as _codes_ops  # noqa: F401  (registers the ops)
 
-__all__ = ["Int8Site", "int8_site", "node_val", "replace_with_qcodes"]
+__all__ = ["Int8Site", "call_before", "int8_site", "is_call", "node_val", "replace_with_qcodes"]
 
 _KERNEL = torch.ops.qcompile_triton.w4_linear_codes.default
 _SHARED = torch.ops.qcompile_triton.w4_linear_codes_shared.default
@@ -26,6 +26,19 @@ _INT8 = ("int8", "int8_sym")
 def node_val(node):
     """The example value (``meta["val"]``, else ``meta["example_value"]``) of an FX node, else None."""
     return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+
+
+def is_call(node, targets) -> bool:
+    """Whether ``node`` is an FX ``call_function`` node of one of ``targets``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def call_before(gm: fx.GraphModule, node: fx.Node, target, args: tuple, outputs: int) -> list:
+    """``target(*args)`` put before ``node``, as one ``getitem`` node per output (``outputs`` of them): how
+    each pass inserts the op that computes a site's activation codes."""
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(target, args)
+        return [gm.graph.call_function(operator.getitem, (call, i)) for i in range(outputs)]
 
 
 class Int8Site(NamedTuple):
@@ -45,7 +58,7 @@ class Int8Site(NamedTuple):
 def int8_site(node: fx.Node) -> Int8Site | None:
     """The site if ``node`` is a lowered linear (single or shared) with per-channel weights, int8 per-token
     activations and an example value for its input, else None."""
-    if node.op != "call_function" or node.target not in (_KERNEL, _SHARED):
+    if not is_call(node, (_KERNEL, _SHARED)):
         return None
     x, codes, scale, zp, fmt, gran, k, act_fmt, bias = node.args[:9]
     if str(gran) != "channel" or str(act_fmt) not in _INT8 or node_val(x) is None:

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers swiglu_quantize_per_token)
-from .qcodes_sites import int8_site, node_val, replace_with_qcodes
+from .qcodes_sites import call_before, int8_site, is_call, node_val, replace_with_qcodes
 
 __all__ = ["fuse_swiglu_quant"]
 
@@ -33,13 +33,13 @@ _MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
 def _gate_up(x) -> tuple | None:
     """``(gate, up, the silu node)`` if ``x`` is ``silu(gate) * up`` (or ``up * silu(gate)``) read only by its
     one user."""
-    if not isinstance(x, fx.Node) or x.op != "call_function" or x.target not in _MUL or len(x.users) != 1:
+    if not is_call(x, _MUL) or len(x.users) != 1:
         return None
     if len(x.args) != 2 or x.kwargs:
         return None
     for silu, up in (x.args, x.args[::-1]):
-        if (isinstance(silu, fx.Node) and silu.op == "call_function" and silu.target in _SILU
-                and len(silu.users) == 1 and not silu.kwargs.get("inplace", False) and len(silu.args) == 1):
+        if (is_call(silu, _SILU) and len(silu.users) == 1 and not silu.kwargs.get("inplace", False)
+                and len(silu.args) == 1):
             gv, uv = node_val(silu.args[0]), node_val(up)
             if isinstance(gv, torch.Tensor) and isinstance(uv, torch.Tensor) and gv.shape == uv.shape \
                     and gv.dtype == uv.dtype:
@@ -56,9 +56,7 @@ def fuse_swiglu_quant(gm: fx.GraphModule) -> int:
         if match is None:
             continue
         gate, up, silu = match
-        with gm.graph.inserting_before(node):
-            quant = gm.graph.call_function(_SWIGLU_QUANT, (gate, up, site.act_fmt))
-            xq, xs, xz = (gm.graph.call_function(operator.getitem, (quant, i)) for i in range(3))
+        xq, xs, xz = call_before(gm, node, _SWIGLU_QUANT, (gate, up, site.act_fmt), 3)
         replace_with_qcodes(gm, node, site, xq, xs, xz)
         gm.graph.erase_node(site.x)
         gm.graph.erase_node(silu)
