@@ -44,6 +44,22 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def logits_of(out):
+    """The logits of a model's output (an HF output object, a tuple, or a tensor)."""
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+
+
+def lowbit_logits(model, ids, **options):
+    """``(logits, lowering report)`` of ``model(ids)`` compiled with ``backend="lowbit"`` and
+    ``options={"inductor": False, **options}`` (dynamo reset first; no grad)."""
+    from qcompile.backends.triton import dynamo
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="lowbit", options={"inductor": False, **options})(ids)
+    return logits_of(out), dynamo.last_report()
+
+
 @pytest.fixture(params=["opt", "llama", "gqa"])
 def family(request):
     return request.param

@@ -3,18 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import lowbit_logits, tiny_model
 
-from qcompile.backends.triton import dynamo
 from qcompile.backends.triton.ops import _rmsnorm_quantize_op as norm_quantize
 from qcompile.backends.triton.qmodules import quantize_linears
-
-
-def _compiled(model, ids, **options):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend="lowbit", options={"inductor": False, **options})(ids)
-    return getattr(out, "logits", out), dynamo.last_report()
 
 
 @pytest.mark.parametrize("family,fused", [("llama", 4), ("gqa", 4), ("opt", 0)])
@@ -24,12 +16,12 @@ def test_decode_norms_are_fused_and_the_logits_stay(family, fused):
     ops, as the graph did: the same logits."""
     model = quantize_linears(tiny_model(family), "w4a8-rtn-dint4").eval()
     one = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(1))
-    plain, rep_plain = _compiled(model, one)
-    got, rep = _compiled(model, one, norm_quant=True)
+    plain, rep_plain = lowbit_logits(model, one)
+    got, rep = lowbit_logits(model, one, norm_quant=True)
     assert rep_plain.norm_fused == 0 and rep.norm_fused == fused
     assert ("RMSNorms run inside" in rep.summary()) == bool(fused)
     torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
-    _, rep_prefill = _compiled(model, torch.randint(0, 128, (2, 9)), norm_quant=True)
+    _, rep_prefill = lowbit_logits(model, torch.randint(0, 128, (2, 9)), norm_quant=True)
     assert rep_prefill.norm_fused == 0
 
 

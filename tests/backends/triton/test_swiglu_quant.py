@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import lowbit_logits, tiny_model
 
 import qcompile
-from qcompile.backends.triton import dynamo
 from qcompile.backends.triton.ops import _swiglu_quantize_op as swiglu_quantize
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
-
-
-def _compiled(qm, **options):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(qm, backend="lowbit", options={"inductor": False, **options})(IDS)
-    return getattr(out, "logits", out), dynamo.last_report()
 
 
 @pytest.mark.parametrize("family,fused", [("llama", 2), ("gqa", 2), ("opt", 0)])
@@ -24,8 +16,8 @@ def test_down_projections_take_the_product(family, fused):
     """LLaMA: both layers' down projections; OPT has no SwiGLU. Same logits as without the pass (on CPU the
     ops compute silu * up with torch, as the graph did)."""
     qm = qcompile.quantize(tiny_model(family), "w4a8-rtn-dint4", progress=False)
-    plain, rep_plain = _compiled(qm)
-    got, rep = _compiled(qm, swiglu_quant=True)
+    plain, rep_plain = lowbit_logits(qm, IDS)
+    got, rep = lowbit_logits(qm, IDS, swiglu_quant=True)
     assert rep_plain.swiglu_fused == 0 and rep.swiglu_fused == fused
     assert ("silu(gate) * up" in rep.summary()) == bool(fused)
     torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
