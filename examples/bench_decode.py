@@ -189,15 +189,15 @@ def decode_run(m, batch, backend, options=None, label=None, keep=False):
                 secs.append(start.elapsed_time(end) / 1e3 / STEPS)
             return secs
 
-        times = [t * STEPS for t in timer(5)]
+        secs = timer(5)  # seconds per step, each of 5 rounds of STEPS replays
         if keep:
             KEPT[(batch, label or backend)] = timer
         del graph, timer
     if prof is not None:
-        PROFILES[(batch, label or backend)] = (prof, statistics.median(times) / STEPS)
+        PROFILES[(batch, label or backend)] = (prof, statistics.median(secs))
         log(f"  {label or backend}, top kernels per step: " + "; ".join(
             f"{name[:60]} {us:.0f} us ({n:.0f})" for us, n, name in TOP_KERNELS[-1][:10]))
-    return batch * STEPS / statistics.median(times), first_logits, compile_s, ref_logits
+    return batch / statistics.median(secs), first_logits, compile_s, ref_logits
 
 
 def gpu_state() -> str:
@@ -350,10 +350,10 @@ for batch in args.batch:
         del timers
         INTERLEAVED[batch] = {name: ([a / b for a, b in zip(secs["FP16"], s)], batch / statistics.median(s))
                               for name, s in secs.items() if name != "FP16"}
-        log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {args.interleave} rounds: FP16 "
-            f"{batch / statistics.median(secs['FP16']):.1f} tok/s (its own run above: {tps16:.1f}); GPU {state0} "
-            f"before, {state1} after")
         INTERLEAVED_FP16[batch] = (batch / statistics.median(secs["FP16"]), state0, state1)
+        log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {args.interleave} rounds: FP16 "
+            f"{INTERLEAVED_FP16[batch][0]:.1f} tok/s (its own run above: {tps16:.1f}); GPU {state0} "
+            f"before, {state1} after")
         for name, (rs, tps) in INTERLEAVED[batch].items():
             log(f"[{time.time() - t_start:4.0f}s] B={batch} interleaved, {name}: {tps:.1f} tok/s, speed-up median "
                 f"{statistics.median(rs):.2f}x, min {min(rs):.2f}x, max {max(rs):.2f}x")
