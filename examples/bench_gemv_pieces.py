@@ -157,6 +157,11 @@ def slope():
         del pws, w16s
 
 
+def _cases(groups, shapes=SHAPES) -> list:
+    """``(name, out_features of each weight, in_features)``: each of ``shapes`` alone, then ``groups``."""
+    return [(f"{n}x{k}", (n,), k) for n, k in shapes] + list(groups)
+
+
 def _weight_sets(ns, k):
     """Random fp16 weights ``[n, k]`` for each n of a shape / group, as sets to cycle through in a graph:
     4 copies of their dINT4 packings, 2 of the fp16 weights (each set one copy of every weight)."""
@@ -198,7 +203,7 @@ SPLITK_CFGS = [(8, 128, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (4, 256, 4)
 def splitk():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; split-K GEMV, GPU time per call in us", flush=True)
-    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES[::-1]] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
+    cases = _cases(GROUPS[:2], SHAPES[::-1])
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         for m in (1, 16):
@@ -238,7 +243,7 @@ def pipeline():
     print(f"device: {torch.cuda.get_device_name()}; GEMV weight stream: register prefetch vs compiler-pipelined "
           "(cp.async), best config of each, GPU time per call in us", flush=True)
     cfgs = GEMV_CONFIGS + GEMV_PIPELINED_CONFIGS
-    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
+    cases = _cases(GROUPS)
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         mb = sum(n * k for n in ns) / 2 / 1e6
@@ -271,7 +276,7 @@ def direct():
           "direct vs direct with PREFETCH = 2, best config of each, GPU time per call in us", flush=True)
     kinds = [("broadcast", False, GEMV_CONFIGS), ("direct", True, GEMV_CONFIGS),
              ("direct, 2 ahead", True, GEMV_PREFETCH2_CONFIGS)]
-    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS]
+    cases = _cases(GROUPS)
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         mb = sum(n * k for n in ns) / 2 / 1e6
@@ -307,7 +312,7 @@ def rows():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; M = 2 and 4 GEMV on given codes: broadcast vs per-row "
           "accumulators, best config of each, GPU time per call in us", flush=True)
-    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
+    cases = _cases(GROUPS[:2])
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         mb = sum(n * k for n in ns) / 2 / 1e6
@@ -347,7 +352,7 @@ def pdl():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; quantize_rows + GEMV, plain vs programmatic dependent "
           "launch (PDL), best config of each, GPU time per call in us", flush=True)
-    cases = [(f"{n}x{k}", (n,), k) for n, k in SHAPES] + [(nm, ns, k) for nm, ns, k in GROUPS[:2]]
+    cases = _cases(GROUPS[:2])
     for name, ns, k in cases:
         pw_sets, w16_sets = _weight_sets(ns, k)
         for m in (1, 4):
