@@ -27,8 +27,8 @@ launch of the quantization (its weight prologue overlaps it), model shapes and 7
 
 ``--quant``: instead, ``quantize_rows`` alone per launch config (rows per program, block, warps; one pass
 with the row in registers, or two passes; rows split over programs by SLICE columns) for M in {1, 4, 16}
-and K in {4096, 11008, 14336}, codes checked bitwise equal to the default config's, beside an empty
-launch (the floor of any kernel in the graph).
+(``QUANT_MS=1,4,16,4096``: other M) and K in {4096, 11008, 14336}, codes checked bitwise equal to the
+default config's, beside an empty launch (the floor of any kernel in the graph).
 
 ``--direct``: instead, the M = 1 GEMV on given codes with the activation words read into the accumulator's
 layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through shared memory), and direct with
@@ -49,6 +49,7 @@ layer, outputs checked bitwise equal.
                                           --direct | --rows | --l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
+import os
 import sys
 import time
 
@@ -382,6 +383,9 @@ def pdl():
         del pw_sets, w16_sets
 
 
+QUANT_MS = [int(m) for m in os.environ.get("QUANT_MS", "1,4,16").split(",")]  # --quant: rows per call
+
+
 def quant():
     """``quantize_rows`` per launch config: is the default (``quantize_kernel._config``) the fastest?"""
     import triton
@@ -395,17 +399,19 @@ def quant():
     floor = bench_graph(lambda d: d.zero_(), clones(dummy, 4))
     print(f"empty launch (a 1-element zero_): {floor:.2f} us", flush=True)
     for k in (4096, 11008, 14336):
-        for m in (1, 4, 16):
+        for m in QUANT_MS:
             xs = clones(torch.randn(m, k, device="cuda").half() * 3, 4)
             default = launch_config(m, k)
             ref = quantize_rows(xs[0], 8, False)
             full = min(triton.next_power_of_2(k), 16384)
             cfgs = [dict(ROWS=1, BLOCK=full, num_warps=w) for w in (4, 8, 16, 32)]
-            cfgs += [dict(ROWS=1, BLOCK=b, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8, 16) if b < k]
+            cfgs += [dict(ROWS=1, BLOCK=b, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)
+                     if b < k and (b < 8192 or m > 64)]
             cfgs += [dict(ROWS=r, BLOCK=full, num_warps=w) for r in (2, 4) if r <= m and r * full <= 16384
                      for w in (8, 16, 32)]
-            cfgs += [dict(ROWS=1, BLOCK=full, num_warps=w, SLICE=sl) for sl in (1024, 2048, 4096) if sl < k
-                     for w in (8, 16, 32)]
+            if m <= 64:  # several programs per row: for decode rows only (many rows fill the GPU anyway)
+                cfgs += [dict(ROWS=1, BLOCK=full, num_warps=w, SLICE=sl) for sl in (1024, 2048, 4096) if sl < k
+                         for w in (8, 16, 32)]
             times = {}
             for cfg in [None] + cfgs:
                 out = quantize_rows(xs[0], 8, False, config=cfg)
@@ -414,8 +420,10 @@ def quant():
                     continue
                 times[str(cfg)] = bench_graph(lambda x: quantize_rows(x, 8, False, config=cfg), xs)
             best = min(times, key=times.get)
+            tbs = m * k * 3 / times[best] / 1e6  # fp16 in, int8 out
             print(f"[{time.time() - t0:4.0f}s] K={k} M={m}: default {default} {times['None']:.2f} us; best {best} "
-                  f"{times[best]:.2f} us; all: " + ", ".join(f"{c} {t:.2f}" for c, t in times.items() if c != "None"),
+                  f"{times[best]:.2f} us ({tbs:.2f} TB/s); all: "
+                  + ", ".join(f"{c} {t:.2f}" for c, t in times.items() if c != "None"),
                   flush=True)
 
 

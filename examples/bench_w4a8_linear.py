@@ -126,23 +126,35 @@ def sweep_gemm(xq, xs, xz, pws, yb):
     autotuned launch's (a config that fails to compile or differs gets nan / is said)."""
     from qcompile.backends.triton import w4_gemm_kernel as kern
     ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
-    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kern.PREFILL_CONFIGS]
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS]
     out = {}
+    expanded = [W.expand_weight(p) for p in pws[:2]]  # two copies: W_KIND 2 timings (weights already int8)
     for cfg in configs + SWEEP_EXTRA:
         cfg = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
-        name = (f"sweep_{cfg['BLOCK_M']}x{cfg['BLOCK_N']},u{cfg['UNITS_PER_ITER']},g{cfg['GROUP_M']},"
-                f"w{cfg['num_warps']},s{cfg['num_stages']}")
-        try:
-            y = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb), config=cfg)
-            if not torch.equal(y, ref):
-                out[name] = "differs"
-                continue
-            out[name] = graph_or_nan(lambda p, cfg=cfg: W.launch_gemm(xq, xs, xz, p, yb, config=cfg), pws)
-        except Exception as e:  # out of shared memory / registers: this config does not fit
-            out[name] = f"failed ({type(e).__name__})"
-    timed = {k: t for k, t in out.items() if isinstance(t, float) and t == t}
-    if timed:
-        out["sweep_best"] = min(timed, key=timed.get)
+        name = (f"sweep_{'swap_' if cfg.get('SWAP_AB') else ''}{cfg['BLOCK_M']}x{cfg['BLOCK_N']},"
+                f"u{cfg['UNITS_PER_ITER']},g{cfg['GROUP_M']},w{cfg['num_warps']},s{cfg['num_stages']}")
+        for kind, w_exp in (("", None), ("_expanded", expanded)):
+            try:
+                y = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb), config=cfg,
+                                  w_expanded=w_exp and w_exp[0])
+                if not torch.equal(y, ref):
+                    out[name + kind] = "differs"
+                    continue
+                if w_exp is None:
+                    t = graph_or_nan(lambda p, cfg=cfg: W.launch_gemm(xq, xs, xz, p, yb, config=cfg), pws)
+                else:  # pws[:2] with their expanded copies (45 MB each at 4096x11008: > the L2 together)
+                    t = graph_or_nan(lambda pe, cfg=cfg: W.launch_gemm(xq, xs, xz, pe[0], yb, config=cfg,
+                                                                        w_expanded=pe[1]),
+                                     list(zip(pws[:2], w_exp)))
+                out[name + kind] = t
+            except Exception as e:  # out of shared memory / registers: this config does not fit
+                out[name + kind] = f"failed ({type(e).__name__})"
+    for kind in ("", "_expanded"):
+        timed = {k: t for k, t in out.items() if isinstance(t, float) and t == t and k.endswith(kind)
+                 and (kind or not k.endswith("_expanded"))}
+        if timed:
+            out[f"sweep_best{kind}"] = min(timed, key=timed.get)
     return out
 
 

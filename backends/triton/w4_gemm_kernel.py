@@ -15,7 +15,8 @@ channel, or one group of ``CHUNKS_PER_UNIT`` chunks); each chunk is two ``tl.dot
 one per nibble plane. Hopper: int8 ``tl.dot`` becomes wgmma when BLOCK_M % 64 == 0 and
 num_warps % 4 == 0 (prefill configs), mma.sync otherwise (decode configs with BLOCK_M = 16 —
 memory-bound, where the MMA flavour does not matter; swapping operands to put the weights on the
-wgmma M side would need BLOCK_N >= 64, i.e. 4x fewer programs at N = 4096, so it is not done).
+wgmma M side would need BLOCK_N >= 64, i.e. 4x fewer programs at N = 4096, so it is not done there).
+``SWAP_AB`` (prefill, per-channel weights) does swap them: y^T = W x^T, the weight tile is the dot's A.
 
 ``FUSE_QUANT`` (decode, per-token activations): the kernel reads the fp16/bf16 ``x`` itself, reduces
 each row's min/max (from L2, every program) and quantizes its tiles in registers — one launch
@@ -36,15 +37,18 @@ __all__ = [
     "FUSED_DECODE_CONFIGS",
     "PREFILL_CONFIGS",
     "SPLITK_DECODE_CONFIGS",
+    "SWAP_PREFILL_CONFIGS",
     "expand_kernel",
     "w4_gemm_kernel",
 ]
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def _cfg(bm, bn, upi, warps, stages, group_m=8, split_k=1):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "UNITS_PER_ITER": upi, "GROUP_M": group_m,
-                          "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, upi, warps, stages, group_m=8, split_k=1, swap_ab=False):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "UNITS_PER_ITER": upi, "GROUP_M": group_m, "SPLIT_K": split_k}
+    if swap_ab:
+        kw["SWAP_AB"] = True
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 # M <= 16: a GEMV in disguise. Small BLOCK_N gives >= 1 wave of programs at N = 4096; several
@@ -81,6 +85,17 @@ PREFILL_CONFIGS = [
         (128, 128, 1, 8, 3), (128, 128, 2, 8, 3), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3),
     ]
 ]
+# The same with the operands swapped (``SWAP_AB``): the unpacked weight tile [BLOCK_N, K] is wgmma's A
+# operand, which may stay in registers, instead of B, which must be stored to shared memory after the
+# unpack; the activation tile becomes B. Per-channel weights only. Not autotuned: timed by
+# ``bench_w4a8_linear.py --gemm-sweep`` first.
+SWAP_PREFILL_CONFIGS = [
+    _cfg(bm, bn, upi, warps, stages, swap_ab=True)
+    for bm, bn, upi, warps, stages in [
+        (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (128, 128, 1, 4, 3), (128, 128, 1, 8, 3), (256, 128, 1, 8, 3),
+        (128, 256, 1, 8, 3), (256, 64, 1, 4, 3), (256, 128, 1, 4, 3),
+    ]
+]
 
 
 def prune_configs(configs, named_args, **meta):
@@ -94,6 +109,8 @@ def prune_configs(configs, named_args, **meta):
             continue
         if m_bucket >= 512 and bn < 64:  # compute-bound: narrow tiles only re-read activations
             continue
+        if c.kwargs.get("SWAP_AB") and (grouped or meta.get("X_GROUPED") or meta.get("FUSE_QUANT")):
+            continue  # SWAP_AB: per-channel weights, quantized activations
         kept.append(c)
     return kept or configs[:1]
 
@@ -116,17 +133,25 @@ def _load_x_plane(x_ptr, offs_m, k, stride_xm, M, K, x_scale, x_zpf,
 
 @triton.jit
 def _load_w_planes(w_ptr, chunk, n_chunks, offs_j, offs_n, N, zb,
-                   W_KIND: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """int8 weight values [HALF, BLOCK_N] for the chunk's first and second halves of K."""
+                   W_KIND: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, USE_ASM: tl.constexpr,
+                   TRANS: tl.constexpr = False):
+    """int8 weight values [HALF, BLOCK_N] ([BLOCK_N, HALF] if TRANS; ``zb`` shaped to match) for the
+    chunk's first and second halves of K."""
     HALF: tl.constexpr = PACK_K // 2
+    if TRANS:
+        n_idx = offs_n[:, None]
+        j_idx = offs_j[None, :]
+    else:
+        n_idx = offs_n[None, :]
+        j_idx = offs_j[:, None]
     # Masks are built from full-shape index tensors: the interpreter mishandles 0-d comparisons.
-    mask = (chunk * PACK_K + offs_j[:, None] < n_chunks * PACK_K) & (offs_n[None, :] < N)
+    mask = (chunk * PACK_K + j_idx < n_chunks * PACK_K) & (n_idx < N)
     if W_KIND == 2:
-        ptrs = w_ptr + chunk * N * PACK_K + offs_n[None, :] * PACK_K + offs_j[:, None]
+        ptrs = w_ptr + chunk * N * PACK_K + n_idx * PACK_K + j_idx
         lo = tl.load(ptrs, mask=mask, other=0)
         hi = tl.load(ptrs + HALF, mask=mask, other=0)
     else:
-        b = tl.load(w_ptr + chunk * N * HALF + offs_n[None, :] * HALF + offs_j[:, None], mask=mask, other=0)
+        b = tl.load(w_ptr + chunk * N * HALF + n_idx * HALF + j_idx, mask=mask, other=0)
         lo, hi = unpack(b, zb, W_KIND == 1, DINT_R, USE_ASM)
     return lo, hi
 
@@ -163,8 +188,11 @@ def w4_gemm_kernel(
         USE_ASM: tl.constexpr, FUSE_QUANT: tl.constexpr, X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr,
         X_RECIP_DIV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS_PER_ITER: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr):
+        SPLIT_K: tl.constexpr,
+        SWAP_AB: tl.constexpr = False):  # accumulate y^T = W x^T ([BLOCK_N, BLOCK_M]), transposed at the end
     HALF: tl.constexpr = PACK_K // 2
+    if SWAP_AB:
+        tl.static_assert(not GROUPED and SPLIT_K == 1, "SWAP_AB takes per-channel weights and no split-K")
     # Grouped launch order (tutorial 03): GROUP_M row-blocks share each weight tile while it is in L2.
     # Split-K: program ids [k_slice * tiles, (k_slice + 1) * tiles) take slice k_slice of the K units.
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -201,10 +229,14 @@ def w4_gemm_kernel(
         x_scale = tl.load(x_scale_ptr + offs_m * stride_xg, mask=m_ok, other=0.0)
         x_zp = tl.load(x_zp_ptr + offs_m * stride_xg, mask=m_ok, other=0)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[:, None]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, :]
     acc_f = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, :]
     for it in range(tl.cdiv(unit_hi - unit_lo, UNITS_PER_ITER)):
         for uu in tl.static_range(UNITS_PER_ITER):
             unit = unit_lo + it * UNITS_PER_ITER + uu
@@ -216,14 +248,18 @@ def w4_gemm_kernel(
                 chunk = unit * CHUNKS_PER_UNIT + cc
                 k_lo = chunk * PACK_K + offs_j
                 w_lo, w_hi = _load_w_planes(w_ptr, chunk, n_chunks, offs_j, offs_n, N, zb,
-                                            W_KIND, DINT_R, PACK_K, USE_ASM)
+                                            W_KIND, DINT_R, PACK_K, USE_ASM, SWAP_AB)
                 # Activations are zero past the slice's (and the matrix's) last unit: masked weight bytes
                 # unpack to -z, not 0, so the x side is what keeps padding out of the sums.
                 x_lo = _load_x_plane(x_ptr, offs_m, k_lo, stride_xm, M, k_end, x_scale, x_zpf, FUSE_QUANT, X_QMAX)
                 x_hi = _load_x_plane(x_ptr, offs_m, k_lo + HALF, stride_xm, M, k_end, x_scale, x_zpf,
                                      FUSE_QUANT, X_QMAX)
-                acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
-                acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
+                if SWAP_AB:
+                    acc = tl.dot(w_lo, tl.trans(x_lo), acc, out_dtype=tl.int32)
+                    acc = tl.dot(w_hi, tl.trans(x_hi), acc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
+                    acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
             if GROUPED:
                 # Close the group: integer zero-point correction, then into fp32 with its scales.
                 w_sum = tl.load(w_sum_ptr + unit * N + offs_n, mask=n_ok & unit_ok_n, other=0)
@@ -242,6 +278,8 @@ def w4_gemm_kernel(
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
 
     # Epilogue.
+    if SWAP_AB:
+        acc = tl.trans(acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:  # (per-channel weights only) add the partial sums; the last slice to arrive finishes

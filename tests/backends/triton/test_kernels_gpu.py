@@ -160,6 +160,22 @@ def test_w4a8_gemv_split_k_exact(fmt, m, n, k, split):
     assert all(torch.equal(a, b) for a, b in zip(ys, ref))
 
 
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=128, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=8, num_stages=3, SWAP_AB=True),
+    dict(BLOCK_M=256, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=8, num_stages=3, SWAP_AB=True),
+    dict(BLOCK_M=64, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_warps=4, num_stages=4, SWAP_AB=True),
+])
+def test_w4a8_gemm_swapped_operands_exact(config):
+    """SWAP_AB compiled (wgmma with the unpacked weight tile as A, from registers): exact int32 sums at ragged
+    M, N, K, from packed and from expanded weights, dINT4 and INT4."""
+    for fmt, m, n, k in [("dint4", 300, 1100, 4160), ("int4_sym", 77, 4096, 1000)]:
+        pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+        x = make_x(m, k, DEV, seed=m)
+        check_gemm(x, pw, launch_gemm, config=config, use_asm=True)
+        check_gemm(x, pw, launch_gemm, config=config, w_expanded=expand_weight(pw), out_dtype=torch.bfloat16,
+                   bias=torch.randn(n, device=DEV, dtype=torch.bfloat16))
+
+
 def test_w4a8_gemm_expanded_bf16_bias():
     pw = make_weight(2048, 4096, "dint4", "channel", DEV)
     x = make_x(300, 4096, DEV, torch.bfloat16)

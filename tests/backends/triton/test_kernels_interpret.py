@@ -151,6 +151,19 @@ if INTERPRET:
                    out_dtype=torch.float32)
 
     @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 37, 40, 300), ("int4_sym", 16, 16, 128),
+                                           ("dint4_c0.25", 5, 33, 640)])
+    def test_w4a8_gemm_swapped_operands_exact(fmt, m, n, k):
+        """SWAP_AB (y^T = W x^T, the weight tile as the dot's A): exact int32 sums at ragged M, N, K edges,
+        from packed and from expanded weights."""
+        swap = dict(BLOCK_M=16, BLOCK_N=32, UNITS_PER_ITER=2, GROUP_M=2, num_warps=4, num_stages=1, SWAP_AB=True)
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n)
+        x = make_x(m, k, "cpu", seed=m)
+        check_gemm(x, pw, launch_gemm, config=swap)
+        check_gemm(x, pw, launch_gemm, config=swap, w_expanded=expand_weight(pw), bias=torch.randn(n),
+                   out_dtype=torch.bfloat16)
+
+    @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
                                            ("dint4_c0.25", 5, 40, 384), ("dint4", 2, 24, 256)])
     def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
