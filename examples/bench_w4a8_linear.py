@@ -114,10 +114,15 @@ def variants(x, pws, m):
     return v
 
 
-# The autotuner's prefill configs, then a few it does not see: other GROUP_M swizzles and a deeper pipeline.
+# The autotuner's prefill configs, then a few it does not see: other GROUP_M swizzles and a deeper pipeline,
+# and SWAP_AB tiles around the best one (128 x 128, 4 warps).
 SWEEP_EXTRA = [dict(BLOCK_M=bm, BLOCK_N=bn, UNITS_PER_ITER=upi, GROUP_M=gm, num_warps=w, num_stages=st)
                for bm, bn, upi, gm, w, st in [(128, 256, 1, 4, 8, 3), (128, 256, 1, 16, 8, 3), (256, 128, 1, 16, 8, 3),
                                               (128, 128, 1, 16, 8, 4), (128, 128, 2, 8, 8, 4), (128, 256, 2, 8, 8, 2)]]
+SWEEP_EXTRA += [dict(BLOCK_M=bm, BLOCK_N=bn, UNITS_PER_ITER=upi, GROUP_M=gm, num_warps=w, num_stages=st, SWAP_AB=True)
+                for bm, bn, upi, gm, w, st in [(128, 128, 1, 8, 4, 4), (128, 128, 2, 8, 4, 3), (128, 128, 1, 4, 4, 3),
+                                               (128, 128, 1, 16, 4, 3), (64, 128, 1, 8, 4, 3), (128, 64, 1, 8, 4, 3),
+                                               (128, 256, 1, 8, 4, 3), (64, 256, 1, 8, 4, 3)]]
 
 
 def sweep_gemm(xq, xs, xz, pws, yb):
@@ -127,7 +132,7 @@ def sweep_gemm(xq, xs, xz, pws, yb):
     from qcompile.backends.triton import w4_gemm_kernel as kern
     ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS]
+               for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:]]
     out = {}
     expanded = [W.expand_weight(p) for p in pws[:2]]  # two copies: W_KIND 2 timings (weights already int8)
     for cfg in configs + SWEEP_EXTRA:

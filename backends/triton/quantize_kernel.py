@@ -40,11 +40,20 @@ __all__ = ["launch_config", "quantize_rows"]
 SPLIT_SLICE = 1024
 
 
+# Many rows (prefill) longer than PREFILL_BLOCK: two passes over PREFILL_BLOCK columns at 8 warps. H100,
+# 2026-12-06 (``QUANT_MS=1024,4096 bench_gemv_pieces.py --quant``), M = 4096: K = 11008 169.0 us (the
+# previous 8192-column blocks) -> 68.7 (sweep best 65.1), K = 14336 149.0 -> 79.3 (the best); M = 1024 within
+# 5 % of the best. Rows up to 4096 stay one pass in registers, at 32 elements per thread (K = 4096, M = 4096:
+# 22.0 us at 8 warps -> 20.4 at 4, the best).
+PREFILL_BLOCK = 2048
+
+
 def _config(n_rows: int, row_len: int) -> dict:
-    """Whole rows in registers up to 16K elements (one pass over x), else two passes.
+    """Whole rows in registers up to 16K elements (one pass over x) at decode, up to 4096 at prefill.
 
     Few rows (decode) are one program each: a single program's serial work is the launch's latency,
-    so it gets up to 32 warps (<= 16 elements per thread); many rows keep <= 32 per thread at 4-8 warps.
+    so it gets up to 32 warps (<= 16 elements per thread); many rows keep <= 32 per thread at 4-8 warps,
+    longer rows two passes of ``PREFILL_BLOCK`` (the second read hits L2).
     Few rows longer than ``SPLIT_SLICE`` are coded by several programs each (``SPLIT``, module docstring).
     """
     block = min(triton.next_power_of_2(max(row_len, 16)), 16384)
@@ -55,9 +64,10 @@ def _config(n_rows: int, row_len: int) -> dict:
         if row_len > SPLIT_SLICE:
             slice_ = SPLIT_SLICE
             num_warps = 8 if block <= 4096 else 16
+    elif block > 4096:
+        block, num_warps = PREFILL_BLOCK, 8
     else:
-        num_warps = max(4, min(8, rows * block // 512))
-        block = min(block, 8192)
+        num_warps = max(4, min(8, rows * block // 1024))
     return dict(ROWS=rows, BLOCK=block, num_warps=num_warps, SLICE=slice_)
 
 

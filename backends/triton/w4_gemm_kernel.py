@@ -76,6 +76,21 @@ SPLITK_DECODE_CONFIGS = [
         (128, 1, 4, 3, 8), (128, 2, 8, 3, 8), (128, 1, 4, 3, 16),
     ]
 ]
+# With the operands swapped (``SWAP_AB``): the unpacked weight tile [BLOCK_N, K] is wgmma's A operand, which
+# stays in registers (offline sm_90 PTX: A from registers, 0-5 shared stores in the kernel instead of 22),
+# instead of B, which must be stored to shared memory after the unpack; the activation tile becomes B.
+# Per-channel weights only (the autotuner prunes them for groups). H100, 2026-12-06, M = 4096, codes given
+# (``bench_w4a8_linear.py --variants --gemm-sweep``): the best unswapped config (256 x 128, 8 warps) 460.8 us
+# at 4096x11008 and 178.4 at 4096x4096; swapped 128 x 128 on 4 warps 359.8 and 149.0, 256 x 128 on 8 warps
+# 398.8 and 164.2, also ahead of the best on pre-expanded int8 weights (366.1 and 149.6, without the expansion).
+# The first two are autotuned; all of them are in the sweep.
+SWAP_PREFILL_CONFIGS = [
+    _cfg(bm, bn, upi, warps, stages, swap_ab=True)
+    for bm, bn, upi, warps, stages in [
+        (128, 128, 1, 4, 3), (256, 128, 1, 8, 3), (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (128, 128, 1, 8, 3),
+        (128, 256, 1, 8, 3), (256, 64, 1, 4, 3), (256, 128, 1, 4, 3),
+    ]
+]
 # M > 16: tiled GEMM; BLOCK_M % 64 == 0 and num_warps % 4 == 0 for wgmma. Narrow tiles (BLOCK_N 32,
 # 64) keep all SMs streaming weights while M is small (M = 64: one row of tiles).
 PREFILL_CONFIGS = [
@@ -84,18 +99,7 @@ PREFILL_CONFIGS = [
         (64, 32, 2, 4, 3), (64, 64, 2, 4, 3), (64, 128, 1, 4, 4), (64, 256, 1, 8, 3), (128, 64, 1, 4, 4),
         (128, 128, 1, 8, 3), (128, 128, 2, 8, 3), (128, 256, 1, 8, 3), (256, 128, 1, 8, 3),
     ]
-]
-# The same with the operands swapped (``SWAP_AB``): the unpacked weight tile [BLOCK_N, K] is wgmma's A
-# operand, which may stay in registers, instead of B, which must be stored to shared memory after the
-# unpack; the activation tile becomes B. Per-channel weights only. Not autotuned: timed by
-# ``bench_w4a8_linear.py --gemm-sweep`` first.
-SWAP_PREFILL_CONFIGS = [
-    _cfg(bm, bn, upi, warps, stages, swap_ab=True)
-    for bm, bn, upi, warps, stages in [
-        (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (128, 128, 1, 4, 3), (128, 128, 1, 8, 3), (256, 128, 1, 8, 3),
-        (128, 256, 1, 8, 3), (256, 64, 1, 4, 3), (256, 128, 1, 4, 3),
-    ]
-]
+] + SWAP_PREFILL_CONFIGS[:2]
 
 
 def prune_configs(configs, named_args, **meta):

@@ -42,6 +42,7 @@ if INTERPRET:
     @pytest.mark.parametrize("m,k,bits,sym,group,dtype", [
         (1, 7, 8, False, 0, torch.float16), (5, 300, 8, False, 0, torch.float16),
         (4, 300, 8, True, 0, torch.bfloat16), (2, 20000, 8, False, 0, torch.float32),  # two-pass path
+        (70, 5000, 8, False, 0, torch.float16),  # many rows longer than PREFILL_BLOCK: two passes, ragged end
         (6, 256, 4, False, 64, torch.float16), (3, 384, 4, True, 128, torch.float16),
     ])
     def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
