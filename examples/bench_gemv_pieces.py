@@ -27,7 +27,7 @@ launch of the quantization (its weight prologue overlaps it), model shapes and 7
 
 ``--quant``: instead, ``quantize_rows`` alone per launch config (rows per program, block, warps; one pass
 with the row in registers, or two passes; rows split over programs by SLICE columns) for M in {1, 4, 16}
-(``QUANT_MS=1,4,16,4096``: other M) and K in {4096, 11008, 14336}, codes checked bitwise equal to the
+(``QUANT_MS=1,4,16,4096``: other M) and K in {4096, 11008, 14336} (``QUANT_KS``), codes checked bitwise equal to the
 default config's, beside an empty launch (the floor of any kernel in the graph).
 
 ``--direct``: instead, the M = 1 GEMV on given codes with the activation words read into the accumulator's
@@ -384,6 +384,7 @@ def pdl():
 
 
 QUANT_MS = [int(m) for m in os.environ.get("QUANT_MS", "1,4,16").split(",")]  # --quant: rows per call
+QUANT_KS = [int(k) for k in os.environ.get("QUANT_KS", "4096,11008,14336").split(",")]  # --quant: row lengths
 
 
 def quant():
@@ -398,7 +399,7 @@ def quant():
     dummy = torch.zeros(1, device="cuda")
     floor = bench_graph(lambda d: d.zero_(), clones(dummy, 4))
     print(f"empty launch (a 1-element zero_): {floor:.2f} us", flush=True)
-    for k in (4096, 11008, 14336):
+    for k in QUANT_KS:
         for m in QUANT_MS:
             xs = clones(torch.randn(m, k, device="cuda").half() * 3, 4)
             default = launch_config(m, k)
@@ -409,6 +410,9 @@ def quant():
                      if b < k and (b < 8192 or m > 64)]
             cfgs += [dict(ROWS=r, BLOCK=full, num_warps=w) for r in (2, 4) if r <= m and r * full <= 16384
                      for w in (8, 16, 32)]
+            if m > 64 and k > 4096:  # two passes over several rows a program
+                cfgs += [dict(ROWS=r, BLOCK=b, num_warps=w) for r in (2, 4) for b in (512, 1024, 2048)
+                         for w in (4, 8, 16) if r * b <= 4096]
             if m <= 64:  # several programs per row: for decode rows only (many rows fill the GPU anyway)
                 cfgs += [dict(ROWS=1, BLOCK=full, num_warps=w, SLICE=sl) for sl in (1024, 2048, 4096) if sl < k
                          for w in (8, 16, 32)]

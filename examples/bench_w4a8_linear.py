@@ -79,7 +79,7 @@ def quantized_weight(w, fmt, gran):
     return prepack(codes, scale, zp, fmt, gran), F.dequantize(codes, scale, zp, spec, g)
 
 
-def variants(x, pws, m):
+def variants(x, pws, m, w8s):
     """GPU time of each dispatch path forced, and of the pieces (same inputs as the main measurement)."""
     d, v, pw = W.DISPATCH, {}, pws[0]
     v["auto"] = next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
@@ -99,8 +99,16 @@ def variants(x, pws, m):
         v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
         v["gemm"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
         v["cfg"] = str(getattr(W._prefill_kernel, "best_config", ""))
+        # The W8A8 baseline on our activation codes instead of uniform random int8 (its data, its power draw).
+        v["int_mm_our_codes"] = graph_or_nan(lambda w: torch._int_mm(xq, w.t()), w8s)
         if GEMM_SWEEP:
             v.update(sweep_gemm(xq, xs, xz, pws, yb))
+            best = W._prefill_kernel.best_config  # the autotuner's pick, autotuned vs launched explicitly, in turn
+            pick = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+            for r in range(2):
+                v[f"gemm_autotuned_{r}"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
+                v[f"gemm_pick_explicit_{r}"] = graph_or_nan(
+                    lambda p: W.launch_gemm(xq, xs, xz, p, yb, config=pick), pws)
         if m >= d.expand_min_m:
             v["expand_weight"] = graph_or_nan(W.expand_weight, pws)
             for path in ("inloop", "expand"):
@@ -207,7 +215,7 @@ for n, k in SHAPES:
               flush=True)
         if VARIANTS and time.time() - t_start < VARIANT_BUDGET_S:  # 4. Variants, same inputs.
             try:
-                v = variants(x, pws, m)
+                v = variants(x, pws, m, w8s)
             except Exception as e:
                 v = {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
             var_rows.append((n, k, m, v))
