@@ -101,14 +101,13 @@ def variants(x, pws, m, w8s):
         v["cfg"] = str(getattr(W._prefill_kernel, "best_config", ""))
         # The W8A8 baseline on our activation codes instead of uniform random int8 (its data, its power draw).
         v["int_mm_our_codes"] = graph_or_nan(lambda w: torch._int_mm(xq, w.t()), w8s)
+        best = W._prefill_kernel.best_config  # the autotuner's pick, autotuned vs launched explicitly, in turn
+        pick = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+        for r in range(2):
+            v[f"gemm_autotuned_{r}"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
+            v[f"gemm_pick_explicit_{r}"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb, config=pick), pws)
         if GEMM_SWEEP:
             v.update(sweep_gemm(xq, xs, xz, pws, yb))
-            best = W._prefill_kernel.best_config  # the autotuner's pick, autotuned vs launched explicitly, in turn
-            pick = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-            for r in range(2):
-                v[f"gemm_autotuned_{r}"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
-                v[f"gemm_pick_explicit_{r}"] = graph_or_nan(
-                    lambda p: W.launch_gemm(xq, xs, xz, p, yb, config=pick), pws)
         if m >= d.expand_min_m:
             v["expand_weight"] = graph_or_nan(W.expand_weight, pws)
             for path in ("inloop", "expand"):
