@@ -52,7 +52,7 @@ class Dispatch:
     """Dispatch thresholds and path switches."""
 
     decode_max_m: int = 16
-    decode_path: str = "auto"  # "auto" | "fused" | "unfused" | "splitk" | "gemv" | "gemv_fused"
+    decode_path: str = "auto"  # "auto" | "fused" | "unfused" | "splitk" | "gemv" | "gemv_fused" | "gemv_rows"
     prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
     expand_min_m: int = 256  # "expand" is a candidate from this M on
     use_asm: bool = True  # PTX SIMD unpacker on GPU (never under the interpreter)
@@ -60,7 +60,7 @@ class Dispatch:
     # H200 it timed the same as the arithmetic one (the GEMV waits on memory, not on the ALUs), so off.
     gemv_lut: bool = False
     # Sibling linears of one input at decode (w4_linear_2d_shared): "auto" | "per_weight" | "gemv_group" |
-    # "gemv_group_fused"
+    # "gemv_group_fused" | "gemv_group_rows"
     group_path: str = "auto"
     # The decode GEMV launched as a programmatic dependent of its activation quantization (Hopper; the
     # weight prologue overlaps quantize_rows): 0.6-1.6 us less per linear on the H100 (bench_gemv_pieces
@@ -72,8 +72,13 @@ class Dispatch:
     # Same outputs; H100, M = 1: 1.13x on 4096x4096, noise on the other shapes (bench_gemv_pieces --direct).
     gemv_direct: bool = True
     # The same at M = 2-4 (BLOCK_M 2 or 4): one accumulator per row, each row's words read into the weight
-    # tile's layout (w4_gemv_kernel ROWS); same outputs. Off: not timed on a GPU yet.
+    # tile's layout (w4_gemv_kernel ROWS); same outputs. Off: on the H100 (bench_gemv_pieces --rows, 2026-12-06)
+    # up to 1.22x faster on 9 of 12 shapes and groups, but 0.62x on 4096x11008 at M = 4.
     gemv_direct_rows: bool = False
+    # Per shape instead: at M = 2-4 the per-row GEMV is one more decode candidate ("gemv_rows"; with sibling
+    # weights "gemv_group_rows" and "gemv_rows" per weight), timed against the rest once per shape like every
+    # path. Off: not timed in decode on a GPU yet (bench_decode.py --rows-candidate).
+    gemv_rows_candidate: bool = False
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
@@ -221,9 +226,10 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
 
 
 def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, int_out, use_asm, lut,
-               pdl=False) -> dict:
+               pdl=False, direct_rows=None) -> dict:
     """The GEMV's compile-time arguments for activation ``x [M, K]`` and weight ``pw`` (checks both), and
-    the ``launch_pdl`` launch option where ``pdl`` takes effect (``_common.pdl_launch``)."""
+    the ``launch_pdl`` launch option where ``pdl`` takes effect (``_common.pdl_launch``). ``direct_rows``: the
+    per-row accumulators at M = 2-4 (default ``DISPATCH.gemv_direct_rows``)."""
     m, k = x.shape
     if pw.group_size > 0 or m > SPLITK_MAX_M:
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
@@ -238,8 +244,8 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
                 STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
-                X_DIRECT=DISPATCH.gemv_direct and x_words and not use_lut and (
-                    block_m == 1 or (DISPATCH.gemv_direct_rows and block_m <= 4)),
+                X_DIRECT=DISPATCH.gemv_direct and x_words and not use_lut and (block_m == 1 or (
+                    (DISPATCH.gemv_direct_rows if direct_rows is None else direct_rows) and block_m <= 4)),
                 **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
 
 
@@ -275,7 +281,7 @@ def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor
 
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
-                split_k=False, lut=None, pdl=False, l2_next=None):
+                split_k=False, lut=None, pdl=False, l2_next=None, direct_rows=None):
     """Run ``w4_gemv_kernel`` into ``y [M, N]`` (same arguments as ``launch_gemm``; per-channel weights,
     per-token activations, M <= 16). ``config``: explicit ``BLOCK_N``, ``BLOCK_W``, ``num_warps`` and
     optionally ``SPLIT_K`` (default 1), ``PREFETCH`` (tiles ahead in the register buffer, 1 or 2; default 1)
@@ -283,13 +289,14 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     ``lut``: the table unpacker (dINT with R <= 4 only); default ``DISPATCH.gemv_lut``.
     ``pdl``: launch as a programmatic dependent of the previous kernel (``quantize_rows(pdl=True)``): the
     weight prologue overlaps that kernel (Hopper; CUDA only, off in the interpreter).
-    ``l2_next``: the next kernel's weight tensors, prefetched into L2 as ``DISPATCH.l2_prefetch`` says."""
+    ``l2_next``: the next kernel's weight tensors, prefetched into L2 as ``DISPATCH.l2_prefetch`` says.
+    ``direct_rows``: one accumulator per row at M = 2-4 (default ``DISPATCH.gemv_direct_rows``)."""
     m, k = x.shape
     n = pw.out_features
     if x_grouped or w_expanded is not None or split_k:
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
     meta = _gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=bias is not None,
-                      int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl)
+                      int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl, direct_rows=direct_rows)
     if fuse_quant:
         x_scale, x_zp = x, x  # unused by the kernel
     if config is None and interpreting():
@@ -314,7 +321,8 @@ GROUP_MAX = 3  # weights per w4_gemv_group_kernel launch
 
 
 def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_sym=False, fuse_quant=False,
-                      biases=None, int_out=False, config=None, use_asm=None, lut=None, pdl=False, l2_next=None):
+                      biases=None, int_out=False, config=None, use_asm=None, lut=None, pdl=False, l2_next=None,
+                      direct_rows=None):
     """``launch_gemv`` for 2 or 3 weights of one activation in a single launch (``w4_gemv_group_kernel``).
 
     Every weight must have the same format (dINT R), pack width and ``in_features`` = ``x.shape[1]``;
@@ -329,7 +337,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
     if any((b is not None) != has_bias for b in biases):
         raise ValueError("launch_gemv_group: give a bias for every weight or for none")
     metas = [_gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=has_bias,
-                        int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl) for pw in pws]
+                        int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl, direct_rows=direct_rows) for pw in pws]
     if any(md != metas[0] for md in metas) or any(pw.in_features != k for pw in pws):
         raise ValueError("launch_gemv_group: the weights differ in format, packing or in_features")
     if fuse_quant:
@@ -362,10 +370,16 @@ def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_
                        bias=bias, w_expanded=w_exp, split_k=split_k)
 
 
-def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None):
+def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None, direct_rows=None):
     pdl = DISPATCH.gemv_pdl
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
-    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl, l2_next=l2_next)
+    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl, l2_next=l2_next,
+                       direct_rows=direct_rows)
+
+
+def _rows_candidate(m: int) -> bool:
+    """Whether the per-row GEMV is a candidate of its own at this M (``DISPATCH.gemv_rows_candidate``)."""
+    return DISPATCH.gemv_rows_candidate and not DISPATCH.gemv_direct_rows and 2 <= m <= 4
 
 
 _PATH_CACHE: dict = {}
@@ -387,8 +401,8 @@ def _kernel_switches() -> tuple:
     choice timed with one setting is not reused under another (an experiment that speeds up one path gets
     the choice between paths timed again)."""
     d = DISPATCH
-    return (d.gemv_direct, d.gemv_direct_rows, d.gemv_prefetch2, d.gemv_pdl, d.gemv_lut, d.use_asm, d.l2_prefetch,
-            d.l2_prefetch_mb)
+    return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemv_lut,
+            d.use_asm, d.l2_prefetch, d.l2_prefetch_mb)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
@@ -438,6 +452,8 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
             candidates["splitk"] = gemm(False, split_k=True)
         if pw.group_size == 0 and act_group == 0:
             candidates["gemv"] = lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next)
+            if _rows_candidate(m):
+                candidates["gemv_rows"] = lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next, True)
             candidates["gemv_fused"] = lambda: launch_gemv(x, None, None, pw, y, act_bits=act_bits,
                                                            act_sym=act_sym, fuse_quant=True, bias=bias,
                                                            l2_next=l2_next)
@@ -466,7 +482,8 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
 
     * ``per_weight``: one ``quantize_rows`` launch, then each weight's fastest pre-quantized path;
     * ``gemv_group``: one ``quantize_rows`` launch, then one ``w4_gemv_group_kernel`` launch for all;
-    * ``gemv_group_fused``: the group kernel quantizing the activation itself: a single launch.
+    * ``gemv_group_fused``: the group kernel quantizing the activation itself: a single launch;
+    * ``gemv_group_rows`` (M = 2-4, ``DISPATCH.gemv_rows_candidate``): ``gemv_group`` with per-row accumulators.
 
     Otherwise ``per_weight`` (prefill: ``inloop`` / ``expand`` per weight on the shared codes).
     ``l2_next``: the next linear's weight tensors, for the GEMVs' L2 prefetch (``launch_gemv``).
@@ -516,9 +533,14 @@ def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False, l2_n
     GEMV (and the per-weight GEMVs) as programmatic dependents of the kernel before them (``codes()``'s
     quantization, or whatever wrote the codes: they wait for it before reading them); ``l2_next``: weights to
     prefetch into L2 (by the group GEMV, or the last weight's GEMV)."""
-    return {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next, pdl),
-            "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
-                                                    act_sym=act_sym, pdl=pdl, l2_next=l2_next)}
+    cands = {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next, pdl),
+             "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
+                                                     act_sym=act_sym, pdl=pdl, l2_next=l2_next)}
+    if _rows_candidate(ys[0].shape[0]):
+        cands["gemv_group_rows"] = lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
+                                                             act_sym=act_sym, pdl=pdl, l2_next=l2_next,
+                                                             direct_rows=True)
+    return cands
 
 
 def _groupable(m: int, pws: list, biases: list) -> bool:
@@ -539,6 +561,9 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
             cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw),
                      "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, **kw),
                      "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl)}
+            if _rows_candidate(m):
+                cands["gemv_rows"] = lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl,
+                                                         direct_rows=True)
             forced = DISPATCH.decode_path
         else:
             cands = {"inloop": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)}

@@ -405,6 +405,46 @@ if INTERPRET:
             DISPATCH.gemv_direct_rows = False
         assert all(torch.equal(a, b) for a, b in zip(rows, broadcast))
 
+    @child_only
+    @pytest.mark.parametrize("m", [2, 3])
+    def test_gemv_rows_candidate_paths_keep_the_outputs(m, monkeypatch):
+        """``DISPATCH.gemv_rows_candidate``: the per-row paths ("gemv_rows", "gemv_group_rows", and "gemv_rows"
+        per weight) exist at M = 2-4 only, launch the GEMV with per-row accumulators (X_DIRECT) and give the
+        broadcast paths' outputs bitwise."""
+        from qcompile.backends.triton import w4_linear
+        from qcompile.backends.triton.w4_linear import DISPATCH, w4_linear_2d, w4_linear_2d_shared
+
+        direct = []  # X_DIRECT of every GEMV launch
+        meta_fn = w4_linear._gemv_meta
+        monkeypatch.setattr(w4_linear, "_gemv_meta", lambda *a, **kw: direct.append(meta_fn(*a, **kw)["X_DIRECT"])
+                            or meta_fn(*a, **kw))
+
+        pws = [make_weight(n, 256, "dint4", "channel", "cpu", seed=n) for n in (24, 40)]
+        x = make_x(m, 256, "cpu", seed=m)
+
+        def run(decode_path, group_path):
+            DISPATCH.decode_path, DISPATCH.group_path = decode_path, group_path
+            try:
+                single = w4_linear_2d(x, pws[0], 8, False, 0, None)
+                return [single, *w4_linear_2d_shared(x, pws, 8, False, [None, None])]
+            finally:
+                DISPATCH.decode_path, DISPATCH.group_path = "auto", "auto"
+
+        broadcast = run("gemv", "gemv_group") + run("gemv", "per_weight")
+        assert direct and not any(direct)
+        direct.clear()
+        DISPATCH.gemv_rows_candidate = True
+        try:
+            rows = run("gemv_rows", "gemv_group_rows") + run("gemv_rows", "per_weight")
+            assert len(direct) >= 5 and all(direct)  # single, group (2 metas), and two per weight
+            with pytest.raises(ValueError, match="gemv_rows"):  # not a candidate at M = 1
+                DISPATCH.decode_path = "gemv_rows"
+                w4_linear_2d(x[:1], pws[0], 8, False, 0, None)
+        finally:
+            DISPATCH.gemv_rows_candidate, DISPATCH.decode_path = False, "auto"
+        assert len(rows) == len(broadcast) == 6
+        assert all(torch.equal(a, b) for a, b in zip(rows, broadcast))
+
     def _sibling_sites():
         """Three dINT4 per-channel weights (N = 16, 24, 40; K = 200) as ``formats.quantize`` outputs."""
         from qcompile import formats as F
