@@ -98,12 +98,12 @@ def variants(x, pws, m, w8s):
         yb = torch.empty(m, pw.out_features, device=dev, dtype=torch.float16)
         v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
         v["gemm"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
-        v["cfg"] = str(getattr(W._prefill_kernel, "best_config", ""))
+        best = W._prefill_kernel.best_config  # the autotuner's pick for these shapes
+        v["cfg"] = str(best)
         # The W8A8 baseline on our activation codes instead of uniform random int8 (its data, its power draw).
         v["int_mm_our_codes"] = graph_or_nan(lambda w: torch._int_mm(xq, w.t()), w8s)
-        best = W._prefill_kernel.best_config  # the autotuner's pick, autotuned vs launched explicitly, in turn
         pick = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-        for r in range(2):
+        for r in range(2):  # the pick autotuned vs launched explicitly, in turn
             v[f"gemm_autotuned_{r}"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)
             v[f"gemm_pick_explicit_{r}"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb, config=pick), pws)
         if GEMM_SWEEP:
@@ -140,33 +140,31 @@ def sweep_gemm(xq, xs, xz, pws, yb):
     ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:]]
-    out = {}
-    expanded = [W.expand_weight(p) for p in pws[:2]]  # two copies: W_KIND 2 timings (weights already int8)
+    # (packed weight, its int8 expansion or None) per weight copy: every packed copy, and two expanded ones for
+    # the W_KIND 2 timings (45 MB each at 4096x11008: > the L2 together)
+    kinds = {"": [(p, None) for p in pws], "_expanded": [(p, W.expand_weight(p)) for p in pws[:2]]}
+    out, timed = {}, {kind: {} for kind in kinds}
     for cfg in configs + SWEEP_EXTRA:
         cfg = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
         name = (f"sweep_{'swap_' if cfg.get('SWAP_AB') else ''}{cfg['BLOCK_M']}x{cfg['BLOCK_N']},"
                 f"u{cfg['UNITS_PER_ITER']},g{cfg['GROUP_M']},w{cfg['num_warps']},s{cfg['num_stages']}")
-        for kind, w_exp in (("", None), ("_expanded", expanded)):
+        for kind, weights in kinds.items():
             try:
-                y = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb), config=cfg,
-                                  w_expanded=w_exp and w_exp[0])
+                y = W.launch_gemm(xq, xs, xz, weights[0][0], torch.empty_like(yb), config=cfg,
+                                  w_expanded=weights[0][1])
                 if not torch.equal(y, ref):
                     out[name + kind] = "differs"
                     continue
-                if w_exp is None:
-                    t = graph_or_nan(lambda p, cfg=cfg: W.launch_gemm(xq, xs, xz, p, yb, config=cfg), pws)
-                else:  # pws[:2] with their expanded copies (45 MB each at 4096x11008: > the L2 together)
-                    t = graph_or_nan(lambda pe, cfg=cfg: W.launch_gemm(xq, xs, xz, pe[0], yb, config=cfg,
-                                                                        w_expanded=pe[1]),
-                                     list(zip(pws[:2], w_exp)))
+                t = graph_or_nan(lambda pe, cfg=cfg: W.launch_gemm(xq, xs, xz, pe[0], yb, config=cfg,
+                                                                    w_expanded=pe[1]), weights)
                 out[name + kind] = t
+                if t == t:
+                    timed[kind][name + kind] = t
             except Exception as e:  # out of shared memory / registers: this config does not fit
                 out[name + kind] = f"failed ({type(e).__name__})"
-    for kind in ("", "_expanded"):
-        timed = {k: t for k, t in out.items() if isinstance(t, float) and t == t and k.endswith(kind)
-                 and (kind or not k.endswith("_expanded"))}
-        if timed:
-            out[f"sweep_best{kind}"] = min(timed, key=timed.get)
+    for kind, times in timed.items():
+        if times:
+            out[f"sweep_best{kind}"] = min(times, key=times.get)
     return out
 
 
