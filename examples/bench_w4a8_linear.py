@@ -15,7 +15,8 @@ Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when 
     python examples/bench_w4a8_linear.py            # the table
     python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only
     BENCH_MS=4096 BENCH_SHAPES=4096x11008 python examples/bench_w4a8_linear.py --variants --gemm-sweep
-                                                    # + at M > 16, every tiled-GEMM config timed on its own
+                                                    # + every tiled-GEMM config timed on its own (prefill
+                                                    #   configs at M > 16, decode ones at M <= 16)
 """
 import math
 import os
@@ -39,8 +40,8 @@ MS = [int(m) for m in os.environ.get("BENCH_MS", "1,4,16,64,256,1024,4096").spli
 W_FMT, W_GRAN = "dint4", "channel"
 W4A4_FMT, W4A4_GRAN = "int4", "group128"
 VARIANTS = "--variants" in sys.argv
-GEMM_SWEEP = "--gemm-sweep" in sys.argv  # with --variants, M > 16: each prefill config explicitly (sweep_gemm)
-VARIANT_BUDGET_S = 300  # stop measuring variants after this many seconds (keep the main table)
+GEMM_SWEEP = "--gemm-sweep" in sys.argv  # with --variants: each GEMM config explicitly (sweep_gemm)
+VARIANT_BUDGET_S = float(os.environ.get("BENCH_VARIANT_BUDGET_S", "300"))  # then no more variants (keep the table)
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "1e9"))  # stop measuring after this; the table keeps what ran
 OUT = os.environ.get("OUT")
 t_start = time.time()
@@ -93,6 +94,11 @@ def variants(x, pws, m, w8s):
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
             v[f"cfg_{path}"] = str(getattr(kernel, "best_config", ""))
         d.decode_path = "auto"
+        xq, xs, xz = quantize_rows(x, 8, False)
+        v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
+        if GEMM_SWEEP:
+            v.update(sweep_gemm(xq, xs, xz, pws, torch.empty(m, pw.out_features, device=dev, dtype=x.dtype),
+                                decode=True))
     else:
         xq, xs, xz = quantize_rows(x, 8, False)
         yb = torch.empty(m, pw.out_features, device=dev, dtype=torch.float16)
@@ -132,22 +138,31 @@ SWEEP_EXTRA += [dict(BLOCK_M=bm, BLOCK_N=bn, UNITS_PER_ITER=upi, GROUP_M=gm, num
                                                (128, 256, 1, 8, 4, 3), (64, 256, 1, 8, 4, 3)]]
 
 
-def sweep_gemm(xq, xs, xz, pws, yb):
+def sweep_gemm(xq, xs, xz, pws, yb, decode=False):
     """GPU time of the tiled GEMM on given codes with each config explicitly (``launch_gemm(config=)``):
-    ``{"sweep_<BMxBN,upi,gm,warps,stages>": µs}`` and the best, outputs checked bitwise equal to the
-    autotuned launch's (a config that fails to compile or differs gets nan / is said)."""
+    ``{"sweep_<BMxBN,upi,gm,warps,stages[,kS]>": µs}`` and the best, outputs checked bitwise equal to the
+    autotuned launch's (a config that fails to compile or differs gets nan / is said). Prefill: the prefill
+    configs and SWEEP_EXTRA, on packed and on pre-expanded weights; ``decode`` (M <= 16): the decode, split-K
+    and swapped decode configs, on packed weights."""
     from qcompile.backends.triton import w4_gemm_kernel as kern
     ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
-    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:]]
-    # (packed weight, its int8 expansion or None) per weight copy: every packed copy, and two expanded ones for
-    # the W_KIND 2 timings (45 MB each at 4096x11008: > the L2 together)
-    kinds = {"": [(p, None) for p in pws], "_expanded": [(p, W.expand_weight(p)) for p in pws[:2]]}
+    if decode:
+        configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in kern.DECODE_CONFIGS + kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS]
+        kinds = {"": [(p, None) for p in pws]}
+    else:
+        configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:]]
+        configs = [{k: v for k, v in c.items() if k != "SPLIT_K"} for c in configs + SWEEP_EXTRA]
+        # (packed weight, its int8 expansion or None) per weight copy: every packed copy, and two expanded ones
+        # for the W_KIND 2 timings (45 MB each at 4096x11008: > the L2 together)
+        kinds = {"": [(p, None) for p in pws], "_expanded": [(p, W.expand_weight(p)) for p in pws[:2]]}
     out, timed = {}, {kind: {} for kind in kinds}
-    for cfg in configs + SWEEP_EXTRA:
-        cfg = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
+    for cfg in configs:
+        split = cfg.get("SPLIT_K", 1)
         name = (f"sweep_{'swap_' if cfg.get('SWAP_AB') else ''}{cfg['BLOCK_M']}x{cfg['BLOCK_N']},"
-                f"u{cfg['UNITS_PER_ITER']},g{cfg['GROUP_M']},w{cfg['num_warps']},s{cfg['num_stages']}")
+                f"u{cfg['UNITS_PER_ITER']},g{cfg['GROUP_M']},w{cfg['num_warps']},s{cfg['num_stages']}"
+                + (f",k{split}" if split > 1 else ""))
         for kind, weights in kinds.items():
             try:
                 y = W.launch_gemm(xq, xs, xz, weights[0][0], torch.empty_like(yb), config=cfg,

@@ -13,10 +13,15 @@ into an fp32 accumulator.
 Each loop step handles ``UNITS_PER_ITER`` units (a unit is one chunk of ``PACK_K`` codes per
 channel, or one group of ``CHUNKS_PER_UNIT`` chunks); each chunk is two ``tl.dot`` of K = PACK_K/2,
 one per nibble plane. Hopper: int8 ``tl.dot`` becomes wgmma when BLOCK_M % 64 == 0 and
-num_warps % 4 == 0 (prefill configs), mma.sync otherwise (decode configs with BLOCK_M = 16 —
-memory-bound, where the MMA flavour does not matter; swapping operands to put the weights on the
-wgmma M side would need BLOCK_N >= 64, i.e. 4x fewer programs at N = 4096, so it is not done there).
-``SWAP_AB`` (prefill, per-channel weights) does swap them: y^T = W x^T, the weight tile is the dot's A.
+num_warps % 4 == 0 (prefill configs), mma.sync otherwise (the unswapped decode configs, BLOCK_M = 16).
+``SWAP_AB`` (per-channel weights) swaps them: y^T = W x^T, the weight tile
+[BLOCK_N, K] is the dot's A (wgmma's M side, from registers) and the activation tile its B (N = BLOCK_M, 16 at
+decode): the prefill tiles, and the decode tiles with split-K, whose SPLIT_K slices restore the programs that
+BLOCK_N >= 64 takes away.
+
+``PDL`` (programmatic dependent launch, Hopper): launched while the kernel before it (``quantize_rows(pdl=True)``)
+runs; waits for it before the first read of the activation, and lets the next kernel launch once its loop is
+done.
 
 ``FUSE_QUANT`` (decode, per-token activations): the kernel reads the fp16/bf16 ``x`` itself, reduces
 each row's min/max (from L2, every program) and quantizes its tiles in registers — one launch
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import act_qparams, act_quantize, unpack
 
@@ -37,6 +43,7 @@ __all__ = [
     "FUSED_DECODE_CONFIGS",
     "PREFILL_CONFIGS",
     "SPLITK_DECODE_CONFIGS",
+    "SWAP_DECODE_CONFIGS",
     "SWAP_PREFILL_CONFIGS",
     "expand_kernel",
     "w4_gemm_kernel",
@@ -74,6 +81,16 @@ SPLITK_DECODE_CONFIGS = [
     for bn, upi, warps, stages, sk in [
         (32, 2, 4, 3, 4), (32, 2, 4, 3, 8), (64, 2, 4, 3, 4), (64, 2, 4, 3, 8), (64, 2, 4, 3, 16),
         (128, 1, 4, 3, 8), (128, 2, 8, 3, 8), (128, 1, 4, 3, 16),
+    ]
+]
+# Decode with the operands swapped (``SWAP_AB``; per-channel weights, quantized activations): the weight tile
+# on wgmma's M side (BLOCK_N >= 64, from registers), the M <= 16 activation rows its N = 16 side, split-K for
+# programs. Swept with the others (``bench_w4a8_linear.py --variants --gemm-sweep`` at M <= 16).
+SWAP_DECODE_CONFIGS = [
+    _cfg(16, bn, upi, warps, stages, 1, sk, swap_ab=True)
+    for bn, upi, warps, stages, sk in [
+        (64, 2, 4, 4, 4), (64, 1, 4, 4, 8), (128, 1, 4, 4, 4), (128, 2, 4, 3, 4), (64, 2, 4, 3, 8),
+        (128, 1, 4, 4, 8), (64, 4, 4, 3, 2), (128, 1, 4, 3, 2),
     ]
 ]
 # With the operands swapped (``SWAP_AB``): the unpacked weight tile [BLOCK_N, K] is wgmma's A operand, which
@@ -193,10 +210,11 @@ def w4_gemm_kernel(
         X_RECIP_DIV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS_PER_ITER: tl.constexpr, GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr,
-        SWAP_AB: tl.constexpr = False):  # accumulate y^T = W x^T ([BLOCK_N, BLOCK_M]), transposed at the end
+        SWAP_AB: tl.constexpr = False,  # accumulate y^T = W x^T ([BLOCK_N, BLOCK_M]), transposed at the end
+        PDL: tl.constexpr = False):  # launched as a programmatic dependent (see the module docstring)
     HALF: tl.constexpr = PACK_K // 2
     if SWAP_AB:
-        tl.static_assert(not GROUPED and SPLIT_K == 1, "SWAP_AB takes per-channel weights and no split-K")
+        tl.static_assert(not GROUPED, "SWAP_AB takes per-channel weights")
     # Grouped launch order (tutorial 03): GROUP_M row-blocks share each weight tile while it is in L2.
     # Split-K: program ids [k_slice * tiles, (k_slice + 1) * tiles) take slice k_slice of the K units.
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -221,6 +239,8 @@ def w4_gemm_kernel(
     n_ok = offs_n < N
     n_chunks = tl.cdiv(K, PACK_K)
 
+    if PDL:  # nothing above reads what the kernel before this one writes; everything below may
+        gdc_wait()
     # Per-token activation qparams (the per-group ones are read per unit below).
     x_scale = tl.zeros([BLOCK_M], tl.float32)
     x_zpf = tl.zeros([BLOCK_M], tl.float32)
@@ -281,6 +301,8 @@ def w4_gemm_kernel(
                     acc_f += corr.to(tl.float32) * w_scale[None, :]
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
 
+    if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
+        gdc_launch_dependents()
     # Epilogue.
     if SWAP_AB:
         acc = tl.trans(acc)

@@ -129,7 +129,8 @@ def _autotune(configs, key, prune, kernel):
 
 _KEY = ["M_BUCKET", "N", "K", "n_units", "W_KIND", "GROUPED", "X_GROUPED", "USE_ASM", "FUSE_QUANT"]
 _decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
-_splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
+_splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS, _KEY, kern.prune_configs,
+                                  kern.w4_gemm_kernel)
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
 _GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
@@ -176,7 +177,7 @@ def _w_kind(pw: PackedWeight) -> int:
 
 def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
-                split_k=False):
+                split_k=False, pdl=False):
     """Run ``w4_gemm_kernel`` into ``y [M, N]``.
 
     Args:
@@ -188,6 +189,7 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         config: explicit tile config (dict of BLOCK_M, BLOCK_N, UNITS_PER_ITER, GROUP_M, SPLIT_K, num_warps,
             num_stages) instead of the autotuner.
         split_k: the split-K decode kernel (per-channel weights, quantized activations, M <= 16).
+        pdl: launch as a programmatic dependent of the previous kernel (``quantize_rows(pdl=True)``); CUDA only.
     """
     m, k = x.shape
     n = pw.out_features
@@ -200,6 +202,8 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         CHUNKS_PER_UNIT=pw.group_size // pw.pack_k if grouped else 1, GROUPED=grouped, X_GROUPED=x_grouped,
         HAS_BIAS=bias is not None, INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm),
         FUSE_QUANT=fuse_quant, X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device))
+    if pdl_launch(pdl, x.device):
+        meta.update(PDL=True, launch_pdl=True)
     splitting = split_k or (config is not None and config.get("SPLIT_K", 1) > 1)
     if splitting and (grouped or fuse_quant or m > SPLITK_MAX_M):
         raise ValueError("split-K takes per-channel weights, pre-quantized activations and M <= 16")
@@ -364,10 +368,12 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
 
 
 def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k=False):
-    xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group)
+    # Decode: the GEMM launches as a programmatic dependent of the quantization, as the GEMV does.
+    pdl = DISPATCH.gemv_pdl and x.shape[0] <= DISPATCH.decode_max_m and not expand
+    xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group, pdl=pdl)
     w_exp = expand_weight(pw) if expand else None
     return launch_gemm(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0,
-                       bias=bias, w_expanded=w_exp, split_k=split_k)
+                       bias=bias, w_expanded=w_exp, split_k=split_k, pdl=pdl)
 
 
 def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None, direct_rows=None):
@@ -558,8 +564,8 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
 
     def candidates(pw, y, bias, nxt):
         if m <= DISPATCH.decode_max_m:
-            cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw),
-                     "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, **kw),
+            cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, pdl=pdl, **kw),
+                     "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, pdl=pdl, **kw),
                      "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl)}
             if _rows_candidate(m):
                 cands["gemv_rows"] = lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl,

@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x  # noqa: E402
 
+from qcompile.backends.triton import w4_gemm_kernel as kern  # noqa: E402
 from qcompile.backends.triton import w4a4_linear, w4a8_linear  # noqa: E402
 from qcompile.backends.triton.quantize_kernel import quantize_rows  # noqa: E402
 from qcompile.backends.triton.w4_linear import expand_weight, launch_gemm, launch_gemv  # noqa: E402
@@ -86,6 +87,30 @@ def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
     check_gemm(x, pw, launch_gemm, split_k=True, use_asm=True, bias=torch.randn(n, device=DEV))  # autotuned
     ws, locks = splitk_workspace(DEV, n)
     assert not ws.any() and not locks.any()
+
+
+@pytest.mark.parametrize("config", [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                                    for c in kern.SWAP_DECODE_CONFIGS])
+def test_w4a8_gemm_swapped_decode_exact(config):
+    """The swapped decode tiles compiled (wgmma m64n16, the weight tile as A from registers, split-K): exact
+    int32 sums at M = 1 and ragged M, N, K, the workspace left zero; then behind ``quantize_rows`` as
+    programmatic dependents, bitwise the plain launches, 10 times."""
+    from qcompile.backends.triton.w4_linear import splitk_workspace
+
+    for fmt, m, n, k in [("dint4", 1, 4096, 4096), ("int4", 13, 1000, 4160), ("dint4_sym", 16, 4096, 11008)]:
+        pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+        x = make_x(m, k, DEV, seed=m)
+        check_gemm(x, pw, launch_gemm, config=config, use_asm=True)
+        ws, locks = splitk_workspace(DEV, n)
+        assert not ws.any() and not locks.any()
+
+        def run(pdl):
+            q = quantize_rows(x, 8, False, pdl=pdl)
+            return [*q, launch_gemm(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=config, pdl=pdl)]
+
+        ref = run(False)
+        for _ in range(10):
+            assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
 
 
 GEMV = dict(BLOCK_N=8, BLOCK_W=128, num_warps=4)

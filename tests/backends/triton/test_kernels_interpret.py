@@ -165,6 +165,26 @@ if INTERPRET:
                    out_dtype=torch.bfloat16)
 
     @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 40, 700), ("int4", 16, 33, 300), ("dint4_c0.25", 3, 24, 130)])
+    def test_w4a8_gemm_swapped_split_k_exact(fmt, m, n, k):
+        """The decode tiles: SWAP_AB with split-K (3 slices; some one unit, some empty): exact int32 sums,
+        bitwise the unsplit swapped launch on every output form, the workspace and counters left zero."""
+        from qcompile.backends.triton.w4_linear import splitk_workspace
+
+        swap = dict(BLOCK_M=16, BLOCK_N=32, UNITS_PER_ITER=1, GROUP_M=1, num_warps=4, num_stages=1, SWAP_AB=True)
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n)
+        x = make_x(m, k, "cpu", seed=m)
+        check_gemm(x, pw, launch_gemm, config={**swap, "SPLIT_K": 3})
+        xq, xs, xz = quantize_rows(x, 8, False, 0)
+        for int_out, bias in ((True, None), (False, torch.randn(n))):
+            dtype = torch.int32 if int_out else torch.float32
+            ys = [launch_gemm(xq, xs, xz, pw, torch.empty(m, n, dtype=dtype), int_out=int_out, bias=bias,
+                              config={**swap, "SPLIT_K": sk}) for sk in (1, 3)]
+            assert torch.equal(ys[0], ys[1]), int_out
+        ws, locks = splitk_workspace("cpu", n)
+        assert not ws.any() and not locks.any()
+
+    @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
                                            ("dint4_c0.25", 5, 40, 384), ("dint4", 2, 24, 256)])
     def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
