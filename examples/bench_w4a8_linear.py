@@ -93,12 +93,18 @@ def variants(x, pws, m, w8s):
             d.decode_path = path
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
             v[f"cfg_{path}"] = str(getattr(kernel, "best_config", ""))
-        d.decode_path = "auto"
+        d.gemm_pdl = True  # the tiled paths with the GEMM as a programmatic dependent of the quantization
+        for path in ("unfused", "splitk"):
+            d.decode_path = path
+            v[f"{path}_gemm_pdl"] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
+        d.gemm_pdl, d.decode_path = False, "auto"
         xq, xs, xz = quantize_rows(x, 8, False)
         v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
+        yb = torch.empty(m, pw.out_features, device=dev, dtype=x.dtype)
+        v["gemm_unfused"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb), pws)  # autotuned, codes given
+        v["gemm_splitk"] = graph_or_nan(lambda p: W.launch_gemm(xq, xs, xz, p, yb, split_k=True), pws)
         if GEMM_SWEEP:
-            v.update(sweep_gemm(xq, xs, xz, pws, torch.empty(m, pw.out_features, device=dev, dtype=x.dtype),
-                                decode=True))
+            v.update(sweep_gemm(xq, xs, xz, pws, yb, decode=True))
     else:
         xq, xs, xz = quantize_rows(x, 8, False)
         yb = torch.empty(m, pw.out_features, device=dev, dtype=torch.float16)

@@ -67,6 +67,10 @@ class Dispatch:
     # --pdl, bitwise the same outputs); LLaMA-2-7B decode batch 1 on the H100: 375.1 -> 389.9 tok/s
     # (2026-12-05; bench_decode.py --no-pdl times it off).
     gemv_pdl: bool = True
+    # The same for the tiled decode GEMM ("unfused", "splitk"): ``w4_gemm_kernel`` PDL. Off: on the H100
+    # (2026-12-06, fourth session) the quantize + GEMM paths at M = 16 came out 1-39 us slower with it than their
+    # GEMM alone plus the quantization (bench_w4a8_linear.py --variants times both).
+    gemm_pdl: bool = False
     # At M = 1 the GEMV reads the activation words straight into its accumulator's layout instead of
     # broadcasting them (no shared memory or barrier in the K loop; examples/results/gemv_sass_sm90.md).
     # Same outputs; H100, M = 1: 1.13x on 4096x4096, noise on the other shapes (bench_gemv_pieces --direct).
@@ -129,8 +133,7 @@ def _autotune(configs, key, prune, kernel):
 
 _KEY = ["M_BUCKET", "N", "K", "n_units", "W_KIND", "GROUPED", "X_GROUPED", "USE_ASM", "FUSE_QUANT"]
 _decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
-_splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS, _KEY, kern.prune_configs,
-                                  kern.w4_gemm_kernel)
+_splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
 _GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
@@ -369,7 +372,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
 
 def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k=False):
     # Decode: the GEMM launches as a programmatic dependent of the quantization, as the GEMV does.
-    pdl = DISPATCH.gemv_pdl and x.shape[0] <= DISPATCH.decode_max_m and not expand
+    pdl = DISPATCH.gemm_pdl and x.shape[0] <= DISPATCH.decode_max_m and not expand
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group, pdl=pdl)
     w_exp = expand_weight(pw) if expand else None
     return launch_gemm(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0,
@@ -407,8 +410,8 @@ def _kernel_switches() -> tuple:
     choice timed with one setting is not reused under another (an experiment that speeds up one path gets
     the choice between paths timed again)."""
     d = DISPATCH
-    return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemv_lut,
-            d.use_asm, d.l2_prefetch, d.l2_prefetch_mb)
+    return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
+            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
@@ -564,8 +567,9 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
 
     def candidates(pw, y, bias, nxt):
         if m <= DISPATCH.decode_max_m:
-            cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, pdl=pdl, **kw),
-                     "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, pdl=pdl, **kw),
+            gemm_pdl = pdl and DISPATCH.gemm_pdl
+            cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, pdl=gemm_pdl, **kw),
+                     "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, pdl=gemm_pdl, **kw),
                      "gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl)}
             if _rows_candidate(m):
                 cands["gemv_rows"] = lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl,
