@@ -17,7 +17,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --prefetch2  # also lowbit with the GEMV's PREFETCH = 2 configs autotuned
     python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
     python examples/bench_decode.py --batch 4 --direct-rows  # also lowbit with the M = 2-4 GEMV's per-row accumulators
-    python examples/bench_decode.py --batch 4 --rows-candidate  # ... with them as a per-shape timed candidate
+    python examples/bench_decode.py --batch 4 --no-rows-candidate  # ... without them as a per-shape candidate
     python examples/bench_decode.py --l2-prefetch end end:48 start   # also lowbit with the GEMVs prefetching
                                                  # the next weights into L2 (DISPATCH.l2_prefetch[:_mb])
     python examples/bench_decode.py --interleave 20   # + 20 rounds timing FP16, then each lowbit run, in turn
@@ -60,9 +60,9 @@ parser.add_argument("--no-direct", action="store_true",
 parser.add_argument("--direct-rows", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_direct_rows = True (the M = 2-4 GEMV with one "
                          "accumulator per row; for --batch 2 / 4)")
-parser.add_argument("--rows-candidate", action="store_true",
-                    help="also time lowbit with DISPATCH.gemv_rows_candidate = True (the per-row GEMV as a decode "
-                         "candidate timed per shape at M = 2-4; for --batch 2 / 4)")
+parser.add_argument("--no-rows-candidate", action="store_true",
+                    help="also time lowbit with DISPATCH.gemv_rows_candidate = False (the per-row GEMV, a decode "
+                         "candidate timed per shape at M = 2-4 by default, left out; for --batch 2 / 4)")
 parser.add_argument("--swiglu-quant", action="store_true",
                     help="also time lowbit with options={'swiglu_quant': True} (silu(gate) * up computed in the down "
                          "projection's activation quantization, swiglu_quant.py)")
@@ -293,7 +293,7 @@ VARIANTS = [v for on, v in [
     (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
     (args.direct_rows, ("per-row GEMV", None, {"gemv_direct_rows": True})),
-    (args.rows_candidate, ("per-row GEMV timed per shape", None, {"gemv_rows_candidate": True})),
+    (args.no_rows_candidate, ("no per-row GEMV candidate", None, {"gemv_rows_candidate": False})),
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.no_decode_attention, ("SDPA attention", {"decode_attention": False}, {})),
     (args.swiglu_quant, ("swiglu_quant on", {"swiglu_quant": True}, {})),

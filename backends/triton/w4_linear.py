@@ -81,8 +81,9 @@ class Dispatch:
     gemv_direct_rows: bool = False
     # Per shape instead: at M = 2-4 the per-row GEMV is one more decode candidate ("gemv_rows"; with sibling
     # weights "gemv_group_rows" and "gemv_rows" per weight), timed against the rest once per shape like every
-    # path. Off: not timed in decode on a GPU yet (bench_decode.py --rows-candidate).
-    gemv_rows_candidate: bool = False
+    # path. On: LLaMA-2-7B decode at batch 4 on the H100 (2026-12-06, bench_decode.py --batch 4 --rows-candidate
+    # --interleave 10) 1276.7 -> 1456.0 tok/s, in turn with FP16 1.99x -> 2.25x, logits bitwise the same.
+    gemv_rows_candidate: bool = True
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False

@@ -409,6 +409,31 @@ def test_w4a8_linear_gemv_pdl_autotuned():
     assert all(torch.equal(y, off) for y in on)
 
 
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_w4a8_gemv_rows_paths_autotuned(m):
+    """The per-row GEMV paths (``DISPATCH.gemv_rows_candidate``, on by default) compiled and autotuned: single
+    ("gemv_rows", K = 4096 and the split-K GEMV's K = 11008) and group ("gemv_group_rows"), bitwise the
+    broadcast paths ("gemv", "gemv_group") and within the reference's tolerance."""
+    from qcompile.backends.triton.w4_linear import DISPATCH, w4_linear_2d, w4_linear_2d_shared
+
+    pws = [make_weight(n, k, "dint4", "channel", DEV, seed=n + k)
+           for n, k in [(4096, 4096), (1024, 4096), (4096, 11008)]]
+    xs = [make_x(m, k, DEV, seed=k) for k in (4096, 11008)]
+
+    def run(path, group_path):
+        DISPATCH.decode_path, DISPATCH.group_path = path, group_path
+        try:
+            return [w4_linear_2d(xs[0], pws[0], 8, False, 0, None), w4_linear_2d(xs[1], pws[2], 8, False, 0, None),
+                    *w4_linear_2d_shared(xs[0], pws[:2], 8, False, [None, None])]
+        finally:
+            DISPATCH.decode_path, DISPATCH.group_path = "auto", "auto"
+
+    assert DISPATCH.gemv_rows_candidate
+    rows, broadcast = run("gemv_rows", "gemv_group_rows"), run("gemv", "gemv_group")
+    assert all(torch.equal(a, b) for a, b in zip(rows, broadcast))
+    check_gemm(xs[0], pws[0], lambda *a, **kw: launch_gemv(*a, direct_rows=True, **kw))
+
+
 @pytest.mark.parametrize("b,h,hkv,length", [(1, 32, 32, 200), (16, 32, 32, 200), (1, 32, 8, 1000), (3, 4, 4, 1)])
 def test_decode_attention_matches_fp32_sdpa(b, h, hkv, length):
     """The split-key decode attention on the GPU against fp32 SDPA on the same inputs: within one fp16 ulp

@@ -453,6 +453,7 @@ if INTERPRET:
         broadcast = run("gemv", "gemv_group") + run("gemv", "per_weight")
         assert direct and not any(direct)
         direct.clear()
+        default = DISPATCH.gemv_rows_candidate
         DISPATCH.gemv_rows_candidate = True
         try:
             rows = run("gemv_rows", "gemv_group_rows") + run("gemv_rows", "per_weight")
@@ -461,7 +462,7 @@ if INTERPRET:
                 DISPATCH.decode_path = "gemv_rows"
                 w4_linear_2d(x[:1], pws[0], 8, False, 0, None)
         finally:
-            DISPATCH.gemv_rows_candidate, DISPATCH.decode_path = False, "auto"
+            DISPATCH.gemv_rows_candidate, DISPATCH.decode_path = default, "auto"
         assert len(rows) == len(broadcast) == 6
         assert all(torch.equal(a, b) for a, b in zip(rows, broadcast))
 
