@@ -86,9 +86,9 @@ SPLITK_DECODE_CONFIGS = [
 # Decode with the operands swapped (``SWAP_AB``; per-channel weights, quantized activations): the weight tile
 # on wgmma's M side (BLOCK_N >= 64, from registers; offline sm_90 PTX: wgmma m64n16k32, A from registers), the
 # M <= 16 activation rows its N = 16 side, split-K for programs. Sweep only: on the H100 (2026-12-06, M = 1, 4,
-# 16, codes given, ``bench_w4a8_linear.py --variants --gemm-sweep``) the best of them was within 3 % of the
-# best unswapped decode tile (faster on 4096x11008 at M = 1 and 4: 14.4 vs 14.9 us), slower by up to 34 % at
-# M = 16 (14336x4096: 22.5 vs 16.8 us), and no tile reached the dp4a GEMV at M = 1.
+# 16, four shapes, codes given, ``bench_w4a8_linear.py --variants --gemm-sweep``) the best of them beat the best
+# unswapped decode tile on 3 of 12 cases by 0.4-3.4 % (4096x11008 at M = 1: 14.4 vs 14.9 us) and lost on 9 by
+# 1-34 % (14336x4096 at M = 16: 22.5 vs 16.8 us); no GEMM tile reached the dp4a GEMV at M = 1.
 SWAP_DECODE_CONFIGS = [
     _cfg(16, bn, upi, warps, stages, 1, sk, swap_ab=True)
     for bn, upi, warps, stages, sk in [

@@ -68,8 +68,9 @@ class Dispatch:
     # (2026-12-05; bench_decode.py --no-pdl times it off).
     gemv_pdl: bool = True
     # The same for the tiled decode GEMM ("unfused", "splitk"): ``w4_gemm_kernel`` PDL. Off: on the H100
-    # (2026-12-06, fourth session) the quantize + GEMM paths at M = 16 came out 1-39 us slower with it than their
-    # GEMM alone plus the quantization (bench_w4a8_linear.py --variants times both).
+    # (2026-12-06, ``BENCH_MS=1,4,16 bench_w4a8_linear.py --variants``, four shapes) it saved up to 1.3 us on
+    # some paths at M <= 4 and cost up to 3.8 us on others; at M = 16 it made 7 of 8 paths slower, by up to
+    # 35.7 us (4096x11008 "unfused": 23.7 -> 59.4 us). Why was not found.
     gemm_pdl: bool = False
     # At M = 1 the GEMV reads the activation words straight into its accumulator's layout instead of
     # broadcasting them (no shared memory or barrier in the K loop; examples/results/gemv_sass_sm90.md).
