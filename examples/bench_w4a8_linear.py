@@ -80,11 +80,16 @@ def quantized_weight(w, fmt, gran):
     return prepack(codes, scale, zp, fmt, gran), F.dequantize(codes, scale, zp, spec, g)
 
 
+def chosen_path(pw, m) -> str:
+    """The dispatch's timed choice of path for this weight's shape at M (``w4_linear._PATH_CACHE``), "?" if none."""
+    return next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
+                 and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
+
+
 def variants(x, pws, m, w8s):
     """GPU time of each dispatch path forced, and of the pieces (same inputs as the main measurement)."""
     d, v, pw = W.DISPATCH, {}, pws[0]
-    v["auto"] = next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
-                      and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
+    v["auto"] = chosen_path(pw, m)
     if m <= 16:
         gemv = W._gemv_kernels[d.gemv_prefetch2]  # the GEMV autotuner the dispatch uses
         kernels = {"fused": W._fused_decode_kernel, "unfused": W._decode_kernel,
@@ -229,7 +234,8 @@ for n, k in SHAPES:
         print(f"[{time.time() - t_start:5.0f}s] M={m:5d} GPU time: fp16 {t16:7.1f}us  int_mm {t_int:7.1f}us  "
               f"w4a8 {t_ours:7.1f}us ({t16 / t_ours:4.2f}x fp16, {t_int / t_ours:4.2f}x int_mm)  w4a4 "
               f"{t_w4a4:7.1f}us; weights GB/s fp16 {w16.nbytes / t16 / 1e3:5.0f} w4a8 "
-              f"{pw.nbytes() / t_ours / 1e3:5.0f}; w4a8 eager {t_eager:7.1f}us; err {err:.1e}/{err4:.1e}",
+              f"{pw.nbytes() / t_ours / 1e3:5.0f}; w4a8 eager {t_eager:7.1f}us; err {err:.1e}/{err4:.1e}; "
+              f"path {chosen_path(pw, m)}",
               flush=True)
         if VARIANTS and time.time() - t_start < VARIANT_BUDGET_S:  # 4. Variants, same inputs.
             try:
