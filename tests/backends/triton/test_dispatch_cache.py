@@ -94,3 +94,46 @@ def test_a_kernel_switch_times_the_choice_again(timing, monkeypatch):
     monkeypatch.setattr(w4_linear.DISPATCH, "gemv_direct_rows", False)
     assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"
     assert timing["calls"] == 8  # both stored: nothing timed again
+
+
+def test_a_capture_takes_the_stored_choice_and_times_nothing(timing, monkeypatch):
+    """Inside a CUDA graph capture nothing can be timed: a choice stored earlier (this process or on disk) is
+    taken, else the first candidate, and no candidate runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "fused"  # the first; "gemv" is faster
+    assert timing["calls"] == 0 and not w4_linear._PATH_CACHE
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"  # timed and stored
+    _new_process(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls = timing["calls"]
+    assert w4_linear._choose_path(KEY, _candidates(timing), "auto") == "gemv"  # from disk, under capture
+    assert timing["calls"] == calls
+
+
+@pytest.mark.parametrize("m,first", [(1, "gemv"), (4, "gemv"), (5, "unfused"), (16, "unfused")])
+def test_the_untimed_fallback_is_the_gemv_at_small_m(m, first, monkeypatch):
+    """The decode candidates of one weight and of sibling weights start with the path taken where nothing
+    can be timed: the GEMV at M <= 4, the tiled GEMM above; the fused GEMM (never the fastest) comes last."""
+    from triton_cases import make_weight, make_x
+
+    class Chosen(Exception):
+        pass
+
+    seen = []
+
+    def record(key, candidates, forced):
+        seen.append(list(candidates))
+        raise Chosen
+
+    monkeypatch.setattr(w4_linear, "_choose_path", record)
+    pw = make_weight(24, 256, "dint4", "channel", "cpu")
+    x = make_x(m, 256, "cpu")
+    with pytest.raises(Chosen):
+        w4_linear.w4_linear_2d(x, pw, 8, False, 0, None)
+    with pytest.raises(Chosen):
+        w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(m, 24)], [None], 8, False)
+    (single, per_weight) = seen
+    assert single[0] == first and single[-1] == "fused"
+    assert per_weight[0] == first
