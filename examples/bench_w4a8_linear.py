@@ -13,7 +13,8 @@ Two clocks:
 Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when OUT is set).
 
     python examples/bench_w4a8_linear.py            # the table
-    python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only
+    python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only; at
+                                                    #   M <= 16 each path also on the dispatch's own clock
     BENCH_MS=4096 BENCH_SHAPES=4096x11008 python examples/bench_w4a8_linear.py --variants --gemm-sweep
                                                     # + every tiled-GEMM config timed on its own (prefill
                                                     #   configs at M > 16, decode ones at M <= 16)
@@ -94,10 +95,14 @@ def variants(x, pws, m, w8s):
         gemv = W._gemv_kernels[d.gemv_prefetch2]  # the GEMV autotuner the dispatch uses
         kernels = {"fused": W._fused_decode_kernel, "unfused": W._decode_kernel,
                    "splitk": W._splitk_decode_kernel, "gemv": gemv, "gemv_fused": gemv}
+        if W._rows_candidate(m):
+            kernels["gemv_rows"] = gemv
         for path, kernel in kernels.items():
             d.decode_path = path
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
             v[f"cfg_{path}"] = str(getattr(kernel, "best_config", ""))
+            # as the dispatch times its candidates: one weight copy, replayed (the L2 can hold it)
+            v[f"{path}_dispatch_clock"] = 1e3 * W._gpu_time(lambda: w4a8_linear(x, pw))
         d.gemm_pdl = True  # the tiled paths with the GEMM as a programmatic dependent of the quantization
         for path in ("unfused", "splitk"):
             d.decode_path = path
