@@ -162,17 +162,15 @@ def sweep_gemm(xq, xs, xz, pws, yb, decode=False):
     and swapped decode configs, on packed weights."""
     from qcompile.backends.triton import w4_gemm_kernel as kern
     ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
+    # (packed weight, its int8 expansion or None) per weight copy: every packed copy, and at prefill two expanded
+    # ones for the W_KIND 2 timings (45 MB each at 4096x11008: > the L2 together)
+    kinds = {"": [(p, None) for p in pws]}
     if decode:
-        configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in kern.DECODE_CONFIGS + kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS]
-        kinds = {"": [(p, None) for p in pws]}
+        tuned, extra = kern.DECODE_CONFIGS + kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS, []
     else:
-        configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:]]
-        configs = [{k: v for k, v in c.items() if k != "SPLIT_K"} for c in configs + SWEEP_EXTRA]
-        # (packed weight, its int8 expansion or None) per weight copy: every packed copy, and two expanded ones
-        # for the W_KIND 2 timings (45 MB each at 4096x11008: > the L2 together)
-        kinds = {"": [(p, None) for p in pws], "_expanded": [(p, W.expand_weight(p)) for p in pws[:2]]}
+        tuned, extra = kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:], SWEEP_EXTRA
+        kinds["_expanded"] = [(p, W.expand_weight(p)) for p in pws[:2]]
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in tuned] + extra
     out, timed = {}, {kind: {} for kind in kinds}
     for cfg in configs:
         split = cfg.get("SPLIT_K", 1)

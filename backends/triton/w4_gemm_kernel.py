@@ -256,12 +256,13 @@ def w4_gemm_kernel(
         x_scale = tl.load(x_scale_ptr + offs_m * stride_xg, mask=m_ok, other=0.0)
         x_zp = tl.load(x_zp_ptr + offs_m * stride_xg, mask=m_ok, other=0)
 
+    zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
-        zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[:, None]
+        zb = zb[:, None]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-        zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, :]
+        zb = zb[None, :]
     acc_f = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     for it in range(tl.cdiv(unit_hi - unit_lo, UNITS_PER_ITER)):

@@ -374,7 +374,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
 
 def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k=False):
     # Decode: the GEMM launches as a programmatic dependent of the quantization, as the GEMV does.
-    pdl = DISPATCH.gemm_pdl and x.shape[0] <= DISPATCH.decode_max_m and not expand
+    pdl = DISPATCH.gemm_pdl and x.shape[0] <= DISPATCH.decode_max_m
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, act_group, pdl=pdl)
     w_exp = expand_weight(pw) if expand else None
     return launch_gemm(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, x_grouped=act_group > 0,
@@ -386,6 +386,12 @@ def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None, direct_rows
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
     return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl, l2_next=l2_next,
                        direct_rows=direct_rows)
+
+
+def _fallback_first(m: int, gemv: dict, tiled: dict) -> dict:
+    """Decode candidates with the one ``_choose_path`` takes untimed first: the GEMV at M <= 4, the tiled GEMM
+    above (the paths the H100 runs chose most)."""
+    return {**gemv, **tiled} if m <= 4 else {**tiled, **gemv}
 
 
 def _rows_candidate(m: int) -> bool:
@@ -459,20 +465,18 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         return lambda: _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k)
 
     if m <= DISPATCH.decode_max_m:
-        # The first candidate is the fallback where nothing can be timed (see _choose_path): the GEMV at M <= 4
-        # and the tiled GEMM above, the paths the H100 runs chose most (the fused GEMM never won: 75-560 us).
         candidates = {"unfused": gemm(False)}
         if pw.group_size == 0 and m <= SPLITK_MAX_M:
             candidates["splitk"] = gemm(False, split_k=True)
         if pw.group_size == 0 and act_group == 0:
             gemv = {"gemv": lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next)}
-            candidates = {**gemv, **candidates} if m <= 4 else {**candidates, **gemv}
+            candidates = _fallback_first(m, gemv, candidates)
             if _rows_candidate(m):
                 candidates["gemv_rows"] = lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next, True)
             candidates["gemv_fused"] = lambda: launch_gemv(x, None, None, pw, y, act_bits=act_bits,
                                                            act_sym=act_sym, fuse_quant=True, bias=bias,
                                                            l2_next=l2_next)
-        if act_group == 0:
+        if act_group == 0:  # last: it never won a timing on the H100 (75-560 us)
             candidates["fused"] = lambda: launch_gemm(x, None, None, pw, y, act_bits=act_bits, act_sym=act_sym,
                                                       fuse_quant=True, bias=bias)
         forced = DISPATCH.decode_path
@@ -576,7 +580,7 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
             cands = {"unfused": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, pdl=gemm_pdl, **kw),
                      "splitk": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, split_k=True, pdl=gemm_pdl, **kw)}
             gemv = {"gemv": lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl)}
-            cands = {**gemv, **cands} if m <= 4 else {**cands, **gemv}  # the first: the untimed fallback
+            cands = _fallback_first(m, gemv, cands)
             if _rows_candidate(m):
                 cands["gemv_rows"] = lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl,
                                                          direct_rows=True)
