@@ -101,8 +101,11 @@ def variants(x, pws, m, w8s):
             d.decode_path = path
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
             v[f"cfg_{path}"] = str(getattr(kernel, "best_config", ""))
-            # as the dispatch times its candidates: one weight copy, replayed (the L2 can hold it)
-            v[f"{path}_dispatch_clock"] = 1e3 * W._gpu_time(lambda: w4a8_linear(x, pw))
+            # as the dispatch times its candidates (path_clock: the L2 flushed before each call), and as it did
+            # before: one weight copy replayed, which the L2 can hold
+            v[f"{path}_dispatch_clock"] = 1e3 * W._gpu_time(lambda: w4a8_linear(x, pw), x.device)
+            v[f"{path}_l2_hot_clock"] = 1e3 * triton.testing.do_bench_cudagraph(lambda: w4a8_linear(x, pw), rep=20,
+                                                                                 return_mode="median")
         d.gemm_pdl = True  # the tiled paths with the GEMM as a programmatic dependent of the quantization
         for path in ("unfused", "splitk"):
             d.decode_path = path

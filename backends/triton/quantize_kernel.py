@@ -40,12 +40,19 @@ __all__ = ["launch_config", "quantize_rows"]
 SPLIT_SLICE = 1024
 
 
-# Many rows (prefill) longer than PREFILL_BLOCK: two passes over PREFILL_BLOCK columns at 8 warps. H100,
-# 2026-12-06 (``QUANT_MS=1024,4096 bench_gemv_pieces.py --quant``), M = 4096: K = 11008 169.0 us (the
-# previous 8192-column blocks) -> 68.7 (sweep best 65.1), K = 14336 149.0 -> 79.3 (the best); M = 1024 within
-# 5 % of the best. Rows up to 4096 stay one pass in registers, at 32 elements per thread (K = 4096, M = 4096:
-# 22.0 us at 8 warps -> 20.4 at 4, the best).
-PREFILL_BLOCK = 2048
+# Many rows (prefill) longer than 4096: two passes over PREFILL_BLOCKS columns at 8 warps, the block that
+# pads the row least (ties: the longer). H100, 2026-12-06 (``QUANT_MS=1024,4096 bench_gemv_pieces.py --quant``),
+# M = 4096: K = 14336 (7 x 2048) 149.0 us (the previous 8192-column blocks) -> 79.3 at 2048 (the best; 1024:
+# 88.5); K = 11008 (5.4 x 2048, 10.75 x 1024) 169.0 -> 68.7 at 2048 -> 65.0 at 1024 (the best; two runs); M =
+# 1024 within 5 % of the best. Rows up to 4096 stay one pass in registers, at 32 elements per thread (K = 4096,
+# M = 4096: 22.0 us at 8 warps -> 20.4 at 4, the best).
+PREFILL_BLOCKS = (2048, 1024)
+
+
+def prefill_block(row_len: int) -> int:
+    """Columns per step of the two-pass prefill quantization: of ``PREFILL_BLOCKS``, the one whose last step
+    is fullest (fewest masked columns), the first on a tie."""
+    return min(PREFILL_BLOCKS, key=lambda b: -row_len % b)
 
 
 def _config(n_rows: int, row_len: int) -> dict:
@@ -53,7 +60,7 @@ def _config(n_rows: int, row_len: int) -> dict:
 
     Few rows (decode) are one program each: a single program's serial work is the launch's latency,
     so it gets up to 32 warps (<= 16 elements per thread); many rows keep <= 32 per thread at 4-8 warps,
-    longer rows two passes of ``PREFILL_BLOCK`` (the second read hits L2).
+    longer rows two passes of ``prefill_block`` columns (the second read hits L2).
     Few rows longer than ``SPLIT_SLICE`` are coded by several programs each (``SPLIT``, module docstring).
     """
     block = min(triton.next_power_of_2(max(row_len, 16)), 16384)
@@ -65,7 +72,7 @@ def _config(n_rows: int, row_len: int) -> dict:
             slice_ = SPLIT_SLICE
             num_warps = 8 if block <= 4096 else 16
     elif block > 4096:
-        block, num_warps = PREFILL_BLOCK, 8
+        block, num_warps = prefill_block(row_len), 8
     else:
         num_warps = max(4, min(8, rows * block // 1024))
     return dict(ROWS=rows, BLOCK=block, num_warps=num_warps, SLICE=slice_)

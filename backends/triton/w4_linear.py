@@ -13,19 +13,19 @@ Dispatch by M (rows of the flattened activation):
 
 Within a path, ``triton.autotune`` picks the tile config per (M bucket, N, K, variant). Between paths,
 ``DISPATCH.decode_path`` / ``prefill_path`` = ``"auto"`` times the candidates once per
-(M bucket, N, K, format, dtypes) on first use (GPU time, in a CUDA graph) — like the autotuner, but
-across launch sequences — and caches the winner. Set a path name to force it (the benchmark does, to report each).
+(M bucket, N, K, format, dtypes) on first use (GPU time in a CUDA graph with the L2 flushed before each
+call, ``path_clock``) — like the autotuner, but across launch sequences — and caches the winner. Set a path
+name to force it (the benchmark does, to report each).
 """
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from . import dispatch_cache
+from . import dispatch_cache, path_clock
 from . import w4_gemm_kernel as kern
 from . import w4_gemv_kernel as gemv_kern
 from ._common import interpreting, pdl_launch, recip_div, stream_key
@@ -402,15 +402,9 @@ def _rows_candidate(m: int) -> bool:
 _PATH_CACHE: dict = {}
 
 
-def _gpu_time(fn) -> float:
-    """Median GPU time of ``fn`` replayed in a CUDA graph (host launch overhead excluded: a single eager
-    timing is host-bound at small M); plain ``do_bench``, with a warning, if the capture fails."""
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-    except Exception as e:  # noqa: BLE001  (any capture problem: say so, use the eager clock)
-        warnings.warn(f"w4a8 path selection: CUDA-graph timing failed ({type(e).__name__}: {e}); "
-                      "timing eagerly instead", RuntimeWarning, stacklevel=2)
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+def _gpu_time(fn, device: torch.device) -> float:
+    """GPU time of one call of ``fn`` with its weights streamed from HBM, as in a model (``path_clock``)."""
+    return path_clock.streaming_time(fn, device)
 
 
 def _kernel_switches() -> tuple:
@@ -446,7 +440,7 @@ def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
     times = {}
     for name, fn in candidates.items():
         fn()  # compiles and autotunes this path's kernels first
-        times[name] = _gpu_time(fn)
+        times[name] = _gpu_time(fn, key[-1])
     _PATH_CACHE[key] = min(times, key=times.get)
     dispatch_cache.store(env, key, _PATH_CACHE[key])
     return _PATH_CACHE[key]

@@ -22,7 +22,7 @@ def timing(tmp_path, monkeypatch):
     monkeypatch.setattr(dispatch_cache, "_memory", {})
     state = {"times": {"fused": 3.0, "gemv": 2.0}, "calls": 0}
 
-    def fake_time(fn):
+    def fake_time(fn, device):
         return state["times"][fn()]
 
     monkeypatch.setattr(w4_linear, "_gpu_time", fake_time)

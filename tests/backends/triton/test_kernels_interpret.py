@@ -42,11 +42,21 @@ if INTERPRET:
     @pytest.mark.parametrize("m,k,bits,sym,group,dtype", [
         (1, 7, 8, False, 0, torch.float16), (5, 300, 8, False, 0, torch.float16),
         (4, 300, 8, True, 0, torch.bfloat16), (2, 20000, 8, False, 0, torch.float32),  # two-pass path
-        (70, 5000, 8, False, 0, torch.float16),  # many rows longer than PREFILL_BLOCK: two passes, ragged end
+        (70, 5000, 8, False, 0, torch.float16),  # many rows longer than 4096: two passes (1024 columns), ragged end
         (6, 256, 4, False, 64, torch.float16), (3, 384, 4, True, 128, torch.float16),
     ])
     def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
         check_quantize(make_x(m, k, "cpu", dtype, seed=k), bits, sym, group, quantize_rows)
+
+    @child_only
+    def test_quantize_prefill_block_pads_least():
+        """Many long rows: two passes over the block that leaves the fewest masked columns (ties: 2048)."""
+        from qcompile.backends.triton.quantize_kernel import launch_config
+
+        for k, block in [(5000, 1024), (11008, 1024), (14336, 2048), (6144, 2048), (10240, 2048), (9000, 1024)]:
+            cfg = launch_config(4096, k)
+            assert (cfg["BLOCK"], cfg["ONE_PASS"], cfg["SPLIT"]) == (block, False, 1), (k, cfg)
+        assert launch_config(4096, 4096)["ONE_PASS"]
 
     @child_only
     @pytest.mark.parametrize("m,k,config", [
