@@ -161,15 +161,17 @@ def sweep_gemm(xq, xs, xz, pws, yb, decode=False):
     """GPU time of the tiled GEMM on given codes with each config explicitly (``launch_gemm(config=)``):
     ``{"sweep_<BMxBN,upi,gm,warps,stages[,kS]>": µs}`` and the best, outputs checked bitwise equal to the
     autotuned launch's (a config that fails to compile or differs gets nan / is said). Prefill: the prefill
-    configs and SWEEP_EXTRA, on packed and on pre-expanded weights; ``decode`` (M <= 16): the decode, split-K
-    and swapped decode configs, on packed weights."""
+    configs and SWEEP_EXTRA, on packed and on pre-expanded weights; ``decode`` (M <= 16): the decode, split-K,
+    swapped and deep-pipeline decode configs, on packed weights."""
     from qcompile.backends.triton import w4_gemm_kernel as kern
     ref = W.launch_gemm(xq, xs, xz, pws[0], torch.empty_like(yb)).clone()
     # (packed weight, its int8 expansion or None) per weight copy: every packed copy, and at prefill two expanded
     # ones for the W_KIND 2 timings (45 MB each at 4096x11008: > the L2 together)
     kinds = {"": [(p, None) for p in pws]}
     if decode:
-        tuned, extra = kern.DECODE_CONFIGS + kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS, []
+        tuned = (kern.DECODE_CONFIGS + kern.SPLITK_DECODE_CONFIGS + kern.SWAP_DECODE_CONFIGS
+                 + kern.DEEP_DECODE_CONFIGS)
+        extra = []
     else:
         tuned, extra = kern.PREFILL_CONFIGS + kern.SWAP_PREFILL_CONFIGS[2:], SWEEP_EXTRA
         kinds["_expanded"] = [(p, W.expand_weight(p)) for p in pws[:2]]

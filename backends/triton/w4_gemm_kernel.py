@@ -40,6 +40,7 @@ from ._common import act_qparams, act_quantize, unpack
 
 __all__ = [
     "DECODE_CONFIGS",
+    "DEEP_DECODE_CONFIGS",
     "FUSED_DECODE_CONFIGS",
     "PREFILL_CONFIGS",
     "SPLITK_DECODE_CONFIGS",
@@ -94,6 +95,18 @@ SWAP_DECODE_CONFIGS = [
     for bn, upi, warps, stages, sk in [
         (64, 2, 4, 4, 4), (64, 1, 4, 4, 8), (128, 1, 4, 4, 4), (128, 2, 4, 3, 4), (64, 2, 4, 3, 8),
         (128, 1, 4, 4, 8), (64, 4, 4, 3, 2), (128, 1, 4, 3, 2),
+    ]
+]
+# Decode with deep pipelines. Sweep only: measured nowhere yet (prepared 2026-12-06, no device time left). Every
+# decode tile above keeps at most 2-3 stages of weights in shared memory (BLOCK_N 32 x 4 units: 2 buffers of 8 KB
+# of weights + 8 KB of activations, offline sm_90 compile: 32 KB), i.e. ~8-16 KB of weights in flight per SM; by
+# Little's law at ~1 us of loaded HBM latency that streams ~1 TB/s, what every tile reached at M <= 16 (>= 9.4 us
+# for 8.4 MB). These keep 4-9 buffers (offline: 37-82 KB of shared memory, ``cp.async.wait_group`` up to 48).
+DEEP_DECODE_CONFIGS = [
+    _cfg(16, bn, upi, warps, stages, 1, sk)
+    for bn, upi, warps, stages, sk in [
+        (32, 4, 4, 5, 1), (32, 4, 4, 6, 1), (32, 2, 4, 6, 1), (32, 2, 4, 8, 1), (32, 1, 4, 10, 1), (16, 4, 2, 6, 1),
+        (16, 8, 2, 4, 1), (64, 2, 4, 6, 1), (32, 2, 4, 5, 2), (64, 2, 4, 6, 2),
     ]
 ]
 # With the operands swapped (``SWAP_AB``): the unpacked weight tile [BLOCK_N, K] is wgmma's A operand, which

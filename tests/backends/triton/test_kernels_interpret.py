@@ -195,6 +195,17 @@ if INTERPRET:
         assert not ws.any() and not locks.any()
 
     @child_only
+    def test_w4a8_gemm_deep_decode_tiles_exact():
+        """The sweep's deep-pipeline decode tiles (``DEEP_DECODE_CONFIGS``; the stages themselves are the
+        compiler's, so here: their tile shapes and split-K) give the reference on ragged N and K."""
+        from qcompile.backends.triton.w4_gemm_kernel import DEEP_DECODE_CONFIGS
+
+        pw = make_weight(40, 1100, "dint4", "channel", "cpu", seed=7)
+        x = make_x(5, 1100, "cpu", seed=5)
+        for c in DEEP_DECODE_CONFIGS:
+            check_gemm(x, pw, launch_gemm, config=dict(c.kwargs, num_warps=c.num_warps, num_stages=1))
+
+    @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
                                            ("dint4_c0.25", 5, 40, 384), ("dint4", 2, 24, 256)])
     def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
