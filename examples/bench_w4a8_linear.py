@@ -82,9 +82,8 @@ def quantized_weight(w, fmt, gran):
 
 
 def chosen_path(pw, m) -> str:
-    """The dispatch's timed choice of path for this weight's shape at M (``w4_linear._PATH_CACHE``), "?" if none."""
-    return next((p for key, p in W._PATH_CACHE.items() if key[1] == min(triton.next_power_of_2(m), 4096)
-                 and key[2:4] == (pw.out_features, pw.in_features) and key[6] == 8), "?")
+    """The dispatch's timed choice of path for this weight's shape at M, "?" if none."""
+    return W.chosen_path(m, pw.out_features, pw.in_features) or "?"
 
 
 def variants(x, pws, m, w8s):

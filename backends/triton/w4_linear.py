@@ -402,6 +402,14 @@ def _rows_candidate(m: int) -> bool:
 _PATH_CACHE: dict = {}
 
 
+def chosen_path(m: int, out_features: int, in_features: int, act_bits: int = 8) -> str | None:
+    """The path the dispatch chose in this process for a single weight of this shape at ``m`` rows (its M
+    bucket) and activation width, or None if it has not chosen one (benchmarks print it)."""
+    bucket = min(triton.next_power_of_2(m), 4096)
+    return next((path for key, path in _PATH_CACHE.items()
+                 if key[1] == bucket and key[2:4] == (out_features, in_features) and key[6] == act_bits), None)
+
+
 def _gpu_time(fn, device: torch.device) -> float:
     """GPU time of one call of ``fn`` with its weights streamed from HBM, as in a model (``path_clock``)."""
     return path_clock.streaming_time(fn, device)

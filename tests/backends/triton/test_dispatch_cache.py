@@ -137,3 +137,12 @@ def test_the_untimed_fallback_is_the_gemv_at_small_m(m, first, monkeypatch):
     (single, per_weight) = seen
     assert single[0] == first and single[-1] == "fused"
     assert per_weight[0] == first
+
+
+def test_chosen_path_reads_the_choice_of_its_shape(timing):
+    assert w4_linear.chosen_path(1, 4096, 4096) is None  # nothing chosen yet
+    w4_linear._choose_path(KEY, _candidates(timing), "auto")
+    assert w4_linear.chosen_path(1, 4096, 4096) == "gemv"
+    assert w4_linear.chosen_path(1, 4096, 11008) is None  # another shape
+    assert w4_linear.chosen_path(2, 4096, 4096) is None  # another M bucket
+    assert w4_linear.chosen_path(1, 4096, 4096, act_bits=4) is None
