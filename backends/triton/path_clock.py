@@ -54,10 +54,18 @@ def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> float:
 
 def streaming_time(fn, device: torch.device) -> float:
     """Median GPU time in ms of one call of ``fn`` (launches on ``device``) with the L2 cold (module docstring).
-    If a graph cannot be captured: ``triton.testing.do_bench`` (it also flushes the L2 before each call, but
-    its time includes host launch gaps at small M), with a warning."""
+    Fallbacks, each with a warning: no memory for the flush buffer (a model filling the GPU) -> the L2-hot
+    graph clock; a graph that cannot be captured -> ``triton.testing.do_bench`` (it flushes the L2 before each
+    call, but its time includes host launch gaps at small M)."""
     try:
         buf = _flush_buffer(device)
+    except torch.OutOfMemoryError:
+        warnings.warn("w4a8 path selection: no GPU memory for the L2 flush buffer; timing with the L2 hot "
+                      "instead (a choice may favour a path that reads the L2 well)", RuntimeWarning, stacklevel=3)
+        buf = None
+    try:
+        if buf is None:
+            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
         stream = torch.cuda.Stream(device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
             fn()  # warm: lazy allocations (per-stream workspaces) happen outside the capture

@@ -1,9 +1,10 @@
-"""backends/triton/path_clock.py: the dispatch's clock reads a weight from HBM, not from the L2 (GPU only).
+"""backends/triton/path_clock.py: the dispatch's clock reads a weight from HBM, not from the L2.
 
-The check is physical, calibrated on the device itself: an elementwise pass over tensors that fit in the L2
-cannot move bytes faster than HBM does under this clock. The L2-hot clock it replaced
+The GPU check is physical, calibrated on the device itself: an elementwise pass over tensors that fit in the
+L2 cannot move bytes faster than HBM does under this clock. The L2-hot clock it replaced
 (``triton.testing.do_bench_cudagraph`` on the same tensors) is faster than HBM on that pass, which the test
-also asserts, so a clock that stopped flushing fails it.
+also asserts, so a clock that stopped flushing fails it. The fallbacks are checked anywhere (triton's clocks
+replaced by markers).
 """
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ import os
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1: not compiled"),
-]
 triton = pytest.importorskip("triton")
 
 from qcompile.backends.triton import path_clock  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+compiled = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1: not compiled")
 
 
 def _pass(n_floats: int):
@@ -29,6 +28,9 @@ def _pass(n_floats: int):
     return (lambda: torch.neg(src, out=dst)), 8 * n_floats
 
 
+@pytest.mark.gpu
+@needs_cuda
+@compiled
 def test_streaming_clock_reads_from_hbm():
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size
@@ -42,3 +44,33 @@ def test_streaming_clock_reads_from_hbm():
           f"streaming clock {cold / 1e9:.2f} TB/s")
     assert hot > 1.2 * hbm  # the test can tell the clocks apart on this device
     assert cold < 1.05 * hbm
+
+
+@pytest.fixture
+def clocks(monkeypatch):
+    """triton's two clocks replaced by markers (2.0: the L2-hot graph clock, 3.0: the eager one)."""
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: 2.0)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 3.0)
+
+
+def _dev():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_no_memory_for_the_flush_falls_back_to_the_l2_hot_clock(clocks, monkeypatch):
+    def no_memory(device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(path_clock, "_flush_buffer", no_memory)
+    with pytest.warns(RuntimeWarning, match="no GPU memory for the L2 flush buffer"):
+        assert path_clock.streaming_time(lambda: None, _dev()) == 2.0
+
+
+def test_a_failed_capture_falls_back_to_the_eager_clock(clocks, monkeypatch):
+    def no_capture(fn, n, stream):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(path_clock, "_flush_buffer", lambda device: torch.ones(4))
+    monkeypatch.setattr(path_clock, "_capture", no_capture)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph timing failed"):
+        assert path_clock.streaming_time(lambda: None, _dev()) == 3.0
