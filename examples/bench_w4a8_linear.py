@@ -30,7 +30,7 @@ import triton
 from gpu_timing import bench_graph, clones
 
 from qcompile import formats as F
-from qcompile.backends.triton import prepack, w4a4_linear, w4a8_linear
+from qcompile.backends.triton import path_clock, prepack, w4a4_linear, w4a8_linear
 from qcompile.backends.triton import w4_linear as W
 from qcompile.backends.triton.quantize_kernel import quantize_rows
 
@@ -102,14 +102,14 @@ def variants(x, pws, m, w8s):
             v[f"cfg_{path}"] = str(getattr(kernel, "best_config", ""))
             # as the dispatch times its candidates (path_clock: the L2 flushed before each call), and as it did
             # before: one weight copy replayed, which the L2 can hold
-            v[f"{path}_dispatch_clock"] = 1e3 * W._gpu_time(lambda: w4a8_linear(x, pw), x.device)
+            v[f"{path}_dispatch_clock"] = 1e3 * path_clock.streaming_time(lambda: w4a8_linear(x, pw), x.device)
             v[f"{path}_l2_hot_clock"] = 1e3 * triton.testing.do_bench_cudagraph(lambda: w4a8_linear(x, pw), rep=20,
                                                                                  return_mode="median")
-        d.gemm_pdl = True  # the tiled paths with the GEMM as a programmatic dependent of the quantization
+        gemm_pdl, d.gemm_pdl = d.gemm_pdl, True  # the tiled paths with the GEMM as a programmatic dependent
         for path in ("unfused", "splitk"):
             d.decode_path = path
             v[f"{path}_gemm_pdl"] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
-        d.gemm_pdl, d.decode_path = False, "auto"
+        d.gemm_pdl, d.decode_path = gemm_pdl, "auto"
         xq, xs, xz = quantize_rows(x, 8, False)
         v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
         yb = torch.empty(m, pw.out_features, device=dev, dtype=x.dtype)

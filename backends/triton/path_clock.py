@@ -78,7 +78,6 @@ def streaming_time(fn, device: torch.device) -> float:
             diffs = []
             for _ in range(ROUNDS):
                 diffs.append((_replay_ms(pair, stream) - _replay_ms(alone, stream)) / N_CALLS)
-        del pair, alone
         return max(statistics.median(diffs), 0.0)
     except Exception as e:  # noqa: BLE001  (any capture problem: say so, use the eager clock)
         warnings.warn(f"w4a8 path selection: CUDA-graph timing failed ({type(e).__name__}: {e}); "

@@ -410,11 +410,6 @@ def chosen_path(m: int, out_features: int, in_features: int, act_bits: int = 8) 
                  if key[1] == bucket and key[2:4] == (out_features, in_features) and key[6] == act_bits), None)
 
 
-def _gpu_time(fn, device: torch.device) -> float:
-    """GPU time of one call of ``fn`` with its weights streamed from HBM, as in a model (``path_clock``)."""
-    return path_clock.streaming_time(fn, device)
-
-
 def _kernel_switches() -> tuple:
     """The ``DISPATCH`` switches that change what a path's kernels do: part of every path-choice key, so a
     choice timed with one setting is not reused under another (an experiment that speeds up one path gets
@@ -448,7 +443,7 @@ def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
     times = {}
     for name, fn in candidates.items():
         fn()  # compiles and autotunes this path's kernels first
-        times[name] = _gpu_time(fn, key[-1])
+        times[name] = path_clock.streaming_time(fn, key[-1])  # weights from HBM, as in a model
     _PATH_CACHE[key] = min(times, key=times.get)
     dispatch_cache.store(env, key, _PATH_CACHE[key])
     return _PATH_CACHE[key]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from qcompile.backends.triton import dispatch_cache, w4_linear
+from qcompile.backends.triton import dispatch_cache, path_clock, w4_linear
 
 KEY = (True, 1, 4096, 4096, "dint4", 0, 8, False, 0, torch.float16, False, torch.device("cpu"))
 
@@ -25,7 +25,7 @@ def timing(tmp_path, monkeypatch):
     def fake_time(fn, device):
         return state["times"][fn()]
 
-    monkeypatch.setattr(w4_linear, "_gpu_time", fake_time)
+    monkeypatch.setattr(path_clock, "streaming_time", fake_time)
     return state
 
 
