@@ -63,6 +63,9 @@ parser.add_argument("--direct-rows", action="store_true",
 parser.add_argument("--no-rows-candidate", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_rows_candidate = False (the per-row GEMV, a decode "
                          "candidate timed per shape at M = 2-4 by default, left out; for --batch 2 / 4)")
+parser.add_argument("--no-ksplit", action="store_true",
+                    help="also time lowbit with DISPATCH.ksplit_candidate = False (the decode GEMM with K split "
+                         "across warps, w4_ksplit_kernel, not a candidate)")
 parser.add_argument("--swiglu-quant", action="store_true",
                     help="also time lowbit with options={'swiglu_quant': True} (silu(gate) * up computed in the down "
                          "projection's activation quantization, swiglu_quant.py)")
@@ -294,6 +297,7 @@ VARIANTS = [v for on, v in [
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
     (args.direct_rows, ("per-row GEMV", None, {"gemv_direct_rows": True})),
     (args.no_rows_candidate, ("no per-row GEMV candidate", None, {"gemv_rows_candidate": False})),
+    (args.no_ksplit, ("no k-split decode GEMM candidate", None, {"ksplit_candidate": False})),
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.no_decode_attention, ("SDPA attention", {"decode_attention": False}, {})),
     (args.swiglu_quant, ("swiglu_quant on", {"swiglu_quant": True}, {})),

@@ -45,8 +45,23 @@ with a compute-only gap kernel (``torch.cuda._sleep``, standing for the norm / a
 GEMV, and each GEMV prefetching the next linear's weights into L2 (``DISPATCH.l2_prefetch``) or not: µs per
 layer, outputs checked bitwise equal.
 
+``--deep``: instead, M = 4 and 16 on given codes: each deep-pipeline decode tile (``DEEP_DECODE_CONFIGS``)
+against the autotuned decode tiles, split-K tiles and GEMV, and the best one with its quantization against the
+dispatch's pick, beside FP16 (weights streamed from HBM).
+
+``--ksplit``: instead, M = 1, 4 and 16 on given codes: the decode GEMM with K split across warps
+(``launch_ksplit``, each config and autotuned) against the autotuned tiled and split-K decode GEMMs, outputs
+checked bitwise equal; its best config with its quantization and the dispatch's pick, beside FP16.
+
+``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
+
+``--self-l2``: instead, M = 1, 2, 4: the GEMV (a programmatic dependent of its quantization) asking for the
+first X MB of its own weight in L2 at its start, X in {0, 2, 4, 8, 64}, and without PDL; beside FP16 and the
+dispatch's pick.
+
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --direct | --rows | --l2]
+                                          --direct | --rows | --l2 | --ksplit | --deep | --decode-tiles |
+                                          --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -476,8 +491,143 @@ def l2():
         DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = saved
 
 
+def _streamed(t, n_bytes: int) -> list:
+    """``t`` and enough copies of it that cycling through them streams from HBM (> 2x the L2)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return clones(t, max(3, -(-2 * l2 // n_bytes) + 1))
+
+
+# --decode-tiles: (BLOCK_N, UNITS_PER_ITER, warps, stages, SPLIT_K) of the tiled decode GEMM that the autotuner
+# does not see: more programs per SM (split-K, narrow tiles) with shallow pipelines (short K slices).
+DECODE_TILES = [(32, 1, 4, 2, 4), (32, 1, 4, 3, 4), (32, 2, 4, 2, 4), (32, 2, 4, 2, 2), (32, 2, 4, 3, 2),
+                (16, 2, 2, 3, 2), (16, 2, 2, 3, 4), (16, 4, 2, 3, 4), (16, 2, 1, 3, 4), (16, 1, 1, 2, 8),
+                (64, 1, 4, 3, 4), (64, 1, 4, 2, 8), (32, 1, 4, 2, 8), (32, 4, 4, 2, 2)]
+
+
+def _config_sweep(title, launch, configs, tag, ms, extra):
+    """For each shape and M in ``ms``, codes given: ``launch(xq, xs, xz, p, y, config=cfg)`` with each of
+    ``configs`` (dicts; ``tag(cfg)`` names one) against the autotuned tiled and split-K decode GEMMs and ``extra``
+    (name -> ``fn(xq, xs, xz, p, y)``), outputs checked bitwise equal to the tiled GEMM's; then the best config with
+    ``quantize_rows`` and the dispatch's pick, beside FP16. Weights streamed from HBM."""
+    from qcompile.backends.triton.w4_linear import launch_gemm
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; {title}, codes given, GPU time per call in us (weights streamed "
+          "from HBM)", flush=True)
+    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
+    for n, k in SHAPES:
+        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
+        pws = _streamed(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
+        w16s = _streamed(w16, n * k * 2)
+        mb = n * k / 2 / 1e6
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.half)
+            xq, xs, xz = quantize_rows(x, 8, False)
+            fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
+            ref = launch_gemm(xq, xs, xz, pws[0], y).clone()
+            r = {"tiles": bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y), pws),
+                 "splitk": bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y, split_k=True), pws)}
+            r.update({name: bench_graph(lambda p: fn(xq, xs, xz, p, y), pws) for name, fn in extra.items()})
+            each = {}
+            for cfg in configs:
+                try:
+                    if not torch.equal(launch(xq, xs, xz, pws[0], y, config=cfg), ref):
+                        print(f"   MISMATCH {n}x{k} M={m} {tag(cfg)}", flush=True)
+                        continue
+                    each[tag(cfg)] = (bench_graph(lambda p: launch(xq, xs, xz, p, y, config=cfg), pws), cfg)
+                except Exception as e:  # out of shared memory: the config does not fit
+                    print(f"   {n}x{k} M={m} {tag(cfg)}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            best_tag = min(each, key=lambda t: each[t][0])
+            best_t, best_cfg = each[best_tag]
+            with_q = bench_graph(lambda p: launch(*quantize_rows(x, 8, False), p, y, config=best_cfg), pws)
+            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m} ({mb:.1f} MB): fp16 {fp:.1f}; codes given: "
+                  + ", ".join(f"{kk} {v:.1f}" for kk, v in r.items())
+                  + f", best listed {best_t:.1f} ({best_tag}) = {mb / best_t:.2f} TB/s = {r['tiles'] / best_t:.2f}x "
+                  "tiles; all listed: " + " ".join(f"{t}={v[0]:.1f}" for t, v in each.items())
+                  + f"; with quantization: best listed {with_q:.1f} = {fp / with_q:.2f}x fp16, dispatch "
+                  f"({_chosen(m, n, k)}) {auto:.1f} = {fp / auto:.2f}x fp16", flush=True)
+        del pws, w16s
+
+
+def deep(tiles=False):
+    """M = 4 and 16: tiled decode GEMM configs the autotuner does not see (the deep-pipeline
+    ``DEEP_DECODE_CONFIGS``, 4-10 stages; ``tiles``: ``DECODE_TILES``) against the autotuned ones and the GEMV."""
+    from qcompile.backends.triton import w4_gemm_kernel as kern
+    from qcompile.backends.triton.w4_linear import launch_gemm
+
+    configs = kern.DEEP_DECODE_CONFIGS
+    if tiles:
+        configs = [kern._cfg(16, bn, upi, w, st, 1, sk) for bn, upi, w, st, sk in DECODE_TILES]
+    _config_sweep(f"decode tiles {'(DECODE_TILES)' if tiles else 'with deep pipelines'}", launch_gemm,
+                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+                  lambda c: (f"{c['BLOCK_N']},u{c['UNITS_PER_ITER']},w{c['num_warps']},s{c['num_stages']},"
+                             f"k{c['SPLIT_K']}"), (4, 16), {"gemv": launch_gemv})
+
+
+def ksplit():
+    """M = 1, 4, 16: the decode GEMM with K split across warps (``launch_ksplit``), each of ``KSPLIT_CONFIGS`` and
+    autotuned, against the autotuned tiled and split-K decode GEMMs."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+    from qcompile.backends.triton.w4_linear import launch_ksplit
+
+    _config_sweep("decode GEMM with K split across warps", launch_ksplit,
+                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS],
+                  lambda c: f"{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
+                  (1, 4, 16), {"ksplit_autotuned": launch_ksplit})
+
+
+def _chosen(m, n, k) -> str:
+    from qcompile.backends.triton.w4_linear import chosen_path
+    return chosen_path(m, n, k) or "?"
+
+
+def self_l2():
+    """M = 1, 2, 4: quantize_rows + GEMV as programmatic dependent launches (autotuned GEMV config), with each
+    program first asking for its share of the first X MB of its *own* weight in L2 (``cp.async.bulk.prefetch``,
+    before it waits for the quantization) or not; and without PDL with the whole weight asked for. Outputs
+    checked bitwise equal; weights streamed from HBM."""
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; GEMV asking for its own weights in L2 at its start, GPU time "
+          "per call in us", flush=True)
+    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
+    saved = DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb
+    try:
+        for n, k in SHAPES:
+            w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
+            pws = _streamed(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
+            w16s = _streamed(w16, n * k * 2)
+            mb = n * k / 2 / 1e6
+            for m in (1, 2, 4):
+                x = torch.randn(m, k, device="cuda").half()
+                y = torch.empty(m, n, device="cuda", dtype=torch.half)
+                fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
+                auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+
+                def call(p, pdl, cap):
+                    DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = ("start", cap) if cap else ("off", 0.0)
+                    return launch_gemv(*quantize_rows(x, 8, False, pdl=pdl), p, y, pdl=pdl, l2_next=[p.qweight])
+
+                cells, ref = [], None
+                for pdl, cap in ((True, 0), (True, 2), (True, 4), (True, 8), (True, 64), (False, 0), (False, 64)):
+                    ref = _same_as(ref, [call(pws[0], pdl, cap)], f"{n}x{k} M={m} pdl={pdl} {cap} MB")
+                    cells.append((f"{'pdl' if pdl else 'plain'}{f' +{cap} MB' if cap else ''}",
+                                  bench_graph(lambda p: call(p, pdl, cap), pws)))
+                base = cells[0][1]
+                best = min(cells, key=lambda c: c[1])
+                print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m} ({mb:.1f} MB): fp16 {fp:.1f}; dispatch "
+                      f"({_chosen(m, n, k)}) {auto:.1f} = {fp / auto:.2f}x; "
+                      + "; ".join(f"{name} {t:.1f} ({base / t:.3f}x)" for name, t in cells)
+                      + f"; best {best[0]} = {fp / best[1]:.2f}x fp16", flush=True)
+            del pws, w16s
+    finally:
+        DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = saved
+
+
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline,
+MODES = {"--ksplit": ksplit, "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
+         "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline,
          "--splitk": splitk, "--slope": slope}
 
 if __name__ == "__main__":

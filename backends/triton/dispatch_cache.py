@@ -25,7 +25,8 @@ import torch
 __all__ = ["enabled", "environment", "lookup", "store"]
 
 _KERNEL_SOURCES = (
-    "_common.py", "path_clock.py", "quantize_kernel.py", "w4_gemm_kernel.py", "w4_gemv_kernel.py", "w4_linear.py")
+    "_common.py", "path_clock.py", "quantize_kernel.py", "w4_gemm_kernel.py", "w4_gemv_kernel.py",
+    "w4_ksplit_kernel.py", "w4_linear.py")
 _FILE_NAME = "dispatch_paths.json"
 _memory: dict = {}  # environment -> {key text: path}, as last read or written by this process
 _warned = False

@@ -97,11 +97,12 @@ SWAP_DECODE_CONFIGS = [
         (128, 1, 4, 4, 8), (64, 4, 4, 3, 2), (128, 1, 4, 3, 2),
     ]
 ]
-# Decode with deep pipelines. Sweep only: measured nowhere yet (prepared 2026-12-06, no device time left). Every
-# decode tile above keeps at most 2-3 stages of weights in shared memory (BLOCK_N 32 x 4 units: 2 buffers of 8 KB
-# of weights + 8 KB of activations, offline sm_90 compile: 32 KB), i.e. ~8-16 KB of weights in flight per SM; by
-# Little's law at ~1 us of loaded HBM latency that streams ~1 TB/s, what every tile reached at M <= 16 (>= 9.4 us
-# for 8.4 MB). These keep 4-9 buffers (offline: 37-82 KB of shared memory, ``cp.async.wait_group`` up to 48).
+# Decode with deep pipelines. Sweep only. Every decode tile above keeps at most 2-3 stages of weights in shared
+# memory (~8-16 KB of weights in flight per SM), so the bytes in flight looked like the cap at M <= 16 (>= 9.4 us
+# for 8.4 MB). These keep 4-9 buffers (offline sm_90: 37-82 KB of shared memory). H100, 2026-12-06, codes given
+# (``bench_gemv_pieces.py --deep``, four shapes at M = 4 and 16): the best of them ran 0.88-1.01x as fast as the
+# best autotuned tile (unsplit or split-K), so bytes in flight were not the cap; one warp per scheduler on a
+# dependent chain per step is (Nsight Compute; ``w4_ksplit_kernel``'s docstring).
 DEEP_DECODE_CONFIGS = [
     _cfg(16, bn, upi, warps, stages, 1, sk)
     for bn, upi, warps, stages, sk in [

@@ -5,7 +5,8 @@ Dispatch by M (rows of the flattened activation):
 * ``M <= 16`` (decode): GEMV-like configs (BLOCK_M = 16, small BLOCK_N, several chunks per step).
   Paths: ``fused`` (the GEMM quantizes the activation itself: one launch), ``unfused``
   (``quantize_rows`` then the GEMM), ``splitk`` (``quantize_rows`` then a split-K GEMM: per-channel
-  weights; more programs and shorter K loops when N / BLOCK_N tiles cannot fill the GPU), and for
+  weights; more programs and shorter K loops when N / BLOCK_N tiles cannot fill the GPU), ``ksplit``
+  (``quantize_rows`` then ``w4_ksplit_kernel``: each warp of a program takes its own chunks of K), and for
   per-channel weights with per-token activations ``gemv`` / ``gemv_fused`` (``w4_gemv_kernel``: dp4a
   on 32-bit words, no MMA; the H200 picks it at M = 1 on every LLaMA shape).
 * larger M (prefill): tiled wgmma configs. Paths: ``inloop`` (unpack in the K loop) or, from
@@ -28,6 +29,7 @@ import triton
 from . import dispatch_cache, path_clock
 from . import w4_gemm_kernel as kern
 from . import w4_gemv_kernel as gemv_kern
+from . import w4_ksplit_kernel as ksplit_kern
 from ._common import interpreting, pdl_launch, recip_div, stream_key
 from .packing import PackedWeight
 from .quantize_kernel import quantize_rows
@@ -40,6 +42,7 @@ __all__ = [
     "launch_gemm",
     "launch_gemv",
     "launch_gemv_group",
+    "launch_ksplit",
     "splitk_workspace",
     "w4_linear_2d",
     "w4_linear_2d_codes",
@@ -52,7 +55,8 @@ class Dispatch:
     """Dispatch thresholds and path switches."""
 
     decode_max_m: int = 16
-    decode_path: str = "auto"  # "auto" | "fused" | "unfused" | "splitk" | "gemv" | "gemv_fused" | "gemv_rows"
+    # "auto" | "fused" | "unfused" | "splitk" | "ksplit" | "gemv" | "gemv_fused" | "gemv_rows"
+    decode_path: str = "auto"
     prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
     expand_min_m: int = 256  # "expand" is a candidate from this M on
     use_asm: bool = True  # PTX SIMD unpacker on GPU (never under the interpreter)
@@ -85,6 +89,11 @@ class Dispatch:
     # path. On: LLaMA-2-7B decode at batch 4 on the H100 (2026-12-06, bench_decode.py --batch 4 --rows-candidate
     # --interleave 10) 1276.7 -> 1456.0 tok/s, in turn with FP16 1.99x -> 2.25x, logits bitwise the same.
     gemv_rows_candidate: bool = True
+    # The decode GEMM with K split across warps (w4_ksplit_kernel) is one more decode candidate (per-channel
+    # weights, per-token activations), timed against the rest once per shape. H100, codes given (2026-12-06,
+    # bench_gemv_pieces.py --ksplit): 1.20x the tiled decode GEMM at 4096x4096 (M = 1-16), 1.37x at 4096x11008,
+    # 1.03-1.06x at 11008x4096, 0.98x at 14336x4096.
+    ksplit_candidate: bool = True
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
@@ -157,6 +166,8 @@ _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_con
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
                                      _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
+_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM"],
+                           ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
 
 
 def _use_asm(device: torch.device, use_asm: bool | None) -> bool:
@@ -381,6 +392,47 @@ def _quantized_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_
                        bias=bias, w_expanded=w_exp, split_k=split_k, pdl=pdl)
 
 
+INTERPRET_KSPLIT_CONFIG = dict(BLOCK_N=16, S=4, num_warps=4, num_stages=1)
+
+
+def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=False, config=None, use_asm=None,
+                  pdl=False):
+    """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
+    ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
+    ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
+    ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
+    kernel (CUDA only). Bitwise the output of ``launch_gemm`` on the same codes."""
+    m, k = x.shape
+    n = pw.out_features
+    if pw.group_size > 0 or m > SPLITK_MAX_M or x.dtype != torch.int8:
+        raise ValueError("the k-split decode GEMM takes per-channel weights, int8 per-token codes and M <= 16")
+    if x_scale.numel() != m or x_zp.numel() != m or k != pw.in_features:
+        raise ValueError(f"the k-split decode GEMM takes per-token qparams ({m} rows) and K = {pw.in_features}")
+    meta = dict(DINT=_w_kind(pw) == 1, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
+                INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False)
+    if pdl_launch(pdl, x.device):
+        meta.update(PDL=True, launch_pdl=True)
+    args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
+            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k, min(triton.next_power_of_2(m), 16))
+
+    def grid(meta_):
+        return (triton.cdiv(n, meta_["BLOCK_N"]),)
+
+    if config is None and interpreting():
+        config = INTERPRET_KSPLIT_CONFIG
+    if config is not None:
+        ksplit_kern.w4_ksplit_kernel[grid](*args, **meta, **config)
+    else:
+        _ksplit_kernel[grid](*args, **meta)
+    return y
+
+
+def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias):
+    pdl = DISPATCH.gemm_pdl
+    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
+    return launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=pdl)
+
+
 def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None, direct_rows=None):
     pdl = DISPATCH.gemv_pdl
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
@@ -416,7 +468,7 @@ def _kernel_switches() -> tuple:
     the choice between paths timed again)."""
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
-            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb)
+            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
@@ -465,7 +517,8 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         candidates = {"unfused": gemm(False)}
         if pw.group_size == 0 and m <= SPLITK_MAX_M:
             candidates["splitk"] = gemm(False, split_k=True)
-        if pw.group_size == 0 and act_group == 0:
+        if DISPATCH.ksplit_candidate and pw.group_size == 0 and act_group == 0:
+            candidates["ksplit"] = lambda: _quantized_ksplit(x, pw, y, act_bits, act_sym, bias)
             gemv = {"gemv": lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next)}
             candidates = _fallback_first(m, gemv, candidates)
             if _rows_candidate(m):
@@ -581,6 +634,8 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
             if _rows_candidate(m):
                 cands["gemv_rows"] = lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl,
                                                          direct_rows=True)
+            if DISPATCH.ksplit_candidate:  # (the shared path: per-channel weights, per-token codes)
+                cands["ksplit"] = lambda: launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=gemm_pdl)
             forced = DISPATCH.decode_path
         else:
             cands = {"inloop": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)}

@@ -139,6 +139,34 @@ def test_the_untimed_fallback_is_the_gemv_at_small_m(m, first, monkeypatch):
     assert per_weight[0] == first
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
+    """The k-split decode GEMM is a candidate of one per-channel weight and of sibling weights at M <= 16 while
+    ``DISPATCH.ksplit_candidate`` is on, never for grouped weights or at prefill."""
+    from triton_cases import make_weight, make_x
+
+    seen = []
+
+    def record(key, candidates, forced):
+        seen.append(list(candidates))
+        return next(iter(candidates))
+
+    monkeypatch.setattr(w4_linear, "_choose_path", record)
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_candidate", on)
+    monkeypatch.setattr(w4_linear, "_quantized_ksplit", lambda *a: None)  # the candidates are only listed here
+    monkeypatch.setattr(w4_linear, "_quantized_gemv", lambda *a, **k: None)
+    monkeypatch.setattr(w4_linear, "_quantized_gemm", lambda *a, **k: None)
+    monkeypatch.setattr(w4_linear, "launch_gemv", lambda *a, **k: None)
+    monkeypatch.setattr(w4_linear, "launch_gemm", lambda *a, **k: None)
+    pw = make_weight(24, 256, "dint4", "channel", "cpu")
+    for m in (1, 16, 17):
+        x = make_x(m, 256, "cpu")
+        w4_linear.w4_linear_2d(x, pw, 8, False, 0, None)
+        w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(m, 24)], [None], 8, False)
+    w4_linear.w4_linear_2d(make_x(4, 256, "cpu"), make_weight(24, 256, "int4", "group64", "cpu"), 8, False, 0, None)
+    assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
+
+
 def test_chosen_path_reads_the_choice_of_its_shape(timing):
     assert w4_linear.chosen_path(1, 4096, 4096) is None  # nothing chosen yet
     w4_linear._choose_path(KEY, _candidates(timing), "auto")

@@ -17,7 +17,7 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x  # noqa: E402
+from triton_cases import check_gemm, check_linear, check_quantize, ksplit_launcher, make_weight, make_x  # noqa: E402,E501
 
 from qcompile.backends.triton import w4_gemm_kernel as kern  # noqa: E402
 from qcompile.backends.triton import w4a4_linear, w4a8_linear  # noqa: E402
@@ -111,6 +111,34 @@ def test_w4a8_gemm_swapped_decode_exact(config):
         ref = run(False)
         for _ in range(10):
             assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
+
+
+@pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 4096, 4096), ("dint4", 16, 4096, 11008), ("int4", 7, 1000, 4160),
+                                       ("dint4_sym", 4, 11008, 4096), ("dint4_c0.25", 13, 333, 1002)])
+def test_w4a8_ksplit_exact(fmt, m, n, k):
+    """K split across warps, compiled (PTX unpacker, mma.sync on 3-D tiles): every config exact in int32 and
+    within the fp bound, bitwise the tiled GEMM's output; autotuned with a bias; as a programmatic dependent of
+    its quantization, bitwise the plain launch, 10 times."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+    from qcompile.backends.triton.w4_linear import launch_ksplit
+
+    pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+    x = make_x(m, k, DEV, seed=m)
+    for c in KSPLIT_CONFIGS:
+        check_gemm(x, pw, ksplit_launcher(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)),
+                   use_asm=True)
+    check_gemm(x, pw, ksplit_launcher(), use_asm=True, bias=torch.randn(n, device=DEV), out_dtype=torch.bfloat16)
+    q = quantize_rows(x, 8, False)
+    y_tiled = launch_gemm(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=DECODE)
+    assert torch.equal(launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half)), y_tiled)
+
+    def run(pdl):
+        q = quantize_rows(x, 8, False, pdl=pdl)
+        return [*q, launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), pdl=pdl)]
+
+    ref = run(False)
+    for _ in range(10):
+        assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
 
 
 GEMV = dict(BLOCK_N=8, BLOCK_W=128, num_warps=4)

@@ -30,7 +30,7 @@ def test_interpreter_suite():
 
 if INTERPRET:
     import torch
-    from triton_cases import check_gemm, check_linear, check_quantize, make_weight, make_x
+    from triton_cases import check_gemm, check_linear, check_quantize, ksplit_launcher, make_weight, make_x
 
     from qcompile.backends.triton import w4a4_linear, w4a8_linear
     from qcompile.backends.triton.quantize_kernel import quantize_rows
@@ -219,6 +219,42 @@ if INTERPRET:
         check_gemm(x, pw, launch_gemm, split_k=True, bias=torch.randn(n), out_dtype=torch.bfloat16)
         ws, locks = splitk_workspace("cpu", n)
         assert not ws.any() and not locks.any()
+
+    @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
+                                           ("dint4_c0.25", 5, 40, 384), ("dint4", 7, 20, 1100)])
+    def test_w4a8_ksplit_exact(fmt, m, n, k):
+        """K split across warps (``w4_ksplit_kernel``): exact int32 sums for 1-16 slices per step (some past the
+        last chunk, ragged N and K), fp output within the bound and bitwise the tiled GEMM's on the same codes."""
+        from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+        from qcompile.backends.triton.w4_linear import launch_ksplit
+
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
+        x = make_x(m, k, "cpu", seed=m)
+        configs = [None, dict(BLOCK_N=16, S=1, num_warps=1, num_stages=1)]
+        configs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=1) for c in KSPLIT_CONFIGS[:3]]
+        for cfg in configs:
+            check_gemm(x, pw, ksplit_launcher(cfg))
+        check_gemm(x, pw, ksplit_launcher(), bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True)
+        xq, xs, xz = quantize_rows(x, 8, False)
+        y_tiled = launch_gemm(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16))
+        assert torch.equal(launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16)), y_tiled)
+
+    @child_only
+    def test_w4a8_ksplit_rejects_bad_input():
+        from qcompile.backends.triton.w4_linear import launch_ksplit
+
+        pw = make_weight(16, 128, "dint4", "channel", "cpu")
+        xq, xs, xz = quantize_rows(make_x(2, 128, "cpu"), 8, False)
+        y = torch.empty(2, 16, dtype=torch.float16)
+        with pytest.raises(ValueError, match="per-channel weights"):
+            launch_ksplit(xq, xs, xz, make_weight(16, 128, "int4", "group64", "cpu"), y)
+        with pytest.raises(ValueError, match="M <= 16"):
+            launch_ksplit(torch.zeros(17, 128, dtype=torch.int8), xs, xz, pw, torch.empty(17, 16))
+        with pytest.raises(ValueError, match="int8"):
+            launch_ksplit(xq.float(), xs, xz, pw, y)
+        with pytest.raises(ValueError, match="K = 128"):
+            launch_ksplit(xq[:, :64], xs, xz, pw, y)
 
     @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("dint4", 3, 20, 300), ("int4", 5, 33, 200),
