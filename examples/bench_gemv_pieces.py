@@ -50,8 +50,9 @@ against the autotuned decode tiles, split-K tiles and GEMV, and the best one wit
 dispatch's pick, beside FP16 (weights streamed from HBM).
 
 ``--ksplit``: instead, M = 1, 4 and 16 on given codes: the decode GEMM with K split across warps
-(``launch_ksplit``, each config and autotuned) against the autotuned tiled and split-K decode GEMMs, outputs
-checked bitwise equal; its best config with its quantization and the dispatch's pick, beside FP16.
+(``launch_ksplit``, each config of ``KSPLIT_CONFIGS`` and ``KSPLIT_EXTRA``, and autotuned) against the autotuned
+tiled and split-K decode GEMMs, outputs checked bitwise equal; its best config with its quantization and the
+dispatch's pick, beside FP16.
 
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
@@ -566,14 +567,21 @@ def deep(tiles=False):
                              f"k{c['SPLIT_K']}"), (4, 16), {"gemv": launch_gemv})
 
 
+# --ksplit: (BLOCK_N, S, warps, stages) the autotuner does not see, timed beside KSPLIT_CONFIGS. Not timed yet. Offline
+# sm_90 SASS (Triton 3.6) of the K loop, warp instructions per chunk per 32 channels: BLOCK_N 64 348-350 (S = 4 or 2),
+# 32 380-382, 16 450; at N = 4096, BLOCK_N 16 gives two programs per SM, 64 half an SM each.
+KSPLIT_EXTRA = [(32, 4, 4, 4), (32, 2, 2, 3), (16, 4, 4, 3), (16, 4, 4, 4), (64, 2, 2, 3), (64, 4, 4, 2)]
+
+
 def ksplit():
     """M = 1, 4, 16: the decode GEMM with K split across warps (``launch_ksplit``), each of ``KSPLIT_CONFIGS`` and
-    autotuned, against the autotuned tiled and split-K decode GEMMs."""
-    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+    ``KSPLIT_EXTRA``, and autotuned, against the autotuned tiled and split-K decode GEMMs."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS, ksplit_config
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
+    configs = KSPLIT_CONFIGS + [ksplit_config(*c) for c in KSPLIT_EXTRA]
     _config_sweep("decode GEMM with K split across warps", launch_ksplit,
-                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS],
+                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
                   lambda c: f"{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
                   (1, 4, 16), {"ksplit_autotuned": launch_ksplit})
 
