@@ -275,6 +275,15 @@ def kinds_per_step(averages, steps):
     return out
 
 
+def log_choices(batch, run):
+    """The decode paths the dispatch chose for this batch's M bucket under the current switches, by site."""
+    from qcompile.backends.triton.w4_linear import dispatch_choices
+    choices = dispatch_choices(batch)
+    if choices:
+        log(f"         B={batch} {run}: dispatch choices: "
+            + ", ".join(f"{site} {path}" for site, path in sorted(choices.items())))
+
+
 def linear_bytes():
     """(fp16 bytes of the quantized linears, bytes of their packed weights, of the graph codes)."""
     fp16 = packed = codes = 0
@@ -332,6 +341,7 @@ for batch in args.batch:
     err = rel_diff(logits4, ref4)
     log(f"[{time.time() - t_start:4.0f}s] B={batch} lowbit: {tps4:8.1f} tok/s (compile {c4:.0f}s); {report.summary()}; "
         f"first-step logits vs the eager reference: rel. err {err:.1e}; GPU {gpu_state()}")
+    log_choices(batch, "lowbit")
     extras = {}  # variant name -> (tok/s, first-step logits rel. diff from the default lowbit run)
     for name, options, fields in VARIANTS:
         saved = {f: getattr(DISPATCH, f) for f in fields}
@@ -339,6 +349,7 @@ for batch in args.batch:
             setattr(DISPATCH, f, value)
         try:
             tps_v, logits_v, _, _ = decode_run(qmodel, batch, "lowbit", options, f"lowbit {name}", keep=keep)
+            log_choices(batch, f"lowbit, {name}")
         finally:
             for f, value in saved.items():
                 setattr(DISPATCH, f, value)

@@ -43,6 +43,7 @@ __all__ = [
     "launch_gemv",
     "launch_gemv_group",
     "launch_ksplit",
+    "dispatch_choices",
     "splitk_workspace",
     "w4_linear_2d",
     "w4_linear_2d_codes",
@@ -460,6 +461,26 @@ def chosen_path(m: int, out_features: int, in_features: int, act_bits: int = 8) 
     bucket = min(triton.next_power_of_2(m), 4096)
     return next((path for key, path in _PATH_CACHE.items()
                  if key[1] == bucket and key[2:4] == (out_features, in_features) and key[6] == act_bits), None)
+
+
+def dispatch_choices(m: int) -> dict:
+    """Every path the dispatch chose in this process at ``m`` rows' M bucket under the current ``DISPATCH``
+    switches, as ``{site: path}``; a site is ``"linear NxK"`` (one weight), ``"shared NxK"`` (one of sibling
+    weights on shared codes), or ``"group N1+N2xK"`` / ``"group_codes ..."`` (sibling weights together). For
+    benchmarks to say which kernels a model ran."""
+    bucket, switches, out = min(triton.next_power_of_2(m), 4096), _kernel_switches(), {}
+    for key, path in _PATH_CACHE.items():
+        if key[-2] != switches:
+            continue
+        if isinstance(key[0], bool):  # w4_linear_2d: (decode?, bucket, N, K, ...)
+            site, b = f"linear {key[2]}x{key[3]}", key[1]
+        elif key[0] == "shared":  # ("shared", decode?, bucket, N, K, ...)
+            site, b = f"shared {key[3]}x{key[4]}", key[2]
+        else:  # ("group" | "group_codes", bucket, (N, ...), K, ...)
+            site, b = f"{key[0]} {'+'.join(map(str, key[2]))}x{key[3]}", key[1]
+        if b == bucket:
+            out[site] = path
+    return out
 
 
 def _kernel_switches() -> tuple:

@@ -167,6 +167,24 @@ def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
     assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
 
 
+def test_dispatch_choices_names_every_site_of_a_bucket(monkeypatch):
+    """``dispatch_choices`` lists the single, shared and group choices of one M bucket made under the current
+    switches, and none of another bucket or of other switches."""
+    monkeypatch.setattr(w4_linear, "_PATH_CACHE", {})
+    sw, dev = w4_linear._kernel_switches(), "cuda:0"
+    cache = w4_linear._PATH_CACHE
+    cache[(True, 16, 4096, 11008, "dint4", 0, 8, False, 0, torch.half, False, sw, dev)] = "ksplit"
+    cache[(True, 1, 4096, 11008, "dint4", 0, 8, False, 0, torch.half, False, sw, dev)] = "gemv"
+    cache[("shared", True, 16, 11008, 4096, "dint4", 8, False, torch.half, False, sw, dev)] = "unfused"
+    cache[("group", 16, (4096, 4096, 4096), 4096, "dint4", 8, False, torch.half, False, sw, dev)] = "per_weight"
+    cache[("group_codes", 16, (11008, 11008), 4096, "dint4", 8, False, torch.half, False, sw, dev)] = "gemv_group"
+    cache[(True, 16, 4096, 4096, "dint4", 0, 8, False, 0, torch.half, False, ("other switches",), dev)] = "splitk"
+    assert w4_linear.dispatch_choices(9) == {"linear 4096x11008": "ksplit", "shared 11008x4096": "unfused",
+                                             "group 4096+4096+4096x4096": "per_weight",
+                                             "group_codes 11008+11008x4096": "gemv_group"}
+    assert w4_linear.dispatch_choices(1) == {"linear 4096x11008": "gemv"}
+
+
 def test_chosen_path_reads_the_choice_of_its_shape(timing):
     assert w4_linear.chosen_path(1, 4096, 4096) is None  # nothing chosen yet
     w4_linear._choose_path(KEY, _candidates(timing), "auto")
