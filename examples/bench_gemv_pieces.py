@@ -71,7 +71,7 @@ import time
 
 import torch
 import torch.nn.functional as F_nn
-from gpu_timing import bench_graph, clones
+from gpu_timing import bench_graph, clones, streamed_copies
 
 from qcompile import formats as F
 from qcompile.backends.triton import prepack, w4a8_linear
@@ -492,12 +492,6 @@ def l2():
         DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = saved
 
 
-def _streamed(t, n_bytes: int) -> list:
-    """``t`` and enough copies of it that cycling through them streams from HBM (> 2x the L2)."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return clones(t, max(3, -(-2 * l2 // n_bytes) + 1))
-
-
 # --decode-tiles: (BLOCK_N, UNITS_PER_ITER, warps, stages, SPLIT_K) of the tiled decode GEMM that the autotuner
 # does not see: more programs per SM (split-K, narrow tiles) with shallow pipelines (short K slices).
 DECODE_TILES = [(32, 1, 4, 2, 4), (32, 1, 4, 3, 4), (32, 2, 4, 2, 4), (32, 2, 4, 2, 2), (32, 2, 4, 3, 2),
@@ -518,8 +512,8 @@ def _config_sweep(title, launch, configs, tag, ms, extra):
     spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
     for n, k in SHAPES:
         w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
-        pws = _streamed(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
-        w16s = _streamed(w16, n * k * 2)
+        pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
+        w16s = streamed_copies(w16, n * k * 2)
         mb = n * k / 2 / 1e6
         for m in ms:
             x = torch.randn(m, k, device="cuda").half()
@@ -606,8 +600,8 @@ def self_l2():
     try:
         for n, k in SHAPES:
             w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
-            pws = _streamed(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
-            w16s = _streamed(w16, n * k * 2)
+            pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
+            w16s = streamed_copies(w16, n * k * 2)
             mb = n * k / 2 / 1e6
             for m in (1, 2, 4):
                 x = torch.randn(m, k, device="cuda").half()

@@ -19,7 +19,6 @@ Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when 
                                                     # + every tiled-GEMM config timed on its own (prefill
                                                     #   configs at M > 16, decode ones at M <= 16)
 """
-import math
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F_nn
 import triton
-from gpu_timing import bench_graph, clones
+from gpu_timing import bench_graph, streamed_copies
 
 from qcompile import formats as F
 from qcompile.backends.triton import path_clock, prepack, w4a4_linear, w4a8_linear
@@ -49,7 +48,6 @@ t_start = time.time()
 torch.manual_seed(0)
 torch.backends.cuda.matmul.allow_tf32 = False
 dev = torch.device("cuda")
-L2_BYTES = torch.cuda.get_device_properties(dev).L2_cache_size  # H100 50 MB, H200 60 MB
 print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
 
 
@@ -57,10 +55,6 @@ def bench(fn) -> float:
     """Eager: median microseconds; the L2 is flushed before each call."""
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
-
-def copies(t, nbytes: int) -> list:
-    """``t`` plus clones, enough to stream > 2x the L2 per graph pass (at most 16)."""
-    return clones(t, min(16, max(1, math.ceil(2 * L2_BYTES / nbytes))))
 
 
 def graph_or_nan(fn, weights) -> float:
@@ -209,8 +203,8 @@ for n, k in SHAPES:
     pw, w_dq = quantized_weight(w16.float(), W_FMT, W_GRAN)
     pw4, w4_dq = quantized_weight(w16.float(), W4A4_FMT, W4A4_GRAN)
     w8 = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8)
-    w16s, w8s = copies(w16, w16.nbytes), copies(w8, w8.nbytes)
-    pws, pw4s = copies(pw, pw.nbytes()), copies(pw4, pw4.nbytes())
+    w16s, w8s = streamed_copies(w16, w16.nbytes), streamed_copies(w8, w8.nbytes)
+    pws, pw4s = streamed_copies(pw, pw.nbytes()), streamed_copies(pw4, pw4.nbytes())
     print(f"[{time.time() - t_start:5.0f}s] {n}x{k}: packed {pw.nbytes() / w16.nbytes:.3f} of fp16 bytes",
           flush=True)
     for m in MS:

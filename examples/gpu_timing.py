@@ -5,7 +5,7 @@ import torch
 
 from qcompile.backends.triton import PackedWeight
 
-__all__ = ["bench_graph", "clones"]
+__all__ = ["bench_graph", "clones", "streamed_copies"]
 
 
 def clones(t, n: int) -> list:
@@ -17,6 +17,12 @@ def clones(t, n: int) -> list:
     else:
         clone = t.clone
     return [t] + [clone() for _ in range(n - 1)]
+
+
+def streamed_copies(t, nbytes: int) -> list:
+    """``t`` plus clones, enough that cycling through them streams > 2x the L2 per graph pass (at most 16)."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return clones(t, min(16, max(1, -(-2 * l2 // nbytes))))
 
 
 def bench_graph(fn, weights, reps: int = 4) -> float:
