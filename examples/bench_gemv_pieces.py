@@ -561,12 +561,13 @@ def deep(tiles=False):
                              f"k{c['SPLIT_K']}"), (4, 16), {"gemv": launch_gemv})
 
 
-# --ksplit: (BLOCK_N, S, warps, stages) the autotuner does not see, timed beside KSPLIT_CONFIGS. Not timed yet. Offline
-# sm_90 SASS (Triton 3.6) of the K loop, warp instructions per chunk per 32 channels: BLOCK_N 64 348-350 (S = 4 or 2),
-# 32 380-382, 16 450; at N = 4096, BLOCK_N 16 gives two programs per SM, 64 half an SM each.
-KSPLIT_EXTRA = [(32, 4, 4, 4), (32, 2, 2, 3), (16, 4, 4, 3), (16, 4, 4, 4), (64, 2, 2, 3), (64, 4, 4, 2),
-                # dropped from the autotuner after the first H100 run (1.4-3.8x the best config's time)
-                (32, 16, 16, 2), (32, 8, 8, 2), (16, 16, 16, 2), (64, 8, 8, 2)]
+# --ksplit: (BLOCK_N, S, warps, stages) the autotuner does not see, timed beside KSPLIT_CONFIGS. On the H100
+# (2026-12-06, second run, ``examples/results/ksplit_extra_h100.txt``) none of them was the best of a case; within
+# 4 % of it: (16, 4, 4, 3) at 4096x4096, M <= 4, and (64, 2, 2, 3) at 14336x4096, M = 16. Offline sm_90 SASS
+# (Triton 3.6) of the K loop, warp instructions per chunk per 32 channels: BLOCK_N 64 348-350 (S = 4 or 2),
+# 32 380-382, 16 450.
+KSPLIT_EXTRA = [(64, 4, 4, 3), (32, 8, 8, 3), (16, 8, 8, 3), (16, 4, 4, 3), (16, 4, 4, 4), (64, 2, 2, 3),
+                (64, 4, 4, 2), (32, 16, 16, 2), (32, 8, 8, 2), (16, 16, 16, 2), (64, 8, 8, 2)]
 
 
 def ksplit():

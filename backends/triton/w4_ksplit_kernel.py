@@ -56,13 +56,14 @@ def ksplit_config(block_n: int, s: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_N": block_n, "S": s}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_N, S, warps, stages). On the H100 (2026-12-06, ``bench_gemv_pieces.py --ksplit``, four shapes, M = 1, 4,
-# 16) (32, 4, 4, 3) won on every shape but 14336x4096, where (64, 4, 4, 3) did; (32, 8, 8, 3) tied once (4096x11008,
-# M = 1). Four more that never came near (S = 8 on 2 stages and S = 16: 1.4-3.8x the best) were dropped from the
-# autotuner after that run, halving what a cold start compiles; they stay in the benchmark's sweep. Offline sm_90
-# (Triton 3.6): BLOCK_N 32, S 4, 3 stages: 32 KB of shared memory, 80 registers; S 8: 64 KB, 99 registers.
+# (BLOCK_N, S, warps, stages). On the H100 (``bench_gemv_pieces.py --ksplit``, four shapes, M = 1, 4, 16, 14 configs;
+# ``examples/results/ksplit_h100.txt`` and ``ksplit_extra_h100.txt``) (32, 4, 4, 3) won at 4096x4096; (32, 2, 2, 3)
+# (two warps, so more programs per SM) at 11008x4096 and 14336x4096 (by 5-13 %); (32, 4, 4, 4) at 4096x11008 (by
+# 3-4 %). (64, 4, 4, 3) had won 14336x4096 in the first run, before (32, 2, 2, 3) was timed, and came 10 % behind it
+# in the second; it left the autotuner with S = 8 and S = 16 (1.2-3.8x the best's time), which never won. All stay in
+# the benchmark's sweep. Offline sm_90 (Triton 3.6): BLOCK_N 32, S 4, 3 stages: 32 KB of shared memory, 80 registers.
 KSPLIT_CONFIGS = [ksplit_config(bn, s, w, st) for bn, s, w, st in [
-    (32, 4, 4, 3), (64, 4, 4, 3), (32, 8, 8, 3), (16, 8, 8, 3),
+    (32, 4, 4, 3), (32, 2, 2, 3), (32, 4, 4, 4),
 ]]
 
 

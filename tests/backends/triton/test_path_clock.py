@@ -74,3 +74,24 @@ def test_a_failed_capture_falls_back_to_the_eager_clock(clocks, monkeypatch):
     monkeypatch.setattr(path_clock, "_capture", no_capture)
     with pytest.warns(RuntimeWarning, match="CUDA-graph timing failed"):
         assert path_clock.streaming_time(lambda: None, _dev()) == 3.0
+
+
+def test_the_autotuners_rank_configs_on_the_path_clock(monkeypatch):
+    """Every kernel autotuner of the dispatch times its configs with ``path_clock.streaming_time`` (L2 cold, graph
+    replay), as the dispatch times paths: the memset-and-time-alone clock misranked GEMV configs on the H100."""
+    from qcompile.backends.triton import w4_linear
+
+    seen = []
+
+    def fake(fn, device):
+        seen.append(device)
+        return 0.25
+
+    monkeypatch.setattr(path_clock, "streaming_time", fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    tuners = [w4_linear._decode_kernel, w4_linear._splitk_decode_kernel, w4_linear._fused_decode_kernel,
+              w4_linear._prefill_kernel, w4_linear._ksplit_kernel, *w4_linear._gemv_kernels.values(),
+              *w4_linear._gemv_group_kernels.values()]
+    for tuner in tuners:
+        assert tuner.do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [0.25, 0.25, 0.25]
+    assert seen == [torch.device("cuda", 0)] * len(tuners)
