@@ -54,6 +54,9 @@ dispatch's pick, beside FP16 (weights streamed from HBM).
 tiled and split-K decode GEMMs, outputs checked bitwise equal; its best config with its quantization and the
 dispatch's pick, beside FP16.
 
+``--ksplit-lut``: instead, M = 1, 4 and 16 on given codes: each config of ``KSPLIT_CONFIGS`` with the arithmetic
+(A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise equal.
+
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
 ``--self-l2``: instead, M = 1, 2, 4: the GEMV (a programmatic dependent of its quantization) asking for the
@@ -61,7 +64,7 @@ first X MB of its own weight in L2 at its start, X in {0, 2, 4, 8, 64}, and with
 dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --direct | --rows | --l2 | --ksplit | --deep | --decode-tiles |
+                                          --direct | --rows | --l2 | --ksplit | --ksplit-lut | --deep | --decode-tiles |
                                           --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
@@ -583,6 +586,23 @@ def ksplit():
                   (1, 4, 16), {"ksplit_autotuned": launch_ksplit})
 
 
+def ksplit_lut():
+    """M = 1, 4, 16: each config of ``KSPLIT_CONFIGS`` with the arithmetic and with the table unpacker
+    (``launch_ksplit(lut=...)``), against the autotuned tiled and split-K decode GEMMs."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+    from qcompile.backends.triton.w4_linear import launch_ksplit
+
+    def launch(xq, xs, xz, p, y, config):
+        return launch_ksplit(xq, xs, xz, p, y, config={k: v for k, v in config.items() if k != "lut"},
+                             lut=config["lut"])
+
+    _config_sweep("k-split decode GEMM, arithmetic vs table unpacker", launch,
+                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, lut=lut)
+                   for c in KSPLIT_CONFIGS for lut in (False, True)],
+                  lambda c: f"{'L' if c['lut'] else 'A'}{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
+                  (1, 4, 16), {})
+
+
 def _chosen(m, n, k) -> str:
     from qcompile.backends.triton.w4_linear import chosen_path
     return chosen_path(m, n, k) or "?"
@@ -631,7 +651,8 @@ def self_l2():
 
 
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--ksplit": ksplit, "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
+MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut,
+         "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline,
          "--splitk": splitk, "--slope": slope}
 

@@ -340,8 +340,8 @@ LUT_BIAS = tl.constexpr(64)
 
 
 @triton.jit
-def lut_words(zb, DINT: tl.constexpr, DINT_R: tl.constexpr):
-    """The four table words T0..T3 of rows with biased zeros ``zb`` (int32 ``128 - R*z``)."""
+def lut_words(zb, DINT: tl.constexpr, DINT_R: tl.constexpr, BIAS: tl.constexpr = LUT_BIAS):
+    """The four table words T0..T3 of rows with biased zeros ``zb`` (int32 ``128 - R*z``), entries ``t + BIAS``."""
     zoff = zb - 128
     t0 = tl.zeros_like(zb)
     t1 = tl.zeros_like(zb)
@@ -349,11 +349,11 @@ def lut_words(zb, DINT: tl.constexpr, DINT_R: tl.constexpr):
     t3 = tl.zeros_like(zb)
     for q in tl.static_range(16):
         if DINT and q >= 14:
-            v = tl.zeros_like(zb) + (LUT_BIAS + 29 - 2 * q)
+            v = tl.zeros_like(zb) + (BIAS + 29 - 2 * q)
         elif DINT:
-            v = zoff + (q * DINT_R + LUT_BIAS)
+            v = zoff + (q * DINT_R + BIAS)
         else:
-            v = zoff + (q + LUT_BIAS)
+            v = zoff + (q + BIAS)
         v = (v & 255) << (8 * (q % 4))
         if q // 4 == 0:
             t0 = t0 | v
@@ -386,3 +386,71 @@ def unpack_words_lut(w, t0, t1, t2, t3, USE_ASM: tl.constexpr):
         mk = prmt(u, u, wh, False)
         v1 = (mk & prmt(t2, t3, wmh, False)) | (~mk & prmt(t0, t1, wmh, False))
     return v0, v1
+
+
+# ------------------------------------------------------------------------- table unpacker on MMA fragments
+# In an mma.sync operand fragment a 32-bit register holds four consecutive K positions of one row, so an
+# elementwise asm with pack = 4 sees code bytes j..j+3 (j % 4 == 0) of a weight row as one word. A table
+# unpacker (``_ASM_LUT_EXACT`` below) turns it into two words in the nibble order: positions j..j+3 of the
+# first output hold the codes k = [j, H+j, j+1, H+j+1], of the second [j+2, H+j+2, j+3, H+j+3]
+# (H = PACK_K / 2, ``packing.py``'s byte = hi << 4 | lo). The activation planes are interleaved the same way
+# (``interleave_planes``), so each product pairs the same k; a dot product does not care in which order the k come.
+_ASM_INTERLEAVE = tl.constexpr("""{
+    prmt.b32 $0, $2, $3, 0x5140;
+    prmt.b32 $1, $2, $3, 0x7362;
+}""")
+
+
+# The fragment unpacker's own table asm: exact values, no bias. Its byte masks come from the code word itself:
+# bit 3 of nibble 2i + 1 is the sign bit of byte i of the word, bit 3 of nibble 2i that of byte i of the word
+# shifted left by 4, so a prmt in the sign-replicate mode with a constant selector (0x9D8C for nibbles 0-3,
+# 0xBFAE for 4-7) gives 0xFF where the code is >= 8 and 0x00 elsewhere, and lop3 then takes every bit of the
+# entry from the right table half. 11 instructions per 8 codes. With pack = 4 an int32 argument takes four
+# operands (one per element; here four copies of a table word), so the tables sit at $3, $7, $11, $15.
+_ASM_LUT_EXACT = tl.constexpr("""{
+    .reg .b32 wm, w4, wmh, m0, m1, ra, rb;
+    and.b32 wm, $2, 0x77777777;
+    shl.b32 w4, $2, 4;
+    prmt.b32 m0, $2, w4, 0x9D8C;
+    prmt.b32 m1, $2, w4, 0xBFAE;
+    prmt.b32 ra, $3, $7, wm;
+    prmt.b32 rb, $11, $15, wm;
+    lop3.b32 $0, m0, rb, ra, 0xCA;
+    shr.u32 wmh, wm, 16;
+    prmt.b32 ra, $3, $7, wmh;
+    prmt.b32 rb, $11, $15, wmh;
+    lop3.b32 $1, m1, rb, ra, 0xCA;
+}""")
+
+
+@triton.jit
+def unpack_bytes_lut(b, t0, t1, t2, t3, DINT: tl.constexpr, DINT_R: tl.constexpr, zb, USE_ASM: tl.constexpr):
+    """Code bytes ``b`` (uint8, K along a fragment's registers) with the rows' table words ``t0..t3`` (int32,
+    ``lut_words`` with no bias) -> two int8 planes of the values ``t``.
+
+    GPU (``USE_ASM``): ``_ASM_LUT_EXACT``, in the nibble order (comment above). Interpreter: the plain planes
+    (k = j and H + j, ``unpack_pure``): the same products once the activation planes match
+    (``interleave_planes`` with the same ``USE_ASM``)."""
+    if USE_ASM:
+        t0 = tl.broadcast_to(t0, b.shape)
+        t1 = tl.broadcast_to(t1, b.shape)
+        t2 = tl.broadcast_to(t2, b.shape)
+        t3 = tl.broadcast_to(t3, b.shape)
+        a, c = tl.inline_asm_elementwise(asm=_ASM_LUT_EXACT, constraints="=r,=r" + ",r" * 17,
+                                         args=[b, t0, t1, t2, t3], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        a, c = unpack_pure(b, zb, DINT, DINT_R)
+    return a, c
+
+
+@triton.jit
+def interleave_planes(x_lo, x_hi, USE_ASM: tl.constexpr):
+    """int8 activation planes (k = j and H + j) -> the nibble order of ``unpack_bytes_lut`` (GPU), or as they
+    are (interpreter)."""
+    if USE_ASM:
+        a, c = tl.inline_asm_elementwise(asm=_ASM_INTERLEAVE, constraints="=r,=r,r,r", args=[x_lo, x_hi],
+                                         dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        a = x_lo
+        c = x_hi
+    return a, c

@@ -31,6 +31,15 @@ instructions per chunk, 20 of them ``LDSM``: every warp loads the whole activati
 loop issues 382 per warp per step, one chunk per warp, so 382 per chunk, 8 of them ``LDSM``. That is 23 % fewer on
 a latency-bound warp.
 
+``LUT`` (dINT weights; on by default, ``DISPATCH.ksplit_lut``) swaps the arithmetic unpacker (``_common.unpack``,
+17 SASS instructions per 8 codes) for a table one (``_common.unpack_bytes_lut``, 11): each fragment register of four
+code bytes becomes two registers of values in the nibble order (k = j, H+j, j+1, H+j+1 and j+2, ...), and the
+activation planes are interleaved to match with two ``prmt`` per register pair (``interleave_planes``). Offline
+sm_90 SASS: 298 instructions per warp and chunk instead of 382. H100 (2026-12-06, ``bench_gemv_pieces.py
+--ksplit-lut``): 1.04-1.15x on every config at 4096x4096 and 4096x11008, 1.01-1.05x at 11008x4096 and 14336x4096.
+Same int32 sums, so the output is still bitwise the tiled kernel's. An unmasked K loop for shapes that divide
+evenly (276 instructions) timed 1-8 % slower and was dropped (``examples/results/ksplit_even_ab_h100.txt``).
+
 The loop is software-pipelined by the launch's ``num_stages`` (cp.async of the packed weights and the activation
 codes into shared memory, ``num_stages - 1`` steps ahead). Per-channel weights (dINT or INT), per-token int8
 activations quantized beforehand (``quantize_rows``); the output is bitwise that of ``w4_gemm_kernel`` on the same
@@ -44,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import unpack
+from ._common import interleave_planes, lut_words, unpack, unpack_bytes_lut
 from .w4_gemv_kernel import _gemv_store
 
 __all__ = ["KSPLIT_CONFIGS", "ksplit_config", "prune_ksplit_configs", "w4_ksplit_kernel"]
@@ -84,7 +93,7 @@ def w4_ksplit_kernel(
         bias_ptr, y_ptr, stride_ym,
         M, N, K, M_BUCKET,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+        INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr,
         BLOCK_N: tl.constexpr, S: tl.constexpr):
     BLOCK_M: tl.constexpr = 16  # mma.sync's M; rows past M are masked to zero and never stored
     HALF: tl.constexpr = PACK_K // 2
@@ -98,6 +107,8 @@ def w4_ksplit_kernel(
     n_chunks = tl.cdiv(K, PACK_K)
     zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, None, :]
     w_tile = offs_n[None, None, :] * HALF + offs_j[None, :, None]  # [1, HALF, BLOCK_N] within a chunk
+    if LUT:  # the rows' 16 values as four table words
+        t0, t1, t2, t3 = lut_words(zb.to(tl.int32), DINT, DINT_R, 0)
     if PDL:  # launched as a programmatic dependent: the activation codes are read from here on
         gdc_wait()
 
@@ -108,13 +119,18 @@ def w4_ksplit_kernel(
         # last read nothing: their weights are 0 and so are their activations.
         w_mask = (chunk < n_chunks) & (offs_n[None, None, :] < N) & (offs_j[None, :, None] < HALF)
         b = tl.load(w_ptr + chunk * (N * HALF) + w_tile, mask=w_mask, other=0)
-        w_lo, w_hi = unpack(b, zb, DINT, DINT_R, USE_ASM)  # [S, HALF, BLOCK_N] int8 each
+        if LUT:
+            w_lo, w_hi = unpack_bytes_lut(b, t0, t1, t2, t3, DINT, DINT_R, zb, USE_ASM)  # nibble order
+        else:
+            w_lo, w_hi = unpack(b, zb, DINT, DINT_R, USE_ASM)  # [S, HALF, BLOCK_N] int8 each
         # Activation columns past K are zero: masked weight bytes (and a chunk's padding) unpack to -z, not 0.
         k_lo = chunk * PACK_K + offs_j[None, None, :]  # [S, 1, HALF]
         x_mask = (offs_m[None, :, None] < M) & (k_lo < K)
         x_ptrs = x_ptr + offs_m[None, :, None] * stride_xm + k_lo
         x_lo = tl.load(x_ptrs, mask=x_mask, other=0)
         x_hi = tl.load(x_ptrs + HALF, mask=x_mask & (k_lo + HALF < K), other=0)
+        if LUT:
+            x_lo, x_hi = interleave_planes(x_lo, x_hi, USE_ASM)  # the same order
         acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
         acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
 

@@ -95,6 +95,11 @@ class Dispatch:
     # bench_gemv_pieces.py --ksplit): 1.20x the tiled decode GEMM at 4096x4096 (M = 1-16), 1.37x at 4096x11008,
     # 1.03-1.06x at 11008x4096, 0.98x at 14336x4096.
     ksplit_candidate: bool = True
+    # The k-split GEMM's table unpacker for dINT (``_common.unpack_bytes_lut``): offline sm_90 SASS (Triton 3.6),
+    # 298 instead of 382 instructions per warp and chunk, on warps that wait on each instruction. H100, codes
+    # given (2026-12-06, ``bench_gemv_pieces.py --ksplit-lut``): 1.04-1.15x the arithmetic unpacker on every
+    # config at 4096x4096 and 4096x11008, 1.01-1.05x on the other two shapes. Bitwise the same outputs.
+    ksplit_lut: bool = True
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
@@ -174,7 +179,7 @@ _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_con
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
                                      _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
-_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM"],
+_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT"],
                            ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
 
 
@@ -404,20 +409,25 @@ INTERPRET_KSPLIT_CONFIG = dict(BLOCK_N=16, S=4, num_warps=4, num_stages=1)
 
 
 def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=False, config=None, use_asm=None,
-                  pdl=False):
+                  pdl=False, lut=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
     ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
     ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
-    kernel (CUDA only). Bitwise the output of ``launch_gemm`` on the same codes."""
+    kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
+    Bitwise the output of ``launch_gemm`` on the same codes."""
     m, k = x.shape
     n = pw.out_features
     if pw.group_size > 0 or m > SPLITK_MAX_M or x.dtype != torch.int8:
         raise ValueError("the k-split decode GEMM takes per-channel weights, int8 per-token codes and M <= 16")
     if x_scale.numel() != m or x_zp.numel() != m or k != pw.in_features:
         raise ValueError(f"the k-split decode GEMM takes per-token qparams ({m} rows) and K = {pw.in_features}")
+    lut_ok = _w_kind(pw) == 1
+    if lut and not lut_ok:
+        raise ValueError(f"the k-split table unpacker takes dINT weights, not {pw.fmt}")
     meta = dict(DINT=_w_kind(pw) == 1, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
-                INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False)
+                INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False,
+                LUT=lut_ok and (DISPATCH.ksplit_lut if lut is None else lut))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
@@ -496,7 +506,7 @@ def _kernel_switches() -> tuple:
     the choice between paths timed again)."""
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
-            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate)
+            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:

@@ -114,7 +114,8 @@ def test_w4a8_gemm_swapped_decode_exact(config):
 
 
 @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 4096, 4096), ("dint4", 16, 4096, 11008), ("int4", 7, 1000, 4160),
-                                       ("dint4_sym", 4, 11008, 4096), ("dint4_c0.25", 13, 333, 1002)])
+                                       ("dint4_sym", 4, 11008, 4096), ("dint4_c0.25", 13, 333, 1002),
+                                       ("dint4_c0.125", 3, 512, 640)])
 def test_w4a8_ksplit_exact(fmt, m, n, k):
     """K split across warps, compiled (PTX unpacker, mma.sync on 3-D tiles): every config exact in int32 and
     within the fp bound, bitwise the tiled GEMM's output; autotuned with a bias; as a programmatic dependent of
@@ -124,13 +125,16 @@ def test_w4a8_ksplit_exact(fmt, m, n, k):
 
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
     x = make_x(m, k, DEV, seed=m)
+    luts = (False, True) if fmt.startswith("dint") else (False,)  # the table unpacker: dINT weights
     for c in KSPLIT_CONFIGS:
-        check_gemm(x, pw, ksplit_launcher(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)),
-                   use_asm=True)
+        for lut in luts:
+            check_gemm(x, pw, ksplit_launcher(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages), lut),
+                       use_asm=True)
     check_gemm(x, pw, ksplit_launcher(), use_asm=True, bias=torch.randn(n, device=DEV), out_dtype=torch.bfloat16)
     q = quantize_rows(x, 8, False)
     y_tiled = launch_gemm(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=DECODE)
-    assert torch.equal(launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half)), y_tiled)
+    for lut in luts:
+        assert torch.equal(launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), lut=lut), y_tiled)
 
     def run(pdl):
         q = quantize_rows(x, 8, False, pdl=pdl)

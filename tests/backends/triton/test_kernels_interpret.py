@@ -222,22 +222,28 @@ if INTERPRET:
 
     @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
-                                           ("dint4_c0.25", 5, 40, 384), ("dint4", 7, 20, 1100)])
+                                           ("dint4_c0.25", 5, 40, 384), ("dint4", 7, 20, 1100),
+                                           ("dint4_c0.125", 2, 64, 512)])
     def test_w4a8_ksplit_exact(fmt, m, n, k):
         """K split across warps (``w4_ksplit_kernel``): exact int32 sums for 1-16 slices per step (some past the
-        last chunk, ragged N and K), fp output within the bound and bitwise the tiled GEMM's on the same codes."""
+        last chunk, ragged N and K), with both unpackers for dINT (R = 2, 4, 8), fp output within the bound and
+        bitwise the tiled GEMM's on the same codes."""
         from qcompile.backends.triton.w4_linear import launch_ksplit
 
         pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
         x = make_x(m, k, "cpu", seed=m)
         configs = [None] + [dict(BLOCK_N=bn, S=s, num_warps=w, num_stages=1)
                             for bn, s, w in [(16, 1, 1), (32, 2, 2), (64, 4, 4), (32, 8, 8), (16, 16, 16)]]
+        luts = [False, True] if fmt.startswith("dint") else [False]  # the table unpacker: dINT weights
         for cfg in configs:
-            check_gemm(x, pw, ksplit_launcher(cfg))
+            for lut in luts:
+                check_gemm(x, pw, ksplit_launcher(cfg, lut=lut))
         check_gemm(x, pw, ksplit_launcher(), bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True)
         xq, xs, xz = quantize_rows(x, 8, False)
         y_tiled = launch_gemm(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16))
-        assert torch.equal(launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16)), y_tiled)
+        for lut in luts:
+            y = launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16), lut=lut)
+            assert torch.equal(y, y_tiled)
 
     @child_only
     def test_w4a8_ksplit_rejects_bad_input():
@@ -254,6 +260,8 @@ if INTERPRET:
             launch_ksplit(xq.float(), xs, xz, pw, y)
         with pytest.raises(ValueError, match="K = 128"):
             launch_ksplit(xq[:, :64], xs, xz, pw, y)
+        with pytest.raises(ValueError, match="takes dINT weights"):  # INT's arithmetic unpacker is shorter
+            launch_ksplit(xq, xs, xz, make_weight(16, 128, "int4", "channel", "cpu"), y, lut=True)
 
     @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("dint4", 3, 20, 300), ("int4", 5, 33, 200),
