@@ -52,15 +52,16 @@ def _replay_ms(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> float:
     return start.elapsed_time(end)
 
 
-def streaming_time(fn, device: torch.device) -> float:
-    """Median GPU time in ms of one call of ``fn`` (launches on ``device``) with the L2 cold (module docstring).
+def streaming_time(fn, device: torch.device, what: str = "w4a8 path selection") -> float:
+    """Median GPU time in ms of one call of ``fn`` (launches on ``device``) with the L2 cold (module docstring);
+    ``what`` names the choice being timed in the fallbacks' warnings.
     Fallbacks, each with a warning: no memory for the flush buffer (a model filling the GPU) -> the L2-hot
     graph clock; a graph that cannot be captured -> ``triton.testing.do_bench`` (it flushes the L2 before each
     call, but its time includes host launch gaps at small M)."""
     try:
         buf = _flush_buffer(device)
     except torch.OutOfMemoryError:
-        warnings.warn("w4a8 path selection: no GPU memory for the L2 flush buffer; timing with the L2 hot "
+        warnings.warn(f"{what}: no GPU memory for the L2 flush buffer; timing with the L2 hot "
                       "instead (a choice may favour a path that reads the L2 well)", RuntimeWarning, stacklevel=3)
         buf = None
     try:
@@ -80,6 +81,6 @@ def streaming_time(fn, device: torch.device) -> float:
                 diffs.append((_replay_ms(pair, stream) - _replay_ms(alone, stream)) / N_CALLS)
         return max(statistics.median(diffs), 0.0)
     except Exception as e:  # noqa: BLE001  (any capture problem: say so, use the eager clock)
-        warnings.warn(f"w4a8 path selection: CUDA-graph timing failed ({type(e).__name__}: {e}); "
+        warnings.warn(f"{what}: CUDA-graph timing failed ({type(e).__name__}: {e}); "
                       "timing eagerly instead", RuntimeWarning, stacklevel=3)
         return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")

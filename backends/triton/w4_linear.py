@@ -139,7 +139,7 @@ def _config_clock(fn, quantiles):
     (2026-12-06, ``python examples/bench_autotune_clock.py``) three fresh autotunes per case with each clock,
     12 cases (four shapes; GEMV at M = 1 and 4, k-split at M = 16), picked configs that ran in total 13.5 us
     slower than each case's best (once 8.9 us against 5.9: 4096x4096 at M = 1), against 0.9 us with this one."""
-    t = path_clock.streaming_time(fn, torch.device("cuda", torch.cuda.current_device()))
+    t = path_clock.streaming_time(fn, torch.device("cuda", torch.cuda.current_device()), "w4a8 kernel config choice")
     return [t] * len(quantiles) if quantiles else t
 
 

@@ -83,8 +83,9 @@ def test_the_autotuners_rank_configs_on_the_path_clock(monkeypatch):
 
     seen = []
 
-    def fake(fn, device):
+    def fake(fn, device, what):
         seen.append(device)
+        assert what == "w4a8 kernel config choice"  # the fallbacks' warnings name what was being timed
         return 0.25
 
     monkeypatch.setattr(path_clock, "streaming_time", fake)
