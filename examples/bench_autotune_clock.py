@@ -13,6 +13,7 @@ Cases: LLaMA shapes N x K; the GEMV (``launch_gemv``) at M = 1 and 4 and the k-s
 at M = 16, codes given. The last line sums, per clock, how much slower the picks ran than each case's best.
 
     python examples/bench_autotune_clock.py
+    BENCH_SHAPES=4096x4096 python examples/bench_autotune_clock.py   # one shape
 """
 import os
 import time
@@ -30,6 +31,8 @@ from qcompile.backends.triton.quantize_kernel import quantize_rows  # noqa: E402
 from qcompile.backends.triton.w4_gemv_kernel import SPLITK_MIN_K, accumulator_fits  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+if os.environ.get("BENCH_SHAPES"):  # e.g. BENCH_SHAPES=4096x4096,14336x4096
+    SHAPES = [tuple(int(d) for d in s.split("x")) for s in os.environ["BENCH_SHAPES"].split(",")]
 TRIALS = 3
 
 
