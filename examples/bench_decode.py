@@ -63,6 +63,9 @@ parser.add_argument("--direct-rows", action="store_true",
 parser.add_argument("--no-rows-candidate", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_rows_candidate = False (the per-row GEMV, a decode "
                          "candidate timed per shape at M = 2-4 by default, left out; for --batch 2 / 4)")
+parser.add_argument("--ksplit-pdl", action="store_true",
+                    help="also time lowbit with DISPATCH.ksplit_pdl = True (the k-split GEMM as a programmatic "
+                         "dependent of its activation quantization)")
 parser.add_argument("--no-ksplit-lut", action="store_true",
                     help="also time lowbit with DISPATCH.ksplit_lut = False (the k-split GEMM's arithmetic unpacker)")
 parser.add_argument("--no-ksplit", action="store_true",
@@ -310,6 +313,7 @@ VARIANTS = [v for on, v in [
     (args.no_rows_candidate, ("no per-row GEMV candidate", None, {"gemv_rows_candidate": False})),
     (args.no_ksplit, ("no k-split decode GEMM candidate", None, {"ksplit_candidate": False})),
     (args.no_ksplit_lut, ("k-split arithmetic unpacker", None, {"ksplit_lut": False})),
+    (args.ksplit_pdl, ("k-split PDL", None, {"ksplit_pdl": True})),
     (args.no_inductor_pdl, ("no Inductor PDL", {"inductor_pdl": False}, {})),
     (args.no_decode_attention, ("SDPA attention", {"decode_attention": False}, {})),
     (args.swiglu_quant, ("swiglu_quant on", {"swiglu_quant": True}, {})),

@@ -103,7 +103,10 @@ def variants(x, pws, m, w8s):
         for path in ("unfused", "splitk"):
             d.decode_path = path
             v[f"{path}_gemm_pdl"] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
-        d.gemm_pdl, d.decode_path = gemm_pdl, "auto"
+        d.gemm_pdl = gemm_pdl
+        ksplit_pdl, d.ksplit_pdl, d.decode_path = d.ksplit_pdl, True, "ksplit"  # the k-split GEMM the same way
+        v["ksplit_ksplit_pdl"] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)
+        d.ksplit_pdl, d.decode_path = ksplit_pdl, "auto"
         xq, xs, xz = quantize_rows(x, 8, False)
         v["quant"] = graph_or_nan(lambda _: quantize_rows(x, 8, False), [None])
         yb = torch.empty(m, pw.out_features, device=dev, dtype=x.dtype)

@@ -100,6 +100,11 @@ class Dispatch:
     # given (2026-12-06, ``bench_gemv_pieces.py --ksplit-lut``): 1.04-1.15x the arithmetic unpacker on every
     # config at 4096x4096 and 4096x11008, 1.01-1.05x on the other two shapes. Bitwise the same outputs.
     ksplit_lut: bool = True
+    # The k-split GEMM launched as a programmatic dependent of its activation quantization (its weight prologue
+    # overlaps quantize_rows, as the GEMV's does with ``gemv_pdl``). Its own switch: ``gemm_pdl`` made the tiled
+    # paths slower at M = 16 for a reason not found, and the k-split GEMM has not been timed either way. Off until
+    # it is (``bench_decode.py --ksplit-pdl``); the GPU test checks it is bitwise the plain launch.
+    ksplit_pdl: bool = False
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
     gemv_prefetch2: bool = False
@@ -446,7 +451,7 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
 
 
 def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias):
-    pdl = DISPATCH.gemm_pdl
+    pdl = DISPATCH.ksplit_pdl
     xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
     return launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=pdl)
 
@@ -506,7 +511,7 @@ def _kernel_switches() -> tuple:
     the choice between paths timed again)."""
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
-            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut)
+            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut, d.ksplit_pdl)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
@@ -673,7 +678,7 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
                 cands["gemv_rows"] = lambda: launch_gemv(xq, xs, xz, pw, y, bias=bias, **kw, l2_next=nxt, pdl=pdl,
                                                          direct_rows=True)
             if DISPATCH.ksplit_candidate:  # (the shared path: per-channel weights, per-token codes)
-                cands["ksplit"] = lambda: launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=gemm_pdl)
+                cands["ksplit"] = lambda: launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=pdl and DISPATCH.ksplit_pdl)
             forced = DISPATCH.decode_path
         else:
             cands = {"inloop": lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, **kw)}

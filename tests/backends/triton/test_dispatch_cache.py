@@ -167,6 +167,35 @@ def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
     assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_ksplit_pdl_follows_its_own_switch(on, monkeypatch):
+    """The k-split candidate's quantization and GEMM are programmatic dependents exactly while
+    ``DISPATCH.ksplit_pdl`` is on (and, on sibling weights' shared codes, while the caller launched them so),
+    whatever ``gemm_pdl`` says."""
+    from triton_cases import make_weight, make_x
+
+    flags = []
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_pdl", on)
+    monkeypatch.setattr(w4_linear.DISPATCH, "gemm_pdl", not on)
+    monkeypatch.setattr(w4_linear, "quantize_rows", lambda x, *a, pdl=False: (flags.append(("quant", pdl)), x)[1:] * 3)
+    monkeypatch.setattr(w4_linear, "launch_ksplit", lambda *a, pdl=False, **k: flags.append(("ksplit", pdl)))
+    pw = make_weight(24, 256, "dint4", "channel", "cpu")
+    x = make_x(2, 256, "cpu")
+    w4_linear._quantized_ksplit(x, pw, torch.empty(2, 24), 8, False, None)
+    assert flags == [("quant", on), ("ksplit", on)]
+
+    def ksplit_only(key, candidates, forced):
+        candidates["ksplit"]()
+        return "ksplit"
+
+    monkeypatch.setattr(w4_linear, "_choose_path", ksplit_only)
+    for caller_pdl in (True, False):
+        flags.clear()
+        w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(2, 24)], [None], 8, False,
+                                     pdl=caller_pdl)
+        assert flags[-1] == ("ksplit", on and caller_pdl)
+
+
 def test_dispatch_choices_names_every_site_of_a_bucket(monkeypatch):
     """``dispatch_choices`` lists the single, shared and group choices of one M bucket made under the current
     switches, and none of another bucket or of other switches."""
