@@ -6,8 +6,8 @@ L2, so weights come from HBM as in a model's decode step), median, microseconds.
 
   * ``do_bench``: ``triton.testing.do_bench`` (a memset of the L2 before each call, each call timed alone), the
     autotuners' clock until 2026-12-06;
-  * ``streaming``: ``path_clock.streaming_time`` (a read of twice the L2 before each call, calls replayed in a
-    CUDA graph), the clock the dispatch ranks whole paths by, and the autotuners' clock since.
+  * ``streaming``: ``w4_linear._config_clock`` (``path_clock.streaming_time``: a read of twice the L2 before each
+    call, calls replayed in a CUDA graph), the clock the dispatch ranks whole paths by, and the autotuners' since.
 
 Cases: LLaMA shapes N x K; the GEMV (``launch_gemv``) at M = 1 and 4 and the k-split decode GEMM (``launch_ksplit``)
 at M = 16, codes given. The last line sums, per clock, how much slower the picks ran than each case's best.
@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from gpu_timing import bench_graph, streamed_copies  # noqa: E402
 
 from qcompile import formats as F  # noqa: E402
-from qcompile.backends.triton import path_clock, prepack  # noqa: E402
+from qcompile.backends.triton import prepack  # noqa: E402
 from qcompile.backends.triton import w4_linear as L  # noqa: E402
 from qcompile.backends.triton.quantize_kernel import quantize_rows  # noqa: E402
 from qcompile.backends.triton.w4_gemv_kernel import SPLITK_MIN_K, accumulator_fits  # noqa: E402
@@ -40,12 +40,7 @@ def _do_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _streaming(fn, quantiles):
-    t = path_clock.streaming_time(fn, torch.device("cuda", torch.cuda.current_device()))
-    return [t] * len(quantiles)
-
-
-CLOCKS = {"do_bench": _do_bench, "streaming": _streaming}
+CLOCKS = {"do_bench": _do_bench, "streaming": L._config_clock}
 
 
 def _explicit(c) -> dict:

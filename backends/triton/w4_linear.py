@@ -427,12 +427,12 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
         raise ValueError("the k-split decode GEMM takes per-channel weights, int8 per-token codes and M <= 16")
     if x_scale.numel() != m or x_zp.numel() != m or k != pw.in_features:
         raise ValueError(f"the k-split decode GEMM takes per-token qparams ({m} rows) and K = {pw.in_features}")
-    lut_ok = _w_kind(pw) == 1
-    if lut and not lut_ok:
+    dint = _w_kind(pw) == 1
+    if lut and not dint:
         raise ValueError(f"the k-split table unpacker takes dINT weights, not {pw.fmt}")
-    meta = dict(DINT=_w_kind(pw) == 1, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
+    meta = dict(DINT=dint, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False,
-                LUT=lut_ok and (DISPATCH.ksplit_lut if lut is None else lut))
+                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
