@@ -17,7 +17,16 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from triton_cases import check_gemm, check_linear, check_quantize, ksplit_launcher, make_weight, make_x  # noqa: E402,E501
+from triton_cases import (  # noqa: E402
+    check_div_rn_shared,
+    check_gemm,
+    check_linear,
+    check_quantize,
+    division_cases,
+    ksplit_launcher,
+    make_weight,
+    make_x,
+)
 
 from qcompile.backends.triton import w4_gemm_kernel as kern  # noqa: E402
 from qcompile.backends.triton import w4a4_linear, w4a8_linear  # noqa: E402
@@ -42,6 +51,11 @@ PREFILL_SMALL = dict(BLOCK_M=64, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_w
 def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
     check_quantize(make_x(m, k, DEV, dtype, seed=k + m), bits, sym, group, quantize_rows)
 
+
+def test_div_rn_shared_is_ieee_division():
+    """The quantizers' division, compiled (one reciprocal per row, two FMA corrections), is IEEE division bitwise."""
+    x, d = division_cases(512, 4096, seed=1)
+    check_div_rn_shared(x.to(DEV), d.to(DEV))
 
 def test_quantize_ties_and_flat_rows():
     x = torch.zeros(3, 256, device=DEV)

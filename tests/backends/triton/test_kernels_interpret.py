@@ -30,7 +30,16 @@ def test_interpreter_suite():
 
 if INTERPRET:
     import torch
-    from triton_cases import check_gemm, check_linear, check_quantize, ksplit_launcher, make_weight, make_x
+    from triton_cases import (
+        check_div_rn_shared,
+        check_gemm,
+        check_linear,
+        check_quantize,
+        division_cases,
+        ksplit_launcher,
+        make_weight,
+        make_x,
+    )
 
     from qcompile.backends.triton import w4a4_linear, w4a8_linear
     from qcompile.backends.triton.quantize_kernel import quantize_rows
@@ -47,6 +56,11 @@ if INTERPRET:
     ])
     def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
         check_quantize(make_x(m, k, "cpu", dtype, seed=k), bits, sym, group, quantize_rows)
+
+    @child_only
+    def test_div_rn_shared_is_ieee_division():
+        """The quantizers' division (one reciprocal per row, two FMA corrections) is IEEE division bitwise."""
+        check_div_rn_shared(*division_cases(64, 1000))
 
     @child_only
     def test_quantize_prefill_block_pads_least():

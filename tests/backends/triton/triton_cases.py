@@ -13,12 +13,16 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from qcompile import formats as F
 from qcompile.backends.triton import prepack
+from qcompile.backends.triton._common import div_rn_shared
 from qcompile.backends.triton.reference import gemm_reference, quantize_rows_reference
 
-__all__ = ["check_gemm", "check_linear", "check_quantize", "fp_tolerance", "make_weight", "run_interpreted"]
+__all__ = ["check_div_rn_shared", "check_gemm", "check_linear", "check_quantize", "division_cases", "fp_tolerance",
+           "make_weight", "run_interpreted"]
 
 # Output rounding, relative. The interpreter converts fp32 -> bf16 by truncation (a full ulp, 2^-7;
 # triton/runtime/interpreter.py _convert_float), the GPU rounds to nearest (half an ulp).
@@ -60,6 +64,53 @@ def fp_tolerance(y_exact, magnitude, n_groups, dtype):
     summed magnitudes: int->fp32, sx*u, the product, one add per group)."""
     return HALF_ULP[dtype] * y_exact.abs() + (n_groups + 3) * 2.0 ** -24 * magnitude + SUBNORMAL[dtype]
 
+
+def division_cases(rows: int, cols: int, seed: int = 0):
+    """``(x [rows, cols], d [rows])`` fp32 pairs for ``div_rn_shared``: per row one divisor, as a quantization scale
+    is, in four kinds of rows in turn: random values of wide range (``|x / d| <= 255``), divisors with an all-ones
+    mantissa and quotients near a tie (k + 0.5), power-of-two divisors, and each near-tie value's neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(rows, cols)
+    d = torch.empty(rows)
+    for r in range(rows):
+        kind = r % 4
+        if kind == 1:  # mantissa 1.111...1 x 2^e
+            bits = torch.tensor([0x3F7FFFFF - int(torch.randint(0, 256, (1,), generator=g))], dtype=torch.int32)
+            d[r] = bits.view(torch.float32)[0] * 2.0 ** int(torch.randint(-20, 8, (1,), generator=g))
+        elif kind == 2:
+            d[r] = 2.0 ** int(torch.randint(-24, 8, (1,), generator=g))
+        else:
+            d[r] = (torch.rand((), generator=g) + 1) * 10.0 ** float(torch.empty(()).uniform_(-8, 3, generator=g))
+        k = torch.randint(-255, 256, (cols,), generator=g).float()
+        if kind == 0:
+            x[r] = (torch.rand(cols, generator=g) * 510 - 255) * d[r]
+        else:  # near ties, then their float neighbours
+            v = (k + 0.5) * d[r]
+            if kind == 3:
+                v = torch.nextafter(v, torch.where(k > 0, torch.tensor(float("inf")), torch.tensor(-float("inf"))))
+            x[r] = v
+    return x, d
+
+
+@triton.jit
+def _divide_rows(x_ptr, d_ptr, q_ptr, L, BLOCK: tl.constexpr):
+    """``q[r, :] = div_rn_shared(x[r, :], d[r])``, one program per row."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < L
+    xv = tl.load(x_ptr + row * L + cols, mask=mask, other=0.0)
+    dv = tl.load(d_ptr + row + tl.zeros([1], tl.int32))
+    tl.store(q_ptr + row * L + cols, div_rn_shared(xv, dv), mask=mask)
+
+
+def check_div_rn_shared(x: torch.Tensor, d: torch.Tensor) -> None:
+    """``_common.div_rn_shared`` on ``x [R, L]`` with the per-row divisors ``d [R]`` equals IEEE float32 division
+    (torch's on the CPU) bitwise, run where ``x`` lives."""
+    q = torch.empty_like(x)
+    _divide_rows[(x.shape[0],)](x, d, q, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
+    ref = x.cpu() / d.cpu()[:, None]
+    bad = (q.cpu().view(torch.int32) != ref.view(torch.int32)).sum().item()
+    assert bad == 0, f"div_rn_shared differs from IEEE division on {bad} of {x.numel()} elements"
 
 def check_quantize(x, bits, symmetric, group_size, quantize_rows):
     """Kernel codes, scales and zero-points equal the reference exactly."""
