@@ -57,6 +57,9 @@ dispatch's pick, beside FP16.
 ``--ksplit-lut``: instead, M = 1, 4 and 16 on given codes: each config of ``KSPLIT_CONFIGS`` with the arithmetic
 (A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise equal.
 
+``--ksplit-pdl``: instead, M = 1, 4 and 16: ``quantize_rows`` + the k-split GEMM as plain launches vs as programmatic
+dependent launches (``DISPATCH.ksplit_pdl``), each config of ``KSPLIT_CONFIGS``, outputs checked bitwise equal.
+
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
 ``--self-l2``: instead, M = 1, 2, 4: the GEMV (a programmatic dependent of its quantization) asking for the
@@ -64,7 +67,8 @@ first X MB of its own weight in L2 at its start, X in {0, 2, 4, 8, 64}, and with
 dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --direct | --rows | --l2 | --ksplit | --ksplit-lut | --deep | --decode-tiles |
+                                          --direct | --rows | --l2 | --ksplit | --ksplit-lut | --ksplit-pdl | --deep |
+                                          --decode-tiles |
                                           --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
@@ -603,6 +607,50 @@ def ksplit_lut():
                   (1, 4, 16), {})
 
 
+def ksplit_pdl():
+    """M = 1, 4, 16: ``quantize_rows`` + the k-split decode GEMM as two plain launches vs the GEMM as a programmatic
+    dependent launch of the quantization (``DISPATCH.ksplit_pdl``), each config of ``KSPLIT_CONFIGS`` (codes given,
+    plain, PDL; outputs checked bitwise equal), best of each, beside FP16 and the dispatch's pick (weights
+    streamed from HBM)."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+    from qcompile.backends.triton.w4_linear import launch_ksplit
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; quantize_rows + k-split decode GEMM, plain vs programmatic "
+          "dependent launch (PDL), GPU time per call in us (weights streamed from HBM)", flush=True)
+    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS]
+    for n, k in SHAPES:
+        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
+        pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
+        w16s = streamed_copies(w16, n * k * 2)
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.half)
+            fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
+            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            q = quantize_rows(x, 8, False)
+
+            def call(p, cfg, on, codes=None):
+                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=on)), p, y, config=cfg, pdl=on)
+
+            best, ref = {}, None
+            kinds = (("codes given", False, q), ("plain", False, None), ("PDL", True, None))
+            for cfg in configs:
+                tag = f"{cfg['BLOCK_N']},S{cfg['S']},w{cfg['num_warps']},s{cfg['num_stages']}"
+                for kind, on, codes in kinds:
+                    ref = _same_as(ref, [call(pws[0], cfg, on, codes)], f"{n}x{k} M={m} {kind} {tag}")
+                    t = bench_graph(lambda p: call(p, cfg, on, codes), pws)
+                    if kind not in best or t < best[kind][0]:
+                        best[kind] = (t, tag)
+            cells = [f"{kind} {best[kind][0]:.1f} ({best[kind][1]})" for kind, *_ in kinds]
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}) {auto:.1f} "
+                  f"= {fp / auto:.2f}x; " + "; ".join(cells)
+                  + f"; PDL saves {best['plain'][0] - best['PDL'][0]:.1f} us: {fp / best['PDL'][0]:.2f}x fp16 "
+                  f"(plain {fp / best['plain'][0]:.2f}x)", flush=True)
+        del pws, w16s
+
+
 def _chosen(m, n, k) -> str:
     from qcompile.backends.triton.w4_linear import chosen_path
     return chosen_path(m, n, k) or "?"
@@ -651,7 +699,7 @@ def self_l2():
 
 
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut,
+MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline,
          "--splitk": splitk, "--slope": slope}

@@ -112,7 +112,11 @@ def w4_ksplit_kernel(
     if PDL:  # launched as a programmatic dependent: the activation codes are read from here on
         gdc_wait()
 
+    # The two nibble planes sum into two accumulators (a chain of 8 instead of 16 dependent mma per warp and
+    # chunk): H100, codes given, 1-3 % faster on all 12 (shape, M) cases (2026-12-06, bench_gemv_pieces.py
+    # --ksplit-pdl "codes given" vs "2acc", examples/results/ksplit_pdl_h100.txt). Integer sums: same result.
     acc = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
+    acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
     for it in range(tl.cdiv(n_chunks, S)):
         chunk = (it * S + offs_s)[:, None, None]  # [S, 1, 1]: warp s's chunk this step
         # Masks from full-shape index tensors (the interpreter mishandles 0-d comparisons). Chunks past the
@@ -132,7 +136,8 @@ def w4_ksplit_kernel(
         if LUT:
             x_lo, x_hi = interleave_planes(x_lo, x_hi, USE_ASM)  # the same order
         acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
-        acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
+        acc_hi = tl.dot(x_hi, w_hi, acc_hi, out_dtype=tl.int32)
+    acc += acc_hi
 
     if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
         gdc_launch_dependents()
