@@ -20,12 +20,14 @@ import triton.language as tl
 __all__ = [
     "act_qparams",
     "act_quantize",
+    "act_quantize_rcp",
     "div_rn_shared",
     "dp4a",
     "l2_prefetch",
     "lut_words",
     "prmt",
     "recip_div",
+    "recip_rn",
     "stream_key",
     "unpack",
     "unpack_asm",
@@ -101,31 +103,42 @@ def act_qparams(lo, hi, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, RECIP_DIV: 
 
 
 @triton.jit
-def div_rn_shared(x, d):
+def recip_rn(d):
+    """``RN(1 / d)``, IEEE division: the reciprocal ``div_rn_shared`` takes, once per divisor."""
+    return tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
+
+
+@triton.jit
+def div_rn_shared(x, d, r):
     """``RN(x / d)``, the IEEE quotient ``tl.math.div_rn`` gives, for a divisor ``d`` shared by many ``x`` (``d``
-    of shape ``[R, 1]`` or a scalar, broadcast over ``x``): the one division is ``r = RN(1 / d)`` per divisor, then
-    per element ``q = RN(x r)`` and two FMA corrections ``q <- RN(q + RN(x - q d) r)`` (1 multiply and 4 FMAs
-    instead of div.rn's reciprocal, refinement, range check and slow-path branch).
+    of shape ``[R, 1]`` or a scalar, broadcast over ``x``) whose reciprocal ``r = recip_rn(d)`` is computed once: per
+    element ``q = RN(x r)`` and two FMA corrections ``q <- RN(q + RN(x - q d) r)`` (1 multiply and 4 FMAs instead
+    of div.rn's reciprocal, refinement, range check and slow-path branch).
 
     Why it is exact (Markstein's theorem): if ``r`` is the correctly rounded ``1 / d`` and ``q`` is within one ulp
     of ``x / d``, then ``x - q d`` is exact in an FMA and ``RN(q + (x - q d) r) = RN(x / d)``. ``RN(x r)`` is
     within 1.5 ulp, so the first correction brings it within half an ulp plus 2^-23 of one (faithful) and the
     second is the theorem's. It assumes no overflow or underflow in the remainders: here ``|x / d| <= ~2^8``
     and ``d >= 1e-8``, so only ``|x| < ~2^-100`` could underflow, where both quotients round to code 0.
-    Checked against numpy's float32 division on 6e7 pairs, ties and all-ones-mantissa divisors included
-    (``tests/backends/triton/test_kernels_interpret.py::test_div_rn_shared_is_ieee_division``)."""
-    r = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
+    Checked against numpy's float32 division on 6e7 pairs, ties and all-ones-mantissa divisors included, and in
+    ``test_div_rn_shared_is_ieee_division`` (interpreter and H100)."""
     q = x * r
     q = tl.fma(tl.fma(-q, d, x), r, q)
     return tl.fma(tl.fma(-q, d, x), r, q)
 
 
 @triton.jit
-def act_quantize(x, scale, zp, QMAX: tl.constexpr):
-    """``clamp(round(x / scale) + zp, 0, QMAX)`` in fp32 -> int32 (``formats.quantize_with_qparams``); ``scale``
-    one per row (``[R, 1]``) or a scalar: the quotient is ``div_rn_shared``'s, bitwise ``div_rn``'s."""
-    v = _round_half_even(div_rn_shared(x, scale)) + zp
+def act_quantize_rcp(x, scale, rcp, zp, QMAX: tl.constexpr):
+    """``clamp(round(x / scale) + zp, 0, QMAX)`` in fp32 -> int32 (``formats.quantize_with_qparams``), with
+    ``rcp = recip_rn(scale)`` (per row, hoisted out of the caller's loops); the quotient is bitwise ``div_rn``'s."""
+    v = _round_half_even(div_rn_shared(x, scale, rcp)) + zp
     return tl.minimum(tl.maximum(v, 0.0), QMAX * 1.0).to(tl.int32)
+
+
+@triton.jit
+def act_quantize(x, scale, zp, QMAX: tl.constexpr):
+    """``act_quantize_rcp`` with the reciprocal of ``scale`` (one per row, ``[R, 1]``, or a scalar) computed here."""
+    return act_quantize_rcp(x, scale, recip_rn(scale), zp, QMAX)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import act_qparams, act_quantize, interpreting, pdl_launch, recip_div
+from ._common import act_qparams, act_quantize_rcp, interpreting, pdl_launch, recip_div, recip_rn
 
 __all__ = ["launch_config", "quantize_rows"]
 
@@ -140,6 +140,7 @@ def _quantize_rows_kernel(
         lo = tl.min(lo_t, axis=1)
         hi = tl.max(hi_t, axis=1)
     scale, zp = act_qparams(lo, hi, QMAX, SYMMETRIC, RECIP_DIV)
+    rcp = recip_rn(scale)[:, None]  # once per row (act_quantize_rcp)
     part = tl.program_id(1)
     if part == 0:
         tl.store(scale_ptr + rows, scale, mask=row_ok)
@@ -149,16 +150,16 @@ def _quantize_rows_kernel(
         cols = part * SLICE + tl.arange(0, SLICE)[None, :]
         mask = row_ok[:, None] & (cols < row_len)
         xk = _load_values(x_ptr, up_ptr, base + cols, mask, SWIGLU, INTERPRETED)
-        q = act_quantize(xk, scale[:, None], zp[:, None], QMAX) - OFFSET
+        q = act_quantize_rcp(xk, scale[:, None], rcp, zp[:, None], QMAX) - OFFSET
         tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
     elif ONE_PASS:
-        q = act_quantize(x, scale[:, None], zp[:, None], QMAX) - OFFSET
+        q = act_quantize_rcp(x, scale[:, None], rcp, zp[:, None], QMAX) - OFFSET
         tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
     else:
         for k0 in range(0, row_len, BLOCK):
             mask = row_ok[:, None] & (k0 + cols < row_len)
             xk = _load_values(x_ptr, up_ptr, base + k0 + cols, mask, SWIGLU, INTERPRETED)
-            q = act_quantize(xk, scale[:, None], zp[:, None], QMAX) - OFFSET
+            q = act_quantize_rcp(xk, scale[:, None], rcp, zp[:, None], QMAX) - OFFSET
             tl.store(codes_ptr + base + k0 + cols, q.to(tl.int8), mask=mask)
 
 

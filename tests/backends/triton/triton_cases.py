@@ -18,7 +18,7 @@ import triton.language as tl
 
 from qcompile import formats as F
 from qcompile.backends.triton import prepack
-from qcompile.backends.triton._common import div_rn_shared
+from qcompile.backends.triton._common import div_rn_shared, recip_rn
 from qcompile.backends.triton.reference import gemm_reference, quantize_rows_reference
 
 __all__ = ["check_div_rn_shared", "check_gemm", "check_linear", "check_quantize", "division_cases", "fp_tolerance",
@@ -100,7 +100,7 @@ def _divide_rows(x_ptr, d_ptr, q_ptr, L, BLOCK: tl.constexpr):
     mask = cols < L
     xv = tl.load(x_ptr + row * L + cols, mask=mask, other=0.0)
     dv = tl.load(d_ptr + row + tl.zeros([1], tl.int32))
-    tl.store(q_ptr + row * L + cols, div_rn_shared(xv, dv), mask=mask)
+    tl.store(q_ptr + row * L + cols, div_rn_shared(xv, dv, recip_rn(dv)), mask=mask)
 
 
 def check_div_rn_shared(x: torch.Tensor, d: torch.Tensor) -> None:
