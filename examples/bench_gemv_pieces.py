@@ -30,6 +30,9 @@ with the row in registers, or two passes; rows split over programs by SLICE colu
 (``QUANT_MS=1,4,16,4096``: other M) and K in {4096, 11008, 14336} (``QUANT_KS``), codes checked bitwise equal to the
 default config's, beside an empty launch (the floor of any kernel in the graph).
 
+``--quant-div``: instead, ``quantize_rows`` at its default config with each division (``DIV_RCP``: one reciprocal per
+row and FMA corrections, or IEEE ``div.rn`` per element), decode and prefill (M, K), codes checked bitwise equal.
+
 ``--direct``: instead, the M = 1 GEMV on given codes with the activation words read into the accumulator's
 layout (``DISPATCH.gemv_direct``, the default) vs broadcast to it (through shared memory), and direct with
 two tiles ahead in the register buffer (``PREFETCH = 2``), best config of each, model shapes and groups,
@@ -67,9 +70,8 @@ first X MB of its own weight in L2 at its start, X in {0, 2, 4, 8, 64}, and with
 dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --direct | --rows | --l2 | --ksplit | --ksplit-lut | --ksplit-pdl | --deep |
-                                          --decode-tiles |
-                                          --self-l2]
+                                          --quant-div | --direct | --rows | --l2 | --ksplit | --ksplit-lut |
+                                          --ksplit-pdl | --deep | --decode-tiles | --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -454,6 +456,35 @@ def quant():
                   flush=True)
 
 
+QUANT_DIV_CASES = [(1, 4096), (16, 4096), (1, 11008), (16, 11008), (1, 14336), (1024, 4096), (4096, 4096),
+                   (4096, 11008), (4096, 14336)]  # --quant-div: (M, K)
+
+
+def quant_div():
+    """``quantize_rows`` at its default launch config with each division (``DIV_RCP``: one reciprocal per row and two
+    FMA corrections, ``_common.act_quantize_rcp``; or IEEE ``div.rn`` per element), two rounds in turn, codes checked
+    bitwise equal; best of the rounds' medians, microseconds."""
+    from qcompile.backends.triton.quantize_kernel import launch_config
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; quantize_rows (int8 per token), reciprocal vs IEEE division, GPU "
+          "time per call in us", flush=True)
+    for m, k in QUANT_DIV_CASES:
+        xs = clones(torch.randn(m, k, device="cuda").half() * 3, 4)
+        cfg = {key: v for key, v in launch_config(m, k).items() if key not in ("ONE_PASS", "SPLIT")}
+        outs = {d: quantize_rows(xs[0], 8, False, config=dict(cfg, DIV_RCP=d)) for d in (True, False)}
+        same = all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(2):
+            for d in (True, False):
+                best[d] = min(best[d], bench_graph(lambda x: quantize_rows(x, 8, False, config=dict(cfg, DIV_RCP=d)),
+                                                   xs))
+        print(f"[{time.time() - t0:4.0f}s] M={m} K={k} (default DIV_RCP={cfg['DIV_RCP']}): "
+              f"reciprocal {best[True]:.2f}, div.rn {best[False]:.2f} ({best[False] / best[True]:.3f}x); "
+              f"codes {'equal' if same else 'DIFFER'}",
+              flush=True)
+
+
 def l2():
     """Decode linears of 6 LLaMA-2-7B layers in sequence with gaps between them, the GEMV prefetching the next
     weights into L2 or not (module docstring)."""
@@ -701,7 +732,8 @@ def self_l2():
 # each replaces the default run (main() then groups(); --groups-only: groups())
 MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
-         "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--pdl": pdl, "--pipeline": pipeline,
+         "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
+         "--pdl": pdl, "--pipeline": pipeline,
          "--splitk": splitk, "--slope": slope}
 
 if __name__ == "__main__":

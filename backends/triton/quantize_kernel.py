@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import act_qparams, act_quantize_rcp, interpreting, pdl_launch, recip_div, recip_rn
+from ._common import act_qparams, act_quantize, act_quantize_rcp, interpreting, pdl_launch, recip_div, recip_rn
 
 __all__ = ["launch_config", "quantize_rows"]
 
@@ -108,6 +108,7 @@ def _quantize_rows_kernel(
         ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent; lets the next one (the GEMV) start now
         SPLIT: tl.constexpr, SLICE: tl.constexpr,  # SPLIT > 1: program (i, j) codes columns [j, j + 1) * SLICE
+        DIV_RCP: tl.constexpr,  # x / scale from one reciprocal per row (_common.act_quantize_rcp), else div.rn
         SWIGLU: tl.constexpr = False, INTERPRETED: tl.constexpr = False):
     OFFSET: tl.constexpr = (QMAX + 1) // 2
     if PDL:
@@ -140,7 +141,7 @@ def _quantize_rows_kernel(
         lo = tl.min(lo_t, axis=1)
         hi = tl.max(hi_t, axis=1)
     scale, zp = act_qparams(lo, hi, QMAX, SYMMETRIC, RECIP_DIV)
-    rcp = recip_rn(scale)[:, None]  # once per row (act_quantize_rcp)
+    rcp = recip_rn(scale)[:, None]  # once per row (read only when DIV_RCP)
     part = tl.program_id(1)
     if part == 0:
         tl.store(scale_ptr + rows, scale, mask=row_ok)
@@ -150,17 +151,26 @@ def _quantize_rows_kernel(
         cols = part * SLICE + tl.arange(0, SLICE)[None, :]
         mask = row_ok[:, None] & (cols < row_len)
         xk = _load_values(x_ptr, up_ptr, base + cols, mask, SWIGLU, INTERPRETED)
-        q = act_quantize_rcp(xk, scale[:, None], rcp, zp[:, None], QMAX) - OFFSET
-        tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
+        tl.store(codes_ptr + base + cols, _codes(xk, scale, zp, rcp, QMAX, DIV_RCP), mask=mask)
     elif ONE_PASS:
-        q = act_quantize_rcp(x, scale[:, None], rcp, zp[:, None], QMAX) - OFFSET
-        tl.store(codes_ptr + base + cols, q.to(tl.int8), mask=mask)
+        tl.store(codes_ptr + base + cols, _codes(x, scale, zp, rcp, QMAX, DIV_RCP), mask=mask)
     else:
         for k0 in range(0, row_len, BLOCK):
             mask = row_ok[:, None] & (k0 + cols < row_len)
             xk = _load_values(x_ptr, up_ptr, base + k0 + cols, mask, SWIGLU, INTERPRETED)
-            q = act_quantize_rcp(xk, scale[:, None], rcp, zp[:, None], QMAX) - OFFSET
-            tl.store(codes_ptr + base + k0 + cols, q.to(tl.int8), mask=mask)
+            tl.store(codes_ptr + base + k0 + cols, _codes(xk, scale, zp, rcp, QMAX, DIV_RCP), mask=mask)
+
+
+@triton.jit
+def _codes(x, scale, zp, rcp, QMAX: tl.constexpr, DIV_RCP: tl.constexpr):
+    """Signed int8 codes of ``x [ROWS, cols]`` with the rows' ``scale`` / ``zp`` (``rcp``: their reciprocals);
+    bitwise the same either way (``DIV_RCP`` picks the division, see ``_common.act_quantize_rcp``)."""
+    OFFSET: tl.constexpr = (QMAX + 1) // 2
+    if DIV_RCP:
+        q = act_quantize_rcp(x, scale[:, None], rcp, zp[:, None], QMAX)
+    else:
+        q = act_quantize(x, scale[:, None], zp[:, None], QMAX)
+    return (q - OFFSET).to(tl.int8)
 
 
 # ----------------------------------------------------------------------------------------------- wrapper
@@ -173,6 +183,8 @@ def _check_config(config: dict) -> None:
     sl = config.get("SLICE", 0)
     if not isinstance(sl, int) or sl < 0 or sl & (sl - 1):
         raise ValueError(f"quantize_rows config: SLICE must be 0 (one program per row) or a power of two, got {sl!r}")
+    if not isinstance(config.get("DIV_RCP", False), bool):
+        raise ValueError(f"quantize_rows config: DIV_RCP must be True or False, got {config['DIV_RCP']!r}")
 
 
 def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict:
@@ -183,7 +195,11 @@ def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict
     else:
         _check_config(config)
         cfg = dict(config, SLICE=config.get("SLICE", 0))
-    return dict(cfg, ONE_PASS=row_len <= cfg["BLOCK"], SPLIT=triton.cdiv(row_len, cfg["SLICE"]) if cfg["SLICE"] else 1)
+    one_pass = row_len <= cfg["BLOCK"]
+    split = triton.cdiv(row_len, cfg["SLICE"]) if cfg["SLICE"] else 1
+    # the reciprocal division where it timed faster: rows in registers or split over programs, not the two-pass
+    # loop over long prefill rows (_common.act_quantize_rcp); a config may set DIV_RCP (bench_gemv_pieces --quant-div)
+    return dict(cfg, ONE_PASS=one_pass, SPLIT=split, DIV_RCP=cfg.get("DIV_RCP", one_pass or split > 1))
 
 
 def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int = 0, pdl: bool = False,
@@ -194,7 +210,8 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     (``launch_gemv(pdl=True)``), start at once (CUDA only; its reads of these outputs wait for this kernel
     all the same).
     ``config``: ``ROWS``, ``BLOCK``, ``num_warps`` and optionally ``SLICE`` (columns per program, a power of
-    two; default: one program per row) instead of ``_config``'s (benchmarks sweep them).
+    two; default: one program per row) and ``DIV_RCP`` (the division, ``launch_config``) instead of ``_config``'s
+    (benchmarks sweep them).
     ``up``: quantize ``silu(x) * up`` instead (a SwiGLU MLP's down-projection input; ``up`` like ``x``), the
     product rounded to x's dtype as torch computes it (``_load_values``), so the Inductor kernel that would
     compute it goes away.

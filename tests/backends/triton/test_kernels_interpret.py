@@ -63,6 +63,19 @@ if INTERPRET:
         check_div_rn_shared(*division_cases(64, 1000))
 
     @child_only
+    @pytest.mark.parametrize("m,k,config", [
+        (3, 300, dict(ROWS=1, BLOCK=512, num_warps=4)),  # one pass
+        (70, 5000, dict(ROWS=1, BLOCK=1024, num_warps=8)),  # two passes
+        (2, 3000, dict(ROWS=1, BLOCK=4096, num_warps=8, SLICE=1024)),  # a row over three programs
+    ])
+    def test_quantize_divisions_agree(m, k, config):
+        """Both divisions (``DIV_RCP``) give the reference's codes on each path of the kernel."""
+        x = make_x(m, k, "cpu", torch.float16, seed=m)
+        for div_rcp in (False, True):
+            cfg = dict(config, DIV_RCP=div_rcp)
+            check_quantize(x, 8, False, 0, lambda *a, cfg=cfg, **kw: quantize_rows(*a, **kw, config=cfg))
+
+    @child_only
     def test_quantize_prefill_block_pads_least():
         """Many long rows: two passes over the block that leaves the fewest masked columns (ties: 2048)."""
         from qcompile.backends.triton.quantize_kernel import launch_config

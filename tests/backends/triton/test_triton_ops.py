@@ -93,6 +93,8 @@ def test_traces_through_export():
      ValueError, "BLOCK must be a power of two"),
     (lambda pw: quantize_rows(torch.randn(1, 300), 8, False, config=dict(ROWS=1, BLOCK=512, num_warps=4, SLICE=100)),
      ValueError, "SLICE"),
+    (lambda pw: quantize_rows(torch.randn(1, 300), 8, False, config=dict(ROWS=1, BLOCK=512, num_warps=4, DIV_RCP=1)),
+     ValueError, "DIV_RCP"),
 ])
 def test_bad_input_is_a_clear_error(call, err, match):
     pw, _ = _packed()
