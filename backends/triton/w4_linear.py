@@ -100,10 +100,11 @@ class Dispatch:
     # given (2026-12-06, ``bench_gemv_pieces.py --ksplit-lut``): 1.04-1.15x the arithmetic unpacker on every
     # config at 4096x4096 and 4096x11008, 1.01-1.05x on the other two shapes. Bitwise the same outputs.
     ksplit_lut: bool = True
-    # The k-split GEMM launched as a programmatic dependent of its activation quantization (its weight prologue
-    # overlaps quantize_rows, as the GEMV's does with ``gemv_pdl``). Its own switch: ``gemm_pdl`` made the tiled
-    # paths slower at M = 16 for a reason not found, and the k-split GEMM has not been timed either way. Off until
-    # it is (``bench_decode.py --ksplit-pdl``); the GPU test checks it is bitwise the plain launch.
+    # The k-split GEMM launched as a programmatic dependent of its activation quantization (its launch overlaps
+    # quantize_rows, as the GEMV's does with ``gemv_pdl``). Off: on the H100 (2026-12-06, ``bench_gemv_pieces.py
+    # --ksplit-pdl``) it saved 1.4-1.6 us at M = 1 on three shapes and at M = 4 on two, but lost at M = 16 on every
+    # shape and at 4096x11008 at every M (up to 17.8 us), like ``gemm_pdl``; the cause is not found. Where it won,
+    # a GEMV path was faster still except 14336x4096 at M = 4. The GPU test checks it is bitwise the plain launch.
     ksplit_pdl: bool = False
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
