@@ -18,6 +18,10 @@ per element, ~400 per thread at 11008 columns on 32 warps). Then ``SPLIT`` progr
 reduces the whole row (min / max: exact in any order, so all get the same scale and zero-point, which
 the first one stores) and quantizes only its ``SLICE`` columns.
 
+``DIV_RCP``: where it timed faster (rows in registers, rows split over programs) ``x / scale`` is the IEEE quotient
+computed from one reciprocal per row and two FMA corrections (``_common.div_rn_shared``), bitwise ``div.rn``'s; the
+two-pass loop over long prefill rows keeps ``div.rn`` (``launch_config``; ``bench_gemv_pieces.py --quant-div``).
+
 File order (Triton tutorial): configs -> kernel -> wrapper -> check vs torch (``python -m``).
 """
 from __future__ import annotations
