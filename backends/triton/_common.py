@@ -134,14 +134,19 @@ def act_quantize_rcp(x, scale, rcp, zp, QMAX: tl.constexpr):
     (H100, 2026-12-06: decode rows 0.04-0.20 us less, 1024 x 4096 7.4 -> 6.2 us, 4096 x 4096 21.1 -> 19.7 us); its
     two-pass loop over long prefill rows keeps ``div_rn`` (there it measured slower: 4096 x 11008 66.2 -> 68.0 us,
     4096 x 14336 80.2 -> 86.3 us)."""
-    v = _round_half_even(div_rn_shared(x, scale, rcp)) + zp
-    return tl.minimum(tl.maximum(v, 0.0), QMAX * 1.0).to(tl.int32)
+    return _code(div_rn_shared(x, scale, rcp), zp, QMAX)
 
 
 @triton.jit
 def act_quantize(x, scale, zp, QMAX: tl.constexpr):
     """``clamp(round(x / scale) + zp, 0, QMAX)`` in fp32 -> int32 (``formats.quantize_with_qparams``)."""
-    v = _round_half_even(tl.math.div_rn(x, scale)) + zp
+    return _code(tl.math.div_rn(x, scale), zp, QMAX)
+
+
+@triton.jit
+def _code(quotient, zp, QMAX: tl.constexpr):
+    """``clamp(round(quotient) + zp, 0, QMAX)`` -> int32, the rest of both quantizers."""
+    v = _round_half_even(quotient) + zp
     return tl.minimum(tl.maximum(v, 0.0), QMAX * 1.0).to(tl.int32)
 
 

@@ -57,6 +57,7 @@ def test_div_rn_shared_is_ieee_division():
     x, d = division_cases(512, 4096, seed=1)
     check_div_rn_shared(x.to(DEV), d.to(DEV))
 
+
 def test_quantize_ties_and_flat_rows():
     x = torch.zeros(3, 256, device=DEV)
     x[1] = torch.arange(256.0, device=DEV) - 100.0 + 0.5
