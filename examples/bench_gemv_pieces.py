@@ -30,6 +30,9 @@ with the row in registers, or two passes; rows split over programs by SLICE colu
 (``QUANT_MS=1,4,16,4096``: other M) and K in {4096, 11008, 14336} (``QUANT_KS``), codes checked bitwise equal to the
 default config's, beside an empty launch (the floor of any kernel in the graph).
 
+``--pdl-configs``: instead, M = 1 and 4 (``PDL_MS``): each GEMV config of ``PDL_CONFIGS`` (PREFETCH 1 and 2) on given
+codes and behind its quantization (PDL), beside FP16, the dispatch and the config its GEMV autotuner picked.
+
 ``--quant-div``: instead, ``quantize_rows`` at its default config with each division (``DIV_RCP``: one reciprocal per
 row and FMA corrections, or IEEE ``div.rn`` per element), decode and prefill (M, K), codes checked bitwise equal.
 
@@ -70,8 +73,8 @@ first X MB of its own weight in L2 at its start, X in {0, 2, 4, 8, 64}, and with
 dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
-                                          --quant-div | --direct | --rows | --l2 | --ksplit | --ksplit-lut |
-                                          --ksplit-pdl | --deep | --decode-tiles | --self-l2]
+                                          --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
+                                          --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -729,11 +732,58 @@ def self_l2():
         DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = saved
 
 
+PDL_CONFIGS = [(4, 256, 4), (4, 128, 2), (4, 64, 1), (8, 64, 2), (8, 128, 4), (16, 64, 4), (32, 64, 4), (16, 128, 8)]
+PDL_MS = [int(m) for m in os.environ.get("PDL_MS", "1,4").split(",")]  # --pdl-configs: rows per call
+
+
+def pdl_configs():
+    """M = 1 and 4 (``PDL_MS``): each GEMV config of ``PDL_CONFIGS`` (PREFETCH 1 and 2; per-row accumulators at
+    M > 1) on given codes and behind its quantization as a programmatic dependent launch, outputs checked bitwise
+    equal, ranked by the latter; beside FP16 and the dispatch (whose GEMV autotuner times each config behind the
+    quantization, ``w4_linear._timed_after``) and the config its autotuner picked. Weights streamed from HBM."""
+    from qcompile.backends.triton import w4_linear
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; GEMV configs on given codes vs behind quantize_rows (PDL), GPU "
+          "time per call in us (weights streamed from HBM)", flush=True)
+    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
+    for n, k in SHAPES:
+        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
+        pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
+        w16s = streamed_copies(w16, n * k * 2)
+        for m in PDL_MS:
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.half)
+            q = quantize_rows(x, 8, False)
+            kw = {"direct_rows": True} if m > 1 else {}
+            fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
+            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            tuned = getattr(w4_linear._gemv_kernels[DISPATCH.gemv_prefetch2], "best_config", None)
+            picked = "-" if tuned is None else (f"{tuned.kwargs['BLOCK_N']},{tuned.kwargs['BLOCK_W']},"
+                                                f"w{tuned.num_warps},pf{tuned.kwargs['PREFETCH']}")
+            ref, res = None, []
+            for bn, bw, nw in PDL_CONFIGS:
+                for pf in (1, 2):
+                    cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "PREFETCH": pf}
+                    tag = f"{bn},{bw},w{nw},pf{pf}"
+                    ref = _same_as(ref, [launch_gemv(*q, pws[0], y, config=cfg, **kw)], f"{n}x{k} M={m} {tag}")
+                    given = bench_graph(lambda p: launch_gemv(*q, p, y, config=cfg, **kw), pws)
+                    behind = bench_graph(lambda p: launch_gemv(*quantize_rows(x, 8, False, pdl=True), p, y,
+                                                               config=cfg, pdl=True, **kw), pws)
+                    res.append((behind, given, tag))
+            res.sort()
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}; GEMV "
+                  f"autotuner's last pick {picked}) {auto:.1f} = {fp / auto:.2f}x; best behind the quantization "
+                  f"{res[0][0]:.1f} ({res[0][2]}) = {fp / res[0][0]:.2f}x; all (behind / codes given): "
+                  + " ".join(f"{t}={a:.1f}/{b:.1f}" for a, b, t in res), flush=True)
+        del pws, w16s
+
+
 # each replaces the default run (main() then groups(); --groups-only: groups())
 MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
-         "--pdl": pdl, "--pipeline": pipeline,
+         "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,
          "--splitk": splitk, "--slope": slope}
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ name to force it (the benchmark does, to report each).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -144,9 +145,33 @@ def _config_clock(fn, quantiles):
     ``triton.testing.do_bench``, times each call on its own after a memset of the L2; on the H100
     (2026-12-06, ``python examples/bench_autotune_clock.py``) three fresh autotunes per case with each clock,
     12 cases (four shapes; GEMV at M = 1 and 4, k-split at M = 16), picked configs that ran in total 13.5 us
-    slower than each case's best (once 8.9 us against 5.9: 4096x4096 at M = 1), against 0.9 us with this one."""
-    t = path_clock.streaming_time(fn, torch.device("cuda", torch.cuda.current_device()), "w4a8 kernel config choice")
+    slower than each case's best (once 8.9 us against 5.9: 4096x4096 at M = 1), against 0.9 us with this one.
+
+    Inside ``_timed_after(producer)`` each timed call is ``producer()`` then the config's launch: a programmatic
+    dependent launch (PDL) is timed behind the kernel it overlaps, as it runs. On its own the GEMV's best config
+    and its best behind ``quantize_rows`` differ: H100, 2026-12-06 (``bench_gemv_pieces.py --pdl-configs``), M = 1,
+    11008x4096: (4, 64, 1 warp) 10.4 us alone but 12.1 behind the quantization, (16, 64, 4 warps) 11.0 / 11.1."""
+    producer = _PRODUCER[-1] if _PRODUCER else None
+    call = fn if producer is None else (lambda: (producer(), fn()))
+    t = path_clock.streaming_time(call, torch.device("cuda", torch.cuda.current_device()),
+                                  "w4a8 kernel config choice")
     return [t] * len(quantiles) if quantiles else t
+
+
+# The launch a PDL kernel waits on, for ``_config_clock`` (innermost last): set by ``_timed_after`` around
+# launches that follow their own activation quantization.
+_PRODUCER: list = []
+
+
+@contextlib.contextmanager
+def _timed_after(producer):
+    """Within: an autotuner timing a config (``_config_clock``) runs ``producer()`` (None: nothing) before each
+    launch it times. For GEMV launches as programmatic dependents of the quantization ``producer`` repeats."""
+    _PRODUCER.append(producer)
+    try:
+        yield
+    finally:
+        _PRODUCER.pop()
 
 
 def _autotune(configs, key, prune, kernel):
@@ -166,7 +191,7 @@ _decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w
 _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
-_GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT"]
+_GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT", "PDL"]
 
 
 def _with_even(kernel, n_args):
@@ -459,9 +484,14 @@ def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias):
 
 def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None, direct_rows=None):
     pdl = DISPATCH.gemv_pdl
-    xq, xs, xz = quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
-    return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl, l2_next=l2_next,
-                       direct_rows=direct_rows)
+
+    def quantize():
+        return quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
+
+    xq, xs, xz = quantize()
+    with _timed_after(quantize if pdl else None):  # a config is chosen by its time behind the quantization
+        return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl,
+                           l2_next=l2_next, direct_rows=direct_rows)
 
 
 def _fallback_first(m: int, gemv: dict, tiled: dict) -> dict:
@@ -607,8 +637,12 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
     if m == 0:
         return ys
     pdl = DISPATCH.gemv_pdl
-    cands = _codes_candidates(lambda: quantize_rows(x, act_bits, act_sym, 0, pdl=pdl), pws, ys, biases, act_bits,
-                              act_sym, pdl, l2_next)
+
+    def quantize():
+        return quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
+
+    cands = _codes_candidates(quantize, pws, ys, biases, act_bits, act_sym, pdl, l2_next,
+                              producer=quantize if pdl else None)
     if not _groupable(m, pws, biases):
         return cands["per_weight"]()
     cands["gemv_group_fused"] = lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
@@ -639,19 +673,23 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     return cands[_choose_path(key, cands, forced)]()
 
 
-def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False, l2_next=None) -> dict:
+def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False, l2_next=None, producer=None) -> dict:
     """The decode paths both shared entry points time on activation codes ``codes()`` = ``(xq, xs, xz)``
     (called inside each candidate, so a quantizing ``codes`` is part of what is timed); ``pdl``: the group
     GEMV (and the per-weight GEMVs) as programmatic dependents of the kernel before them (``codes()``'s
     quantization, or whatever wrote the codes: they wait for it before reading them); ``l2_next``: weights to
-    prefetch into L2 (by the group GEMV, or the last weight's GEMV)."""
+    prefetch into L2 (by the group GEMV, or the last weight's GEMV); ``producer``: the launch the group GEMV's
+    configs are timed behind (``_timed_after``), None where the codes come from elsewhere."""
+    def group(**kw):
+        q = codes()
+        with _timed_after(producer):
+            return launch_gemv_group(*q, pws, ys, biases=biases, act_bits=act_bits, act_sym=act_sym, pdl=pdl,
+                                     l2_next=l2_next, **kw)
+
     cands = {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next, pdl),
-             "gemv_group": lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
-                                                     act_sym=act_sym, pdl=pdl, l2_next=l2_next)}
+             "gemv_group": group}
     if _rows_candidate(ys[0].shape[0]):
-        cands["gemv_group_rows"] = lambda: launch_gemv_group(*codes(), pws, ys, biases=biases, act_bits=act_bits,
-                                                             act_sym=act_sym, pdl=pdl, l2_next=l2_next,
-                                                             direct_rows=True)
+        cands["gemv_group_rows"] = lambda: group(direct_rows=True)
     return cands
 
 

@@ -96,3 +96,44 @@ def test_the_autotuners_rank_configs_on_the_path_clock(monkeypatch):
     for tuner in tuners:
         assert tuner.do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [0.25, 0.25, 0.25]
     assert seen == [torch.device("cuda", 0)] * len(tuners)
+
+
+def test_a_pdl_config_is_timed_behind_its_producer(monkeypatch):
+    """Inside ``_timed_after(producer)`` the autotuners' clock times ``producer()`` then the config's launch (a
+    GEMV launched as a programmatic dependent of its quantization is timed as it runs); outside, the launch alone.
+    The context nests, and leaves no producer behind after an error."""
+    from qcompile.backends.triton import w4_linear
+
+    calls = []
+
+    def fake(fn, device, what):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(path_clock, "streaming_time", fake)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    tuner = w4_linear._gemv_kernels[False]
+    launch = lambda: calls.append("gemv")  # noqa: E731
+    tuner.do_bench(launch, quantiles=None)
+    assert calls == ["gemv"]
+    calls.clear()
+    with w4_linear._timed_after(lambda: calls.append("quantize")):
+        tuner.do_bench(launch, quantiles=None)
+        with w4_linear._timed_after(None):  # codes from elsewhere: nothing in front
+            tuner.do_bench(launch, quantiles=None)
+        tuner.do_bench(launch, quantiles=None)
+    assert calls == ["quantize", "gemv", "gemv", "quantize", "gemv"]
+    with pytest.raises(RuntimeError):
+        with w4_linear._timed_after(lambda: calls.append("quantize")):
+            raise RuntimeError("launch failed")
+    calls.clear()
+    tuner.do_bench(launch, quantiles=None)
+    assert calls == ["gemv"]
+
+
+def test_the_gemv_tunings_are_kept_apart_with_and_without_pdl():
+    """A GEMV config tuned behind the quantization (PDL) is not reused for a plain launch, nor the other way."""
+    from qcompile.backends.triton import w4_linear
+
+    for tuner in [*w4_linear._gemv_kernels.values(), *w4_linear._gemv_group_kernels.values()]:
+        assert "PDL" in tuner.keys
