@@ -14,7 +14,7 @@ to ``$OUT/bench_decode.md`` when OUT is set.
     python examples/bench_decode.py --tiny       # smoke test: a 2-layer model (CPU without CUDA)
     python examples/bench_decode.py --inductor-quant   # also lowbit with options={"inductor_quant": True}
     python examples/bench_decode.py --no-pdl     # also lowbit with the GEMVs as plain launches (PDL is the default)
-    python examples/bench_decode.py --prefetch2  # also lowbit with the GEMV's PREFETCH = 2 configs autotuned
+    python examples/bench_decode.py --no-prefetch2  # also lowbit without the GEMV's PREFETCH = 2 configs
     python examples/bench_decode.py --no-direct  # also lowbit with the M = 1 GEMV's activation words broadcast
     python examples/bench_decode.py --batch 4 --direct-rows  # also lowbit with the M = 2-4 GEMV's per-row accumulators
     python examples/bench_decode.py --batch 4 --no-rows-candidate  # ... without them as a per-shape candidate
@@ -53,8 +53,8 @@ parser.add_argument("--inductor-quant", action="store_true",
 parser.add_argument("--no-pdl", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_pdl = False (the decode GEMV as a plain launch "
                          "instead of a programmatic dependent of its activation quantization)")
-parser.add_argument("--prefetch2", action="store_true",
-                    help="also time lowbit with DISPATCH.gemv_prefetch2 = True (GEMV configs two tiles ahead)")
+parser.add_argument("--no-prefetch2", action="store_true",
+                    help="also time lowbit with DISPATCH.gemv_prefetch2 = False (no GEMV configs two tiles ahead)")
 parser.add_argument("--no-direct", action="store_true",
                     help="also time lowbit with DISPATCH.gemv_direct = False (the M = 1 GEMV as before 2026-12-05)")
 parser.add_argument("--direct-rows", action="store_true",
@@ -307,7 +307,7 @@ def linear_bytes():
 VARIANTS = [v for on, v in [
     (args.inductor_quant, ("inductor_quant on", {"inductor_quant": True}, {})),
     (args.no_pdl, ("no PDL", None, {"gemv_pdl": False})),
-    (args.prefetch2, ("PREFETCH 2", None, {"gemv_prefetch2": True})),
+    (args.no_prefetch2, ("no PREFETCH 2", None, {"gemv_prefetch2": False})),
     (args.no_direct, ("no direct", None, {"gemv_direct": False})),
     (args.direct_rows, ("per-row GEMV", None, {"gemv_direct_rows": True})),
     (args.no_rows_candidate, ("no per-row GEMV candidate", None, {"gemv_rows_candidate": False})),

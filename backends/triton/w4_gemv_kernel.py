@@ -85,8 +85,10 @@ GEMV_PIPELINED_CONFIGS = [_cfg(bn, bw, warps, pipeline=stages) for bn, bw, warps
 # PREFETCH = 2: the register buffer holds the next two tiles (twice the bytes in flight of PREFETCH = 1 at
 # the same tile, for 8 more registers per thread at 8 words). At N = 4096 the grid, not the registers, caps
 # the programs per SM (512 programs of 8 rows), so only a deeper buffer adds bytes in flight there. On the
-# H100 they timed 0.94-0.97x the one-tile configs on 7 of 8 shapes (``bench_gemv_pieces.py --direct``), so
-# the autotuner does not see them (``DISPATCH.gemv_prefetch2`` adds them).
+# H100 they timed 0.94-0.97x the one-tile configs on given codes on 7 of 8 shapes (``bench_gemv_pieces.py
+# --direct``), but behind the quantization (PDL: both tiles load before the wait) the best of them won at M = 1
+# on three of four shapes (``--pdl-configs``); the autotuner sees them while ``DISPATCH.gemv_prefetch2`` is on
+# (the default).
 GEMV_PREFETCH2_CONFIGS = [_cfg(bn, bw, warps, prefetch=2) for bn, bw, warps in [
     (8, 64, 2), (4, 64, 1), (4, 128, 2), (16, 64, 4),
 ]]

@@ -108,8 +108,12 @@ class Dispatch:
     # a GEMV path was faster still except 14336x4096 at M = 4. The GPU test checks it is bitwise the plain launch.
     ksplit_pdl: bool = False
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
-    # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS); off: on the H100 they timed 0.94-0.97x on 7 of 8 shapes.
-    gemv_prefetch2: bool = False
+    # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS). On given codes they timed 0.94-0.97x on 7 of 8 shapes (H100,
+    # ``bench_gemv_pieces.py --direct``), but behind the quantization, as the GEMV runs (its first tiles load
+    # before it waits), the best PREFETCH = 2 config beat the best PREFETCH = 1 one at M = 1 on three of four
+    # shapes by 0.1-0.3 us and lost by 0.2 on the fourth (H100, 2026-12-06, ``gemv_pdl_configs_h100.txt``). On
+    # since the autotuner times configs behind the quantization (``_timed_after``); not yet timed end to end.
+    gemv_prefetch2: bool = True
     # The decode GEMV asks for (part of) the next linear's weights in L2 (``l2_next`` of the launchers, from
     # ``l2_chain.py``): "off", "end" (each program once its own weights are read: the traffic fills the gap
     # of norm / attention / quantization kernels before the next GEMV) or "start" (before its own loop);
