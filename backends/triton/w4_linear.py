@@ -153,8 +153,9 @@ def _config_clock(fn, quantiles):
 
     Inside ``_timed_after(producer)`` each timed call is ``producer()`` then the config's launch: a programmatic
     dependent launch (PDL) is timed behind the kernel it overlaps, as it runs. On its own the GEMV's best config
-    and its best behind ``quantize_rows`` differ: H100, 2026-12-06 (``bench_gemv_pieces.py --pdl-configs``), M = 1,
-    11008x4096: (4, 64, 1 warp) 10.4 us alone but 12.1 behind the quantization, (16, 64, 4 warps) 11.0 / 11.1."""
+    and its best behind ``quantize_rows`` differ: H100, 2026-12-06 (``examples/results/gemv_pdl_configs_h100.txt``;
+    ``bench_gemv_pieces.py --pdl-configs`` times the same), M = 1, 11008x4096: (4, 64, 1 warp) 10.4 us alone but
+    12.1 behind the quantization, (16, 64, 4 warps) 11.0 / 11.1."""
     producer = _PRODUCER[-1] if _PRODUCER else None
     call = fn if producer is None else (lambda: (producer(), fn()))
     t = path_clock.streaming_time(call, torch.device("cuda", torch.cuda.current_device()),
@@ -170,7 +171,8 @@ _PRODUCER: list = []
 @contextlib.contextmanager
 def _timed_after(producer):
     """Within: an autotuner timing a config (``_config_clock``) runs ``producer()`` (None: nothing) before each
-    launch it times. For GEMV launches as programmatic dependents of the quantization ``producer`` repeats."""
+    launch it times. Used around GEMV launches that are programmatic dependents of a quantization, which
+    ``producer`` launches again."""
     _PRODUCER.append(producer)
     try:
         yield
