@@ -209,6 +209,15 @@ def _decode_inputs(ns, k, m, w16_sets):
     return x, ys, quantize_rows(x, 8, False), fp
 
 
+def _streamed_weights(n: int, k: int):
+    """A random fp16 weight ``[n, k]`` as dINT4 per-channel packed copies and fp16 copies, each enough copies that
+    cycling through them in a graph streams > 2x the L2 (``gpu_timing.streamed_copies``)."""
+    w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
+    packed = prepack(*F.quantize(w16.float(), F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")),
+                     "dint4", "channel")
+    return streamed_copies(packed, n * k // 2), streamed_copies(w16, n * k * 2)
+
+
 def _gemv_call(q, ps, ys, cfg, **kw):
     """One GEMV launch on the activation (or its codes) ``q``: ``launch_gemv`` for a single weight,
     ``launch_gemv_group`` for siblings."""
@@ -550,11 +559,8 @@ def _config_sweep(title, launch, configs, tag, ms, extra):
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; {title}, codes given, GPU time per call in us (weights streamed "
           "from HBM)", flush=True)
-    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
     for n, k in SHAPES:
-        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
-        pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
-        w16s = streamed_copies(w16, n * k * 2)
+        pws, w16s = _streamed_weights(n, k)
         mb = n * k / 2 / 1e6
         for m in ms:
             x = torch.randn(m, k, device="cuda").half()
@@ -652,12 +658,9 @@ def ksplit_pdl():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; quantize_rows + k-split decode GEMM, plain vs programmatic "
           "dependent launch (PDL), GPU time per call in us (weights streamed from HBM)", flush=True)
-    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS]
     for n, k in SHAPES:
-        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
-        pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
-        w16s = streamed_copies(w16, n * k * 2)
+        pws, w16s = _streamed_weights(n, k)
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda").half()
             y = torch.empty(m, n, device="cuda", dtype=torch.half)
@@ -698,13 +701,10 @@ def self_l2():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; GEMV asking for its own weights in L2 at its start, GPU time "
           "per call in us", flush=True)
-    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
     saved = DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb
     try:
         for n, k in SHAPES:
-            w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
-            pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
-            w16s = streamed_copies(w16, n * k * 2)
+            pws, w16s = _streamed_weights(n, k)
             mb = n * k / 2 / 1e6
             for m in (1, 2, 4):
                 x = torch.randn(m, k, device="cuda").half()
@@ -746,11 +746,8 @@ def pdl_configs():
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}; GEMV configs on given codes vs behind quantize_rows (PDL), GPU "
           "time per call in us (weights streamed from HBM)", flush=True)
-    spec, gran = F.FormatSpec.parse("dint4"), F.Granularity.parse("channel")
     for n, k in SHAPES:
-        w16 = (torch.randn(n, k, device="cuda") * 0.02).half()
-        pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
-        w16s = streamed_copies(w16, n * k * 2)
+        pws, w16s = _streamed_weights(n, k)
         for m in PDL_MS:
             x = torch.randn(m, k, device="cuda").half()
             y = torch.empty(m, n, device="cuda", dtype=torch.half)
