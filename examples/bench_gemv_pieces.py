@@ -64,7 +64,8 @@ dispatch's pick, beside FP16.
 (A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise equal.
 
 ``--ksplit-pdl``: instead, M = 1, 4 and 16: ``quantize_rows`` + the k-split GEMM as plain launches vs as programmatic
-dependent launches (``DISPATCH.ksplit_pdl``), each config of ``KSPLIT_CONFIGS``, outputs checked bitwise equal.
+dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, each config of ``KSPLIT_CONFIGS``,
+outputs checked bitwise equal.
 
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
@@ -651,7 +652,12 @@ def ksplit_pdl():
     """M = 1, 4, 16: ``quantize_rows`` + the k-split decode GEMM as two plain launches vs the GEMM as a programmatic
     dependent launch of the quantization (``DISPATCH.ksplit_pdl``), each config of ``KSPLIT_CONFIGS`` (codes given,
     plain, PDL; outputs checked bitwise equal), best of each, beside FP16 and the dispatch's pick (weights
-    streamed from HBM)."""
+    streamed from HBM). To find which side costs where PDL loses, two more kinds take PDL on one side only: "quant
+    PDL only" (the quantization launched as a programmatic dependent, with its trigger and wait; the GEMM a plain
+    launch) and "GEMM PDL only" (the GEMM launched as a programmatic dependent, with its wait and trigger, after a
+    quantization that never triggers). In neither does a kernel start early, so each times one kernel's PDL code
+    and launch attribute alone: if "GEMM PDL only" is as slow as "PDL", the k-split kernel's own PDL form is what
+    loses, not the overlap."""
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
@@ -668,16 +674,17 @@ def ksplit_pdl():
             auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
             q = quantize_rows(x, 8, False)
 
-            def call(p, cfg, on, codes=None):
-                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=on)), p, y, config=cfg, pdl=on)
+            def call(p, cfg, q_on, g_on, codes=None):
+                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=q_on)), p, y, config=cfg, pdl=g_on)
 
             best, ref = {}, None
-            kinds = (("codes given", False, q), ("plain", False, None), ("PDL", True, None))
+            kinds = (("codes given", False, False, q), ("plain", False, False, None), ("PDL", True, True, None),
+                     ("quant PDL only", True, False, None), ("GEMM PDL only", False, True, None))
             for cfg in configs:
                 tag = f"{cfg['BLOCK_N']},S{cfg['S']},w{cfg['num_warps']},s{cfg['num_stages']}"
-                for kind, on, codes in kinds:
-                    ref = _same_as(ref, [call(pws[0], cfg, on, codes)], f"{n}x{k} M={m} {kind} {tag}")
-                    t = bench_graph(lambda p: call(p, cfg, on, codes), pws)
+                for kind, q_on, g_on, codes in kinds:
+                    ref = _same_as(ref, [call(pws[0], cfg, q_on, g_on, codes)], f"{n}x{k} M={m} {kind} {tag}")
+                    t = bench_graph(lambda p: call(p, cfg, q_on, g_on, codes), pws)
                     if kind not in best or t < best[kind][0]:
                         best[kind] = (t, tag)
             cells = [f"{kind} {best[kind][0]:.1f} ({best[kind][1]})" for kind, *_ in kinds]
