@@ -692,7 +692,8 @@ def _codes_candidates(codes, pws, ys, biases, act_bits, act_sym, pdl=False, l2_n
             return launch_gemv_group(*q, pws, ys, biases=biases, act_bits=act_bits, act_sym=act_sym, pdl=pdl,
                                      l2_next=l2_next, **kw)
 
-    cands = {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next, pdl),
+    cands = {"per_weight": lambda: _shared_per_weight(codes(), pws, ys, biases, act_bits, act_sym, l2_next, pdl,
+                                                      producer),
              "gemv_group": group}
     if _rows_candidate(ys[0].shape[0]):
         cands["gemv_group_rows"] = lambda: group(direct_rows=True)
@@ -705,9 +706,10 @@ def _groupable(m: int, pws: list, biases: list) -> bool:
             and len({b is None for b in biases}) == 1 and len({(pw.fmt, pw.pack_k) for pw in pws}) == 1)
 
 
-def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=False) -> list:
+def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=False, producer=None) -> list:
     """Each weight's fastest path on the activation codes ``q = (xq, xs, xz)`` (chosen and cached like
-    ``w4_linear_2d``'s)."""
+    ``w4_linear_2d``'s). ``producer``: the launch that wrote ``q``, which the first weight's kernel configs are
+    timed behind (``_timed_after``; the later weights' launches follow the one before them)."""
     xq, xs, xz = q
     m = xq.shape[0]
     kw = dict(act_bits=act_bits, act_sym=act_sym)
@@ -737,5 +739,6 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
         cands, forced = candidates(pw, y, bias, l2_next if i == len(pws) - 1 else None)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
                pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
-        cands[_choose_path(key, cands, forced)]()
+        with _timed_after(producer if i == 0 else None):
+            cands[_choose_path(key, cands, forced)]()
     return ys

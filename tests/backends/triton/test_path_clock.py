@@ -137,3 +137,52 @@ def test_the_gemv_tunings_are_kept_apart_with_and_without_pdl():
 
     for tuner in [*w4_linear._gemv_kernels.values(), *w4_linear._gemv_group_kernels.values()]:
         assert "PDL" in tuner.keys
+
+
+def test_the_decode_paths_time_their_gemv_configs_behind_the_quantization(monkeypatch):
+    """The wiring of ``_timed_after``: a GEMV launched as a programmatic dependent of the activation quantization
+    has its configs timed behind a replay of that quantization, on every path that launches one (single weight,
+    group GEMV, the first weight of ``per_weight``); not where the codes come from elsewhere, nor behind the
+    GEMV before it. Runs on the CPU: the launches are replaced by recorders."""
+    from types import SimpleNamespace
+
+    from qcompile.backends.triton import w4_linear
+
+    quantized, seen = [], []
+
+    def quantize_rows(x, *args, **kw):
+        quantized.append(kw.get("pdl"))
+        return x, None, None
+
+    def record(*args, **kw):
+        seen.append(w4_linear._PRODUCER[-1] if w4_linear._PRODUCER else None)
+
+    outer = ["per_weight"]
+    monkeypatch.setattr(w4_linear, "quantize_rows", quantize_rows)
+    monkeypatch.setattr(w4_linear, "launch_gemv", record)
+    monkeypatch.setattr(w4_linear, "launch_gemv_group", record)
+    monkeypatch.setattr(w4_linear, "_choose_path",
+                        lambda key, cands, forced: outer[0] if key[0] in ("group", "group_codes") else "gemv")
+    monkeypatch.setattr(w4_linear.DISPATCH, "gemv_pdl", True)
+    x = torch.zeros(1, 64, dtype=torch.float16)
+    pws = [SimpleNamespace(group_size=0, out_features=32, in_features=64, fmt="dint4", pack_k=8) for _ in range(2)]
+
+    def replays(producer) -> bool:
+        """Whether ``producer`` is a replay of the quantization (as a PDL producer)."""
+        if producer is None:
+            return False
+        quantized.clear()
+        producer()
+        return quantized == [True]
+
+    w4_linear._quantized_gemv(x, pws[0], torch.empty(1, 32, dtype=torch.float16), 8, False, None)
+    assert [replays(p) for p in seen] == [True]
+    for path, expected in [("per_weight", [True, False]), ("gemv_group", [True])]:
+        outer[0] = path
+        seen.clear()
+        w4_linear.w4_linear_2d_shared(x, pws, 8, False, [None, None])
+        assert [replays(p) for p in seen] == expected, path
+        seen.clear()  # codes given (Inductor's quantization): nothing to replay
+        w4_linear.w4_linear_2d_codes(x, None, None, pws, 8, False, [None, None], torch.float16)
+        assert seen == [None] * len(expected), path
+    assert not w4_linear._PRODUCER
