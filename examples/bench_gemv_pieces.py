@@ -657,7 +657,9 @@ def ksplit_pdl():
     launch) and "GEMM PDL only" (the GEMM launched as a programmatic dependent, with its wait and trigger, after a
     quantization that never triggers). In neither does a kernel start early, so each times one kernel's PDL code
     and launch attribute alone: if "GEMM PDL only" is as slow as "PDL", the k-split kernel's own PDL form is what
-    loses, not the overlap."""
+    loses, not the overlap. "PDL early" (and "codes given, early") peel the loop's step 0 (``EARLY = 1``): its
+    weights are loaded before the GEMM waits for the quantization, where the pipelined loop's first copies come
+    after the wait."""
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
@@ -674,24 +676,27 @@ def ksplit_pdl():
             auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
             q = quantize_rows(x, 8, False)
 
-            def call(p, cfg, q_on, g_on, codes=None):
-                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=q_on)), p, y, config=cfg, pdl=g_on)
+            def call(p, cfg, q_on, g_on, codes=None, early=0):
+                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=q_on)), p, y, pdl=g_on,
+                                     config=dict(cfg, EARLY=early) if early else cfg)
 
             best, ref = {}, None
-            kinds = (("codes given", False, False, q), ("plain", False, False, None), ("PDL", True, True, None),
-                     ("quant PDL only", True, False, None), ("GEMM PDL only", False, True, None))
+            kinds = (("codes given", False, False, q, 0), ("plain", False, False, None, 0),
+                     ("PDL", True, True, None, 0), ("quant PDL only", True, False, None, 0),
+                     ("GEMM PDL only", False, True, None, 0), ("codes given, early", False, False, q, 1),
+                     ("PDL early", True, True, None, 1))
             for cfg in configs:
                 tag = f"{cfg['BLOCK_N']},S{cfg['S']},w{cfg['num_warps']},s{cfg['num_stages']}"
-                for kind, q_on, g_on, codes in kinds:
-                    ref = _same_as(ref, [call(pws[0], cfg, q_on, g_on, codes)], f"{n}x{k} M={m} {kind} {tag}")
-                    t = bench_graph(lambda p: call(p, cfg, q_on, g_on, codes), pws)
+                for kind, q_on, g_on, codes, early in kinds:
+                    ref = _same_as(ref, [call(pws[0], cfg, q_on, g_on, codes, early)], f"{n}x{k} M={m} {kind} {tag}")
+                    t = bench_graph(lambda p: call(p, cfg, q_on, g_on, codes, early), pws)
                     if kind not in best or t < best[kind][0]:
                         best[kind] = (t, tag)
             cells = [f"{kind} {best[kind][0]:.1f} ({best[kind][1]})" for kind, *_ in kinds]
             print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}) {auto:.1f} "
                   f"= {fp / auto:.2f}x; " + "; ".join(cells)
                   + f"; PDL saves {best['plain'][0] - best['PDL'][0]:.1f} us: {fp / best['PDL'][0]:.2f}x fp16 "
-                  f"(plain {fp / best['plain'][0]:.2f}x)", flush=True)
+                  f"(plain {fp / best['plain'][0]:.2f}x); PDL early {fp / best['PDL early'][0]:.2f}x", flush=True)
         del pws, w16s
 
 

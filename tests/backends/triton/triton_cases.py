@@ -149,13 +149,15 @@ def check_gemm(x, pw, launch_gemm, *, act_bits=8, act_sym=False, act_group=0, ou
 
 
 def ksplit_launcher(config=None, lut=None):
-    """``launch_ksplit`` under ``check_gemm``'s ``launch_gemm`` signature (per-token codes, packed weights)."""
+    """``launch_ksplit`` under ``check_gemm``'s ``launch_gemm`` signature (per-token codes, packed weights), with
+    ``config`` unless the call names one (``check_gemm`` passes its own, None by default)."""
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
     def launch(xq, xs, xz, pw, y, *, x_grouped=False, w_expanded=None, split_k=False, bias=None, int_out=False,
-               use_asm=None, act_bits=8, act_sym=False, config=config):
+               use_asm=None, act_bits=8, act_sym=False, config=None, default=config):
         assert not x_grouped and w_expanded is None and not split_k
-        return launch_ksplit(xq, xs, xz, pw, y, bias=bias, int_out=int_out, config=config, use_asm=use_asm, lut=lut)
+        return launch_ksplit(xq, xs, xz, pw, y, bias=bias, int_out=int_out, config=config or default,
+                             use_asm=use_asm, lut=lut)
     return launch
 
 
