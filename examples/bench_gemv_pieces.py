@@ -64,8 +64,11 @@ dispatch's pick, beside FP16.
 (A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise equal.
 
 ``--ksplit-pdl``: instead, M = 1, 4 and 16: ``quantize_rows`` + the k-split GEMM as plain launches vs as programmatic
-dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, each config of ``KSPLIT_CONFIGS``,
-outputs checked bitwise equal.
+dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, and with step 0's weights loaded
+before the wait (``EARLY``), each config of ``KSPLIT_CONFIGS``, outputs checked bitwise equal.
+
+``--ksplit-split``: instead, M = 1, 4 and 16: the k-split GEMM with K also split over 1-4 programs per output block
+(``SPLIT``), each config, on given codes and behind the quantization, outputs checked bitwise equal.
 
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
@@ -75,7 +78,8 @@ dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
-                                          --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2]
+                                          --ksplit-lut | --ksplit-pdl | --ksplit-split | --deep | --decode-tiles |
+                                          --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -700,6 +704,49 @@ def ksplit_pdl():
         del pws, w16s
 
 
+KSPLIT_SPLITS = (1, 2, 3, 4)  # --ksplit-split: programs along K per output block
+
+
+def ksplit_split():
+    """M = 1, 4, 16: the k-split decode GEMM with K also split over ``SPLIT`` programs per output block (partial
+    sums added in a workspace, the last program to finish storing them, as in the split-K GEMV), for each config
+    of ``KSPLIT_CONFIGS`` and ``KSPLIT_SPLITS``: on given codes, and behind the quantization as two plain launches
+    (the dispatch's form) for the best split of each; outputs checked bitwise equal to SPLIT = 1. Why: at N = 4096
+    the kernel has one program of 4 warps per SM, each a dependent chain of ``cdiv(K / 128, S)`` steps; splitting K
+    over programs shortens every chain and puts more warps on each SM."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
+    from qcompile.backends.triton.w4_linear import launch_ksplit
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; k-split decode GEMM with K over SPLIT programs, GPU time per "
+          "call in us (weights streamed from HBM)", flush=True)
+    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS]
+    for n, k in SHAPES:
+        pws, w16s = _streamed_weights(n, k)
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.half)
+            fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
+            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            q = quantize_rows(x, 8, False)
+            ref, cells, best = None, [], {}
+            for split in KSPLIT_SPLITS:
+                for cfg in configs:
+                    c = dict(cfg, SPLIT=split)
+                    tag = f"{cfg['BLOCK_N']},S{cfg['S']},w{cfg['num_warps']},s{cfg['num_stages']}"
+                    ref = _same_as(ref, [launch_ksplit(*q, pws[0], y, config=c)], f"{n}x{k} M={m} SPLIT={split} {tag}")
+                    t = bench_graph(lambda p: launch_ksplit(*q, p, y, config=c), pws)
+                    if split not in best or t < best[split][0]:
+                        best[split] = (t, c, tag)
+                quant = bench_graph(lambda p: launch_ksplit(*quantize_rows(x, 8, False), p, y, config=best[split][1]),
+                                    pws)
+                cells.append(f"SPLIT {split}: {best[split][0]:.1f} ({best[split][2]}), with quant {quant:.1f} = "
+                             f"{fp / quant:.2f}x")
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}) {auto:.1f} "
+                  f"= {fp / auto:.2f}x; codes given, best config: " + "; ".join(cells), flush=True)
+        del pws, w16s
+
+
 def _chosen(m, n, k) -> str:
     from qcompile.backends.triton.w4_linear import chosen_path
     return chosen_path(m, n, k) or "?"
@@ -789,7 +836,7 @@ def pdl_configs():
 
 
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
+MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl, "--ksplit-split": ksplit_split,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
          "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,

@@ -449,7 +449,8 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
                   pdl=False, lut=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
     ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
-    ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
+    ``S``, ``num_warps``, ``num_stages`` (and optionally ``EARLY``, ``SPLIT``: the kernel's experiments) instead of
+    the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
     kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
     Bitwise the output of ``launch_gemm`` on the same codes."""
@@ -467,11 +468,15 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
                 LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
+    split = config.get("SPLIT", 1) > 1 if config is not None else any(
+        c.kwargs.get("SPLIT", 1) > 1 for c in ksplit_kern.KSPLIT_CONFIGS)
+    ws, tickets = splitk_workspace(x.device, n) if split else (y, y)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
-            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k, min(triton.next_power_of_2(m), 16))
+            pw.zero_byte, y if bias is None else bias, y, y.stride(0), ws, tickets, m, n, k,
+            min(triton.next_power_of_2(m), 16))
 
     def grid(meta_):
-        return (triton.cdiv(n, meta_["BLOCK_N"]),)
+        return (triton.cdiv(n, meta_["BLOCK_N"]), meta_.get("SPLIT", 1))
 
     if config is None and interpreting():
         config = INTERPRET_KSPLIT_CONFIG
