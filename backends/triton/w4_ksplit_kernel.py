@@ -82,9 +82,11 @@ KSPLIT_CONFIGS = [ksplit_config(bn, s, w, st) for bn, s, w, st in [
 
 
 def prune_ksplit_configs(configs, named_args, **meta):
-    """Keep the configs whose S slices fit K's chunks at least once (no step entirely past K)."""
+    """Keep the configs whose S slices fit K's chunks at least once (no step entirely past K), and whose
+    ``SPLIT`` programs along K get at least one whole step of real chunks each."""
     n_chunks = triton.cdiv(named_args["K"], meta.get("PACK_K", named_args.get("PACK_K", 128)))
-    kept = [c for c in configs if c.kwargs["S"] <= max(n_chunks, 4)]
+    kept = [c for c in configs if c.kwargs["S"] <= max(n_chunks, 4)
+            and (c.kwargs.get("SPLIT", 1) == 1 or n_chunks >= c.kwargs["SPLIT"] * c.kwargs["S"])]
     return kept or configs[-1:]
 
 
