@@ -135,15 +135,17 @@ def test_the_gemv_tunings_are_kept_apart_with_and_without_pdl():
     """A GEMV config tuned behind the quantization (PDL) is not reused for a plain launch, nor the other way."""
     from qcompile.backends.triton import w4_linear
 
-    for tuner in [*w4_linear._gemv_kernels.values(), *w4_linear._gemv_group_kernels.values()]:
+    for tuner in [*w4_linear._gemv_kernels.values(), *w4_linear._gemv_group_kernels.values(),
+                  w4_linear._ksplit_kernel]:
         assert "PDL" in tuner.keys
 
 
 def test_the_decode_paths_time_their_gemv_configs_behind_the_quantization(monkeypatch):
     """The wiring of ``_timed_after``: a GEMV launched as a programmatic dependent of the activation quantization
-    has its configs timed behind a replay of that quantization, on every path that launches one (single weight,
-    group GEMV, the first weight of ``per_weight``); not where the codes come from elsewhere, nor behind the
-    GEMV before it. Runs on the CPU: the launches are replaced by recorders."""
+    (or the k-split GEMM, where ``DISPATCH.ksplit_pdl``) has its configs timed behind a replay of that
+    quantization, on every path that launches one (single weight, group GEMV, the first weight of ``per_weight``);
+    not where the codes come from elsewhere, nor behind the GEMV before it. Runs on the CPU: the launches are
+    replaced by recorders."""
     from types import SimpleNamespace
 
     from qcompile.backends.triton import w4_linear
@@ -161,6 +163,7 @@ def test_the_decode_paths_time_their_gemv_configs_behind_the_quantization(monkey
     monkeypatch.setattr(w4_linear, "quantize_rows", quantize_rows)
     monkeypatch.setattr(w4_linear, "launch_gemv", record)
     monkeypatch.setattr(w4_linear, "launch_gemv_group", record)
+    monkeypatch.setattr(w4_linear, "launch_ksplit", record)
     monkeypatch.setattr(w4_linear, "_choose_path",
                         lambda key, cands, forced: outer[0] if key[0] in ("group", "group_codes") else "gemv")
     monkeypatch.setattr(w4_linear.DISPATCH, "gemv_pdl", True)
@@ -176,6 +179,10 @@ def test_the_decode_paths_time_their_gemv_configs_behind_the_quantization(monkey
         return quantized == [True]
 
     w4_linear._quantized_gemv(x, pws[0], torch.empty(1, 32, dtype=torch.float16), 8, False, None)
+    assert [replays(p) for p in seen] == [True]
+    seen.clear()
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_pdl", True)  # the k-split GEMM as a dependent launch too
+    w4_linear._quantized_ksplit(x, pws[0], torch.empty(1, 32, dtype=torch.float16), 8, False, None)
     assert [replays(p) for p in seen] == [True]
     for path, expected in [("per_weight", [True, False]), ("gemv_group", [True])]:
         outer[0] = path
