@@ -64,11 +64,8 @@ dispatch's pick, beside FP16.
 (A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise equal.
 
 ``--ksplit-pdl``: instead, M = 1, 4 and 16: ``quantize_rows`` + the k-split GEMM as plain launches vs as programmatic
-dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, and with step 0's weights loaded
-before the wait (``EARLY``), each config of ``KSPLIT_CONFIGS``, outputs checked bitwise equal.
-
-``--ksplit-split``: instead, M = 1, 4 and 16: the k-split GEMM with K also split over 1-4 programs per output block
-(``SPLIT``), each config, on given codes and behind the quantization, outputs checked bitwise equal.
+dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, each config of ``KSPLIT_CONFIGS``,
+outputs checked bitwise equal.
 
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
@@ -78,8 +75,7 @@ dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
-                                          --ksplit-lut | --ksplit-pdl | --ksplit-split | --deep | --decode-tiles |
-                                          --self-l2]
+                                          --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -661,9 +657,7 @@ def ksplit_pdl():
     launch) and "GEMM PDL only" (the GEMM launched as a programmatic dependent, with its wait and trigger, after a
     quantization that never triggers). In neither does a kernel start early, so each times one kernel's PDL code
     and launch attribute alone: if "GEMM PDL only" is as slow as "PDL", the k-split kernel's own PDL form is what
-    loses, not the overlap. "PDL early" (and "codes given, early") peel the loop's step 0 (``EARLY = 1``): its
-    weights are loaded before the GEMM waits for the quantization, where the pipelined loop's first copies come
-    after the wait."""
+    loses, not the overlap."""
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
@@ -680,70 +674,24 @@ def ksplit_pdl():
             auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
             q = quantize_rows(x, 8, False)
 
-            def call(p, cfg, q_on, g_on, codes=None, early=0):
-                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=q_on)), p, y, pdl=g_on,
-                                     config=dict(cfg, EARLY=early) if early else cfg)
+            def call(p, cfg, q_on, g_on, codes=None):
+                return launch_ksplit(*(codes or quantize_rows(x, 8, False, pdl=q_on)), p, y, config=cfg, pdl=g_on)
 
             best, ref = {}, None
-            kinds = (("codes given", False, False, q, 0), ("plain", False, False, None, 0),
-                     ("PDL", True, True, None, 0), ("quant PDL only", True, False, None, 0),
-                     ("GEMM PDL only", False, True, None, 0), ("codes given, early", False, False, q, 1),
-                     ("PDL early", True, True, None, 1))
+            kinds = (("codes given", False, False, q), ("plain", False, False, None), ("PDL", True, True, None),
+                     ("quant PDL only", True, False, None), ("GEMM PDL only", False, True, None))
             for cfg in configs:
                 tag = f"{cfg['BLOCK_N']},S{cfg['S']},w{cfg['num_warps']},s{cfg['num_stages']}"
-                for kind, q_on, g_on, codes, early in kinds:
-                    ref = _same_as(ref, [call(pws[0], cfg, q_on, g_on, codes, early)], f"{n}x{k} M={m} {kind} {tag}")
-                    t = bench_graph(lambda p: call(p, cfg, q_on, g_on, codes, early), pws)
+                for kind, q_on, g_on, codes in kinds:
+                    ref = _same_as(ref, [call(pws[0], cfg, q_on, g_on, codes)], f"{n}x{k} M={m} {kind} {tag}")
+                    t = bench_graph(lambda p: call(p, cfg, q_on, g_on, codes), pws)
                     if kind not in best or t < best[kind][0]:
                         best[kind] = (t, tag)
             cells = [f"{kind} {best[kind][0]:.1f} ({best[kind][1]})" for kind, *_ in kinds]
             print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}) {auto:.1f} "
                   f"= {fp / auto:.2f}x; " + "; ".join(cells)
                   + f"; PDL saves {best['plain'][0] - best['PDL'][0]:.1f} us: {fp / best['PDL'][0]:.2f}x fp16 "
-                  f"(plain {fp / best['plain'][0]:.2f}x); PDL early {fp / best['PDL early'][0]:.2f}x", flush=True)
-        del pws, w16s
-
-
-KSPLIT_SPLITS = (1, 2, 3, 4)  # --ksplit-split: programs along K per output block
-
-
-def ksplit_split():
-    """M = 1, 4, 16: the k-split decode GEMM with K also split over ``SPLIT`` programs per output block (partial
-    sums added in a workspace, the last program to finish storing them, as in the split-K GEMV), for each config
-    of ``KSPLIT_CONFIGS`` and ``KSPLIT_SPLITS``: on given codes, and behind the quantization as two plain launches
-    (the dispatch's form) for the best split of each; outputs checked bitwise equal to SPLIT = 1. Why: at N = 4096
-    the kernel has one program of 4 warps per SM, each a dependent chain of ``cdiv(K / 128, S)`` steps; splitting K
-    over programs shortens every chain and puts more warps on each SM."""
-    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
-    from qcompile.backends.triton.w4_linear import launch_ksplit
-
-    t0 = time.time()
-    print(f"device: {torch.cuda.get_device_name()}; k-split decode GEMM with K over SPLIT programs, GPU time per "
-          "call in us (weights streamed from HBM)", flush=True)
-    configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS]
-    for n, k in SHAPES:
-        pws, w16s = _streamed_weights(n, k)
-        for m in (1, 4, 16):
-            x = torch.randn(m, k, device="cuda").half()
-            y = torch.empty(m, n, device="cuda", dtype=torch.half)
-            fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
-            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
-            q = quantize_rows(x, 8, False)
-            ref, cells, best = None, [], {}
-            for split in KSPLIT_SPLITS:
-                for cfg in configs:
-                    c = dict(cfg, SPLIT=split)
-                    tag = f"{cfg['BLOCK_N']},S{cfg['S']},w{cfg['num_warps']},s{cfg['num_stages']}"
-                    ref = _same_as(ref, [launch_ksplit(*q, pws[0], y, config=c)], f"{n}x{k} M={m} SPLIT={split} {tag}")
-                    t = bench_graph(lambda p: launch_ksplit(*q, p, y, config=c), pws)
-                    if split not in best or t < best[split][0]:
-                        best[split] = (t, c, tag)
-                quant = bench_graph(lambda p: launch_ksplit(*quantize_rows(x, 8, False), p, y, config=best[split][1]),
-                                    pws)
-                cells.append(f"SPLIT {split}: {best[split][0]:.1f} ({best[split][2]}), with quant {quant:.1f} = "
-                             f"{fp / quant:.2f}x")
-            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}) {auto:.1f} "
-                  f"= {fp / auto:.2f}x; codes given, best config: " + "; ".join(cells), flush=True)
+                  f"(plain {fp / best['plain'][0]:.2f}x)", flush=True)
         del pws, w16s
 
 
@@ -836,7 +784,7 @@ def pdl_configs():
 
 
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl, "--ksplit-split": ksplit_split,
+MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
          "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,

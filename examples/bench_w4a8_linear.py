@@ -90,6 +90,8 @@ def variants(x, pws, m, w8s):
                    "splitk": W._splitk_decode_kernel, "ksplit": W._ksplit_kernel, "gemv": gemv, "gemv_fused": gemv}
         if W._rows_candidate(m):
             kernels["gemv_rows"] = gemv
+        if d.ksplit_pdl_candidate and not d.ksplit_pdl:
+            kernels["ksplit_pdl"] = W._ksplit_kernel
         for path, kernel in kernels.items():
             d.decode_path = path
             v[path] = graph_or_nan(lambda p: w4a8_linear(x, p), pws)

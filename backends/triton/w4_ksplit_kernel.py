@@ -40,11 +40,6 @@ sm_90 SASS: 298 instructions per warp and chunk instead of 382. H100 (2026-12-06
 Same int32 sums, so the output is still bitwise the tiled kernel's. An unmasked K loop for shapes that divide
 evenly (276 instructions) timed 1-8 % slower and was dropped (``examples/results/ksplit_even_ab_h100.txt``).
 
-``EARLY = 1`` (an experiment, not in the autotuned configs) peels step 0 out of the loop and loads its weights
-before the programmatic-dependent wait: the pipelined loop issues its first copies only after the wait, so as a
-dependent launch it overlaps nothing of the quantization (offline sm_90 SASS, Triton 3.6: with ``EARLY`` the step-0
-weight loads come before ``ACQBULK``; without it, identical code to the unpeeled loop).
-
 The loop is software-pipelined by the launch's ``num_stages`` (cp.async of the packed weights and the activation
 codes into shared memory, ``num_stages - 1`` steps ahead). Per-channel weights (dINT or INT), per-token int8
 activations quantized beforehand (``quantize_rows``); the output is bitwise that of ``w4_gemm_kernel`` on the same
@@ -82,51 +77,13 @@ KSPLIT_CONFIGS = [ksplit_config(bn, s, w, st) for bn, s, w, st in [
 
 
 def prune_ksplit_configs(configs, named_args, **meta):
-    """Keep the configs whose S slices fit K's chunks at least once (no step entirely past K), and whose
-    ``SPLIT`` programs along K get at least one whole step of real chunks each."""
+    """Keep the configs whose S slices fit K's chunks at least once (no step entirely past K)."""
     n_chunks = triton.cdiv(named_args["K"], meta.get("PACK_K", named_args.get("PACK_K", 128)))
-    kept = [c for c in configs if c.kwargs["S"] <= max(n_chunks, 4)
-            and (c.kwargs.get("SPLIT", 1) == 1 or n_chunks >= c.kwargs["SPLIT"] * c.kwargs["S"])]
+    kept = [c for c in configs if c.kwargs["S"] <= max(n_chunks, 4)]
     return kept or configs[-1:]
 
 
 # ------------------------------------------------------------------------------------------------ kernel
-@triton.jit
-def _ksplit_weights(it, c0, n_chunks, w_ptr, w_tile, offs_s, offs_n, offs_j, N, zb, t0, t1, t2, t3,
-                    DINT: tl.constexpr, DINT_R: tl.constexpr, HALF: tl.constexpr, LUT: tl.constexpr,
-                    USE_ASM: tl.constexpr, S: tl.constexpr):
-    """Step ``it``'s weight planes ``[S, HALF, BLOCK_N]`` int8 (warp s: chunk ``c0 + it * S + s``)."""
-    chunk = (c0 + it * S + offs_s)[:, None, None]  # [S, 1, 1]: warp s's chunk this step
-    # Masks from full-shape index tensors (the interpreter mishandles 0-d comparisons). Chunks past the
-    # last read nothing: their weights are 0 and so are their activations.
-    w_mask = (chunk < n_chunks) & (offs_n[None, None, :] < N) & (offs_j[None, :, None] < HALF)
-    b = tl.load(w_ptr + chunk * (N * HALF) + w_tile, mask=w_mask, other=0)
-    if LUT:
-        w_lo, w_hi = unpack_bytes_lut(b, t0, t1, t2, t3, DINT, DINT_R, zb, USE_ASM)  # nibble order
-    else:
-        w_lo, w_hi = unpack(b, zb, DINT, DINT_R, USE_ASM)  # [S, HALF, BLOCK_N] int8 each
-    return w_lo, w_hi
-
-
-@triton.jit
-def _ksplit_dot(it, c0, w_lo, w_hi, acc, acc_hi, x_ptr, stride_xm, offs_m, offs_s, offs_j, M, K,
-                PACK_K: tl.constexpr, HALF: tl.constexpr, LUT: tl.constexpr, USE_ASM: tl.constexpr,
-                S: tl.constexpr):
-    """Step ``it``'s activation planes times its weight planes, into the two accumulators."""
-    chunk = (c0 + it * S + offs_s)[:, None, None]
-    # Activation columns past K are zero: masked weight bytes (and a chunk's padding) unpack to -z, not 0.
-    k_lo = chunk * PACK_K + offs_j[None, None, :]  # [S, 1, HALF]
-    x_mask = (offs_m[None, :, None] < M) & (k_lo < K)
-    x_ptrs = x_ptr + offs_m[None, :, None] * stride_xm + k_lo
-    x_lo = tl.load(x_ptrs, mask=x_mask, other=0)
-    x_hi = tl.load(x_ptrs + HALF, mask=x_mask & (k_lo + HALF < K), other=0)
-    if LUT:
-        x_lo, x_hi = interleave_planes(x_lo, x_hi, USE_ASM)  # the same order
-    acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
-    acc_hi = tl.dot(x_hi, w_hi, acc_hi, out_dtype=tl.int32)
-    return acc, acc_hi
-
-
 @triton.jit(do_not_specialize=["M"])
 def w4_ksplit_kernel(
         # activations: int8 codes [M, K] (signed convention), per-token fp32 scale and int32 zero-point [M]
@@ -134,12 +91,10 @@ def w4_ksplit_kernel(
         # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
         bias_ptr, y_ptr, stride_ym,
-        # SPLIT > 1: int32 workspace [16, N] and tickets [>= cdiv(N, BLOCK_N)], zero between calls
-        ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr,
-        BLOCK_N: tl.constexpr, S: tl.constexpr, EARLY: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
+        BLOCK_N: tl.constexpr, S: tl.constexpr):
     BLOCK_M: tl.constexpr = 16  # mma.sync's M; rows past M are masked to zero and never stored
     HALF: tl.constexpr = PACK_K // 2
     pid = tl.program_id(0)
@@ -150,40 +105,38 @@ def w4_ksplit_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     n_chunks = tl.cdiv(K, PACK_K)
-    if SPLIT == 1:
-        c0 = 0
-        n_steps = tl.cdiv(n_chunks, S)
-    else:  # program (pid, p) takes n_steps whole steps from chunk c0 (the last slice what is left, maybe none)
-        n_steps = tl.cdiv(tl.cdiv(n_chunks, SPLIT), S)
-        c0 = tl.program_id(1) * n_steps * S
     zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, None, :]
     w_tile = offs_n[None, None, :] * HALF + offs_j[None, :, None]  # [1, HALF, BLOCK_N] within a chunk
     if LUT:  # the rows' 16 values as four table words
         t0, t1, t2, t3 = lut_words(zb.to(tl.int32), DINT, DINT_R, 0)
-    else:
-        t0 = zb.to(tl.int32)  # unused
-        t1 = t0
-        t2 = t0
-        t3 = t0
-    acc = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
-    acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
-    if EARLY:  # step 0's weights are loaded (and unpacked) before the wait, to stream in while the codes are made
-        w_lo, w_hi = _ksplit_weights(0, c0, n_chunks, w_ptr, w_tile, offs_s, offs_n, offs_j, N, zb, t0, t1, t2, t3,
-                                     DINT, DINT_R, HALF, LUT, USE_ASM, S)
     if PDL:  # launched as a programmatic dependent: the activation codes are read from here on
         gdc_wait()
-    if EARLY:
-        acc, acc_hi = _ksplit_dot(0, c0, w_lo, w_hi, acc, acc_hi, x_ptr, stride_xm, offs_m, offs_s, offs_j,
-                                  M, K, PACK_K, HALF, LUT, USE_ASM, S)
 
     # The two nibble planes sum into two accumulators (a chain of 8 instead of 16 dependent mma per warp and
     # chunk): H100, codes given, 1-3 % faster on all 12 (shape, M) cases (2026-12-06, bench_gemv_pieces.py
     # --ksplit-pdl "codes given" vs "2acc", examples/results/ksplit_pdl_h100.txt). Integer sums: same result.
-    for it in range(EARLY, n_steps):
-        w_lo, w_hi = _ksplit_weights(it, c0, n_chunks, w_ptr, w_tile, offs_s, offs_n, offs_j, N, zb, t0, t1, t2, t3,
-                                     DINT, DINT_R, HALF, LUT, USE_ASM, S)
-        acc, acc_hi = _ksplit_dot(it, c0, w_lo, w_hi, acc, acc_hi, x_ptr, stride_xm, offs_m, offs_s, offs_j,
-                                  M, K, PACK_K, HALF, LUT, USE_ASM, S)
+    acc = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
+    acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
+    for it in range(tl.cdiv(n_chunks, S)):
+        chunk = (it * S + offs_s)[:, None, None]  # [S, 1, 1]: warp s's chunk this step
+        # Masks from full-shape index tensors (the interpreter mishandles 0-d comparisons). Chunks past the
+        # last read nothing: their weights are 0 and so are their activations.
+        w_mask = (chunk < n_chunks) & (offs_n[None, None, :] < N) & (offs_j[None, :, None] < HALF)
+        b = tl.load(w_ptr + chunk * (N * HALF) + w_tile, mask=w_mask, other=0)
+        if LUT:
+            w_lo, w_hi = unpack_bytes_lut(b, t0, t1, t2, t3, DINT, DINT_R, zb, USE_ASM)  # nibble order
+        else:
+            w_lo, w_hi = unpack(b, zb, DINT, DINT_R, USE_ASM)  # [S, HALF, BLOCK_N] int8 each
+        # Activation columns past K are zero: masked weight bytes (and a chunk's padding) unpack to -z, not 0.
+        k_lo = chunk * PACK_K + offs_j[None, None, :]  # [S, 1, HALF]
+        x_mask = (offs_m[None, :, None] < M) & (k_lo < K)
+        x_ptrs = x_ptr + offs_m[None, :, None] * stride_xm + k_lo
+        x_lo = tl.load(x_ptrs, mask=x_mask, other=0)
+        x_hi = tl.load(x_ptrs + HALF, mask=x_mask & (k_lo + HALF < K), other=0)
+        if LUT:
+            x_lo, x_hi = interleave_planes(x_lo, x_hi, USE_ASM)  # the same order
+        acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
+        acc_hi = tl.dot(x_hi, w_hi, acc_hi, out_dtype=tl.int32)
     acc += acc_hi
 
     if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
@@ -191,17 +144,5 @@ def w4_ksplit_kernel(
     # Epilogue (the per-channel arithmetic of ``w4_gemm_kernel`` and the GEMV): zero-point correction, scales, bias.
     x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)
     x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
-    total = tl.sum(acc, axis=0)
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT == 1:
-        _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr,
-                    y_ptr, stride_ym, HAS_BIAS, INT_OUT)
-    else:  # the split GEMV's reduction: partial sums into the workspace; the last ticket stores (and re-zeroes)
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, total, mask=y_mask, sem="release")
-        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if ticket == SPLIT - 1:
-            total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(total), mask=y_mask, sem="acquire")
-            tl.atomic_xchg(cnt_ptr + pid, 0)
-            _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr,
-                        bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+    _gemv_store(tl.sum(acc, axis=0), offs_m, offs_n, m_ok, n_ok, m_ok[:, None] & n_ok[None, :], x_scale, x_zp,
+                w_scale_ptr, w_sum_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)

@@ -57,7 +57,7 @@ class Dispatch:
     """Dispatch thresholds and path switches."""
 
     decode_max_m: int = 16
-    # "auto" | "fused" | "unfused" | "splitk" | "ksplit" | "gemv" | "gemv_fused" | "gemv_rows"
+    # "auto" | "fused" | "unfused" | "splitk" | "ksplit" | "ksplit_pdl" | "gemv" | "gemv_fused" | "gemv_rows"
     decode_path: str = "auto"
     prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
     expand_min_m: int = 256  # "expand" is a candidate from this M on
@@ -107,6 +107,11 @@ class Dispatch:
     # shape and at 4096x11008 at every M (up to 17.8 us), like ``gemm_pdl``; the cause is not found. Where it won,
     # a GEMV path was faster still except 14336x4096 at M = 4. The GPU test checks it is bitwise the plain launch.
     ksplit_pdl: bool = False
+    # So with ``ksplit_pdl`` off the dependent launch is a decode path of its own ("ksplit_pdl"), which the
+    # dispatch times against the rest once per shape and M, like every path. H100, tenth session (2026-12-06,
+    # ``ksplit_pdl_sides_h100.txt``): 14336x4096 at M = 4, 15.5 us as a dependent launch vs 17.1 plain (the
+    # dispatch's pick then, 2.42x FP16); at M = 16 it lost again (17.7 vs 17.2). Not yet timed through the dispatch.
+    ksplit_pdl_candidate: bool = True
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS). On given codes they timed 0.94-0.97x on 7 of 8 shapes (H100,
     # ``bench_gemv_pieces.py --direct``), but behind the quantization, as the GEMV runs (its first tiles load
@@ -449,8 +454,7 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
                   pdl=False, lut=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
     ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
-    ``S``, ``num_warps``, ``num_stages`` (and optionally ``EARLY``, ``SPLIT``: the kernel's experiments) instead of
-    the autotuner. ``int_out``: the exact int32 sums
+    ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
     kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
     Bitwise the output of ``launch_gemm`` on the same codes."""
@@ -468,15 +472,11 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
                 LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
-    split = config.get("SPLIT", 1) > 1 if config is not None else any(
-        c.kwargs.get("SPLIT", 1) > 1 for c in ksplit_kern.KSPLIT_CONFIGS)
-    ws, tickets = splitk_workspace(x.device, n) if split else (y, y)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
-            pw.zero_byte, y if bias is None else bias, y, y.stride(0), ws, tickets, m, n, k,
-            min(triton.next_power_of_2(m), 16))
+            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k, min(triton.next_power_of_2(m), 16))
 
     def grid(meta_):
-        return (triton.cdiv(n, meta_["BLOCK_N"]), meta_.get("SPLIT", 1))
+        return (triton.cdiv(n, meta_["BLOCK_N"]),)
 
     if config is None and interpreting():
         config = INTERPRET_KSPLIT_CONFIG
@@ -487,8 +487,8 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
     return y
 
 
-def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias):
-    pdl = DISPATCH.ksplit_pdl
+def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias, pdl=None):
+    pdl = DISPATCH.ksplit_pdl if pdl is None else pdl
 
     def quantize():
         return quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
@@ -558,7 +558,8 @@ def _kernel_switches() -> tuple:
     the choice between paths timed again)."""
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
-            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut, d.ksplit_pdl)
+            d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut, d.ksplit_pdl,
+            d.ksplit_pdl_candidate)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
@@ -609,6 +610,8 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
             candidates["splitk"] = gemm(False, split_k=True)
         if DISPATCH.ksplit_candidate and pw.group_size == 0 and act_group == 0:
             candidates["ksplit"] = lambda: _quantized_ksplit(x, pw, y, act_bits, act_sym, bias)
+            if DISPATCH.ksplit_pdl_candidate and not DISPATCH.ksplit_pdl:
+                candidates["ksplit_pdl"] = lambda: _quantized_ksplit(x, pw, y, act_bits, act_sym, bias, pdl=True)
             gemv = {"gemv": lambda: _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next)}
             candidates = _fallback_first(m, gemv, candidates)
             if _rows_candidate(m):

@@ -196,6 +196,37 @@ def test_ksplit_pdl_follows_its_own_switch(on, monkeypatch):
         assert flags[-1] == ("ksplit", on and caller_pdl)
 
 
+@pytest.mark.parametrize("pdl_default", [True, False])
+def test_the_ksplit_dependent_launch_is_a_decode_path_of_its_own(pdl_default, monkeypatch):
+    """With ``DISPATCH.ksplit_pdl`` off, "ksplit_pdl" is one more decode candidate (timed against the rest like
+    every path): the quantization and the k-split GEMM both as programmatic dependents; with it on, "ksplit" is
+    already that launch and there is no second one. Off with ``ksplit_pdl_candidate``."""
+    from triton_cases import make_weight, make_x
+
+    flags, seen = [], []
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_pdl", pdl_default)
+    monkeypatch.setattr(w4_linear, "quantize_rows", lambda x, *a, pdl=False: (flags.append(("quant", pdl)), x)[1:] * 3)
+    monkeypatch.setattr(w4_linear, "launch_ksplit", lambda *a, pdl=False, **k: flags.append(("ksplit", pdl)))
+
+    def record(key, candidates, forced):
+        seen.append(list(candidates))
+        if "ksplit_pdl" in candidates:
+            candidates["ksplit_pdl"]()
+        return "ksplit"
+
+    monkeypatch.setattr(w4_linear, "_choose_path", record)
+    pw = make_weight(24, 256, "dint4", "channel", "cpu")
+    for candidate in (True, False):
+        monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_pdl_candidate", candidate)
+        flags.clear()
+        seen.clear()
+        w4_linear.w4_linear_2d(make_x(4, 256, "cpu"), pw, 8, False, 0, None)
+        offered = candidate and not pdl_default
+        assert ("ksplit_pdl" in seen[0]) == offered and "ksplit" in seen[0]
+        assert flags == ([("quant", True), ("ksplit", True)] if offered else []) + [("quant", pdl_default),
+                                                                                      ("ksplit", pdl_default)]
+
+
 def test_dispatch_choices_names_every_site_of_a_bucket(monkeypatch):
     """``dispatch_choices`` lists the single, shared and group choices of one M bucket made under the current
     switches, and none of another bucket or of other switches."""

@@ -194,19 +194,3 @@ def test_the_decode_paths_time_their_gemv_configs_behind_the_quantization(monkey
         assert seen == [None] * len(expected), path
     assert not w4_linear._PRODUCER
 
-
-def test_the_ksplit_autotuner_drops_configs_that_leave_programs_idle():
-    """``prune_ksplit_configs``: a config stays if its S slices fit K's chunks and, split over ``SPLIT`` programs
-    along K, each program gets at least one whole step."""
-    from qcompile.backends.triton.w4_ksplit_kernel import ksplit_config, prune_ksplit_configs
-
-    configs = [ksplit_config(32, 4, 4, 3), ksplit_config(32, 2, 2, 3), ksplit_config(32, 16, 16, 2)]
-    configs += [triton.Config(dict(c.kwargs, SPLIT=p), num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in configs[:2] for p in (2, 4)]
-
-    def kept(k):
-        return [(c.kwargs["S"], c.kwargs.get("SPLIT", 1)) for c in prune_ksplit_configs(configs, {"K": k}, PACK_K=128)]
-
-    assert kept(4096) == [(4, 1), (2, 1), (16, 1), (4, 2), (4, 4), (2, 2), (2, 4)]  # 32 chunks
-    assert kept(1024) == [(4, 1), (2, 1), (4, 2), (2, 2), (2, 4)]  # 8 chunks: S = 4 over 4 programs would idle
-    assert kept(128) == [(4, 1), (2, 1)]  # one chunk: no split; S <= 4 kept (the slices past K read nothing)
