@@ -487,27 +487,29 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
     return y
 
 
-def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias, pdl=None):
-    pdl = DISPATCH.ksplit_pdl if pdl is None else pdl
-
+def _after_quantization(x, act_bits, act_sym, pdl, launch):
+    """``launch(xq, xs, xz)`` on ``x``'s per-token codes from ``quantize_rows``; with ``pdl`` (the launch a
+    programmatic dependent of the quantization) its kernel configs are timed behind a replay of that
+    quantization (``_timed_after``), as it runs."""
     def quantize():
         return quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
 
-    xq, xs, xz = quantize()
-    with _timed_after(quantize if pdl else None):  # as a dependent launch, a config is timed behind its producer
-        return launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=pdl)
+    q = quantize()
+    with _timed_after(quantize if pdl else None):
+        return launch(*q)
+
+
+def _quantized_ksplit(x, pw, y, act_bits, act_sym, bias, pdl=None):
+    pdl = DISPATCH.ksplit_pdl if pdl is None else pdl
+    return _after_quantization(x, act_bits, act_sym, pdl,
+                               lambda xq, xs, xz: launch_ksplit(xq, xs, xz, pw, y, bias=bias, pdl=pdl))
 
 
 def _quantized_gemv(x, pw, y, act_bits, act_sym, bias, l2_next=None, direct_rows=None):
     pdl = DISPATCH.gemv_pdl
-
-    def quantize():
-        return quantize_rows(x, act_bits, act_sym, 0, pdl=pdl)
-
-    xq, xs, xz = quantize()
-    with _timed_after(quantize if pdl else None):  # a config is chosen by its time behind the quantization
-        return launch_gemv(xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl,
-                           l2_next=l2_next, direct_rows=direct_rows)
+    return _after_quantization(x, act_bits, act_sym, pdl, lambda xq, xs, xz: launch_gemv(
+        xq, xs, xz, pw, y, act_bits=act_bits, act_sym=act_sym, bias=bias, pdl=pdl, l2_next=l2_next,
+        direct_rows=direct_rows))
 
 
 def _fallback_first(m: int, gemv: dict, tiled: dict) -> dict:

@@ -193,4 +193,3 @@ def test_the_decode_paths_time_their_gemv_configs_behind_the_quantization(monkey
         w4_linear.w4_linear_2d_codes(x, None, None, pws, 8, False, [None, None], torch.float16)
         assert seen == [None] * len(expected), path
     assert not w4_linear._PRODUCER
-

@@ -153,8 +153,10 @@ def ksplit_launcher(config=None, lut=None):
     ``config`` unless the call names one (``check_gemm`` passes its own, None by default)."""
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
+    default = config
+
     def launch(xq, xs, xz, pw, y, *, x_grouped=False, w_expanded=None, split_k=False, bias=None, int_out=False,
-               use_asm=None, act_bits=8, act_sym=False, config=None, default=config):
+               use_asm=None, act_bits=8, act_sym=False, config=None):
         assert not x_grouped and w_expanded is None and not split_k
         return launch_ksplit(xq, xs, xz, pw, y, bias=bias, int_out=int_out, config=config or default,
                              use_asm=use_asm, lut=lut)
