@@ -61,11 +61,16 @@ tiled and split-K decode GEMMs, outputs checked bitwise equal; its best config w
 dispatch's pick, beside FP16.
 
 ``--ksplit-lut``: instead, M = 1, 4 and 16 on given codes: each config of ``KSPLIT_CONFIGS`` with the arithmetic
-(A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise equal.
+(A), the table (L) and the biased table (B) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs
+checked bitwise equal.
 
 ``--ksplit-pdl``: instead, M = 1, 4 and 16: ``quantize_rows`` + the k-split GEMM as plain launches vs as programmatic
 dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, each config of ``KSPLIT_CONFIGS``,
 outputs checked bitwise equal.
+
+``--fused``: instead, M = 1, 2 and 4: the GEMV with the quantization fused into its prologue (``gemv_fused``) vs the
+two-launch GEMV paths, each forced through the public op, and fused with each of ``FUSED_CFGS``; outputs checked
+bitwise equal.
 
 ``--decode-tiles``: the same with ``DECODE_TILES`` (split-K and narrow tiles, shallow pipelines).
 
@@ -75,7 +80,8 @@ dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
-                                          --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2]
+                                          --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2 |
+                                          --fused]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -632,19 +638,23 @@ def ksplit():
 
 
 def ksplit_lut():
-    """M = 1, 4, 16: each config of ``KSPLIT_CONFIGS`` with the arithmetic and with the table unpacker
-    (``launch_ksplit(lut=...)``), against the autotuned tiled and split-K decode GEMMs."""
+    """M = 1, 4, 16: each config of ``KSPLIT_CONFIGS`` with the arithmetic unpacker (A), the table unpacker (L) and
+    its biased tables (B: ``launch_ksplit(lut=True, lut_bias=True)``), against the autotuned tiled and split-K
+    decode GEMMs."""
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
-    def launch(xq, xs, xz, p, y, config):
-        return launch_ksplit(xq, xs, xz, p, y, config={k: v for k, v in config.items() if k != "lut"},
-                             lut=config["lut"])
+    kinds = {"A": (False, False), "L": (True, False), "B": (True, True)}
 
-    _config_sweep("k-split decode GEMM, arithmetic vs table unpacker", launch,
-                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, lut=lut)
-                   for c in KSPLIT_CONFIGS for lut in (False, True)],
-                  lambda c: f"{'L' if c['lut'] else 'A'}{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
+    def launch(xq, xs, xz, p, y, config):
+        lut, lut_bias = kinds[config["kind"]]
+        return launch_ksplit(xq, xs, xz, p, y, config={k: v for k, v in config.items() if k != "kind"},
+                             lut=lut, lut_bias=lut_bias)
+
+    _config_sweep("k-split decode GEMM: arithmetic (A), table (L), biased table (B) unpackers", launch,
+                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, kind=kind)
+                   for c in KSPLIT_CONFIGS for kind in kinds],
+                  lambda c: f"{c['kind']}{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
                   (1, 4, 16), {})
 
 
@@ -783,8 +793,63 @@ def pdl_configs():
         del pws, w16s
 
 
+# --fused: explicit GEMV configs (BLOCK_N, BLOCK_W, warps, PREFETCH) timed with the quantization fused, beside the
+# autotuned one: the redundant per-program quantization shrinks as BLOCK_N grows (fewer programs).
+FUSED_CFGS = [(8, 64, 2, 1), (4, 64, 1, 1), (16, 64, 4, 1), (32, 64, 4, 1), (8, 128, 4, 1), (16, 128, 4, 1),
+              (32, 128, 8, 1), (8, 64, 2, 2), (16, 64, 4, 2)]
+
+
+def fused():
+    """M = 1, 2, 4: the GEMV with the activation quantization in its prologue (``gemv_fused``: every program codes
+    its K slice into a buffer, then streams as on given codes) against the two-launch paths the dispatch takes
+    (``gemv``: quantize_rows + the GEMV as its programmatic dependent; ``gemv_rows`` at M = 2-4), each forced
+    through the public op, and ``gemv_fused`` with each of ``FUSED_CFGS``; outputs checked bitwise equal to the
+    ``gemv`` path's (the same codes). Weights streamed from HBM."""
+    from qcompile.backends.triton.w4_linear import _rows_candidate
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; GEMV with the quantization fused vs two launches, GPU time per "
+          "call in us", flush=True)
+    saved = DISPATCH.decode_path
+    try:
+        for n, k in SHAPES:
+            pws, w16s = _streamed_weights(n, k)
+            for m in (1, 2, 4):
+                x = torch.randn(m, k, device="cuda").half()
+                y = torch.empty(m, n, device="cuda", dtype=torch.half)
+                fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
+                auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+                pick = _chosen(m, n, k)
+                paths = ["gemv", "gemv_fused"] + (["gemv_rows"] if _rows_candidate(m) else [])
+                r, ref = {}, None
+                for path in paths:
+                    DISPATCH.decode_path = path
+                    ref = _same_as(ref, [w4a8_linear(x, pws[0])], f"{n}x{k} M={m} {path}")
+                    r[path] = bench_graph(lambda p: w4a8_linear(x, p), pws)
+                DISPATCH.decode_path = saved
+                each = {}
+                for bn, bw, nw, pf in FUSED_CFGS:
+                    if m * bn * bw > 64 * 32 * nw:
+                        continue
+                    cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "PREFETCH": pf}
+                    tag = f"{bn}x{bw}w{nw}p{pf}"
+                    _same_as(ref, [launch_gemv(x, None, None, pws[0], y, fuse_quant=True, config=cfg)], tag)
+                    each[tag] = bench_graph(lambda p: launch_gemv(x, None, None, p, y, fuse_quant=True, config=cfg),
+                                            pws)
+                best = min(each, key=each.get)
+                two = min(r[p] for p in paths if p != "gemv_fused")
+                print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({pick}) {auto:.1f} = "
+                      f"{fp / auto:.2f}x; forced: " + ", ".join(f"{a} {b:.1f}" for a, b in r.items())
+                      + f"; fused, best config {each[best]:.1f} ({best}) = {fp / each[best]:.2f}x fp16, "
+                      f"{two / each[best]:.2f}x the best two-launch path; all fused: "
+                      + " ".join(f"{t}={v:.1f}" for t, v in each.items()), flush=True)
+            del pws, w16s
+    finally:
+        DISPATCH.decode_path = saved
+
+
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
+MODES = {"--fused": fused, "--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
          "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,

@@ -22,8 +22,12 @@ shuffles inside the K loop. At M = 1 every thread reads the activation words its
 (``X_DIRECT``: the same words for all BLOCK_N rows, from L1), so nothing changes layout inside the loop
 (``gemv_occupancy.py --sass``). At M = 2-4 the same holds with one accumulator per row (``ROWS``, where
 ``DISPATCH.gemv_direct_rows`` sets X_DIRECT for them); else those rows share a broadcast accumulator. ``FUSE_QUANT``
-quantizes the fp16/bf16 activation in the kernel (every program reduces the rows' min / max from L2,
-then quantizes the slice it needs): one launch instead of two.
+quantizes the fp16/bf16 activation in the kernel, one launch instead of two: after its first weight loads,
+every program reduces the rows' min / max (from L2), codes its own K slice into a codes buffer ``xq`` with one
+reciprocal per row (``_common.act_quantize_rcp``, bitwise ``quantize_rows``'s codes), waits at a CTA barrier
+and then streams exactly as on given codes (X_WORDS, X_DIRECT). Programs that share a K slice write the same
+bytes. (Before, each step quantized its words inside the loop with an IEEE division per element, repeated
+by every thread that holds the word: slower than two launches on all four model shapes.)
 
 ``PIPELINE`` > 1 leaves the prefetch to the compiler: every step loads its own tile inside a
 ``tl.range(num_stages=PIPELINE)`` loop, which Triton's software pipeliner turns into cp.async copies through
@@ -50,7 +54,17 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import LUT_BIAS, act_quantize, dp4a, l2_prefetch, lut_words, prmt, unpack_words, unpack_words_lut
+from ._common import (
+    LUT_BIAS,
+    act_quantize_rcp,
+    dp4a,
+    l2_prefetch,
+    lut_words,
+    prmt,
+    recip_rn,
+    unpack_words,
+    unpack_words_lut,
+)
 from .w4_gemm_kernel import _row_qparams
 
 __all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_PREFETCH2_CONFIGS", "GEMV_SPLITK_CONFIGS",
@@ -130,9 +144,8 @@ def prune_gemv_configs(configs, named_args, **meta):
 
 # ------------------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf,
-             FUSE_QUANT: tl.constexpr, X_WORDS: tl.constexpr, X_QMAX: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, X_WORDS: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_W: tl.constexpr):
     """Activation codes as int32 words ``[BLOCK_M, BLOCK_W]``: word j holds the signed int8 codes of
     columns ``k_base[j] + 0..3`` (byte b = column k_base[j] + b); zero outside [0, M) x [0, K)."""
     if X_WORDS:  # int8 codes with K % 4 == 0: the row is already a word array
@@ -144,15 +157,24 @@ def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf,
         for b in tl.static_range(4):
             k = k_base[None, :] + b
             mask = m_ok[:, None] & (k < K)
-            ptrs = x_ptr + offs_m[:, None] * stride_xm + k
-            if FUSE_QUANT:
-                xv = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                q = act_quantize(xv, x_scale[:, None], x_zpf[:, None], X_QMAX) - (X_QMAX + 1) // 2
-                q = tl.where(mask, q, 0)
-            else:
-                q = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+            q = tl.load(x_ptr + offs_m[:, None] * stride_xm + k, mask=mask, other=0).to(tl.int32)
             words = words | ((q & 255) << (8 * b))
     return words
+
+
+@triton.jit
+def _quantize_slice(x_ptr, stride_xm, xq_ptr, offs_m, m_ok, k_begin, k_end, K, x_scale, x_zpf,
+                    X_QMAX: tl.constexpr, BLOCK_M: tl.constexpr, STAT_BLOCK: tl.constexpr):
+    """FUSE_QUANT: signed int8 codes of columns [k_begin, k_end) of the rows into ``xq [M, K]`` (contiguous), with
+    the rows' scale / zero-point: one reciprocal per row and two FMA corrections per element, bitwise ``div.rn``
+    (``_common.act_quantize_rcp``), so bitwise ``quantize_rows``'s codes."""
+    rcp = recip_rn(x_scale)[:, None]
+    cols = tl.arange(0, STAT_BLOCK)
+    for k0 in range(k_begin, k_end, STAT_BLOCK):
+        mask = m_ok[:, None] & (k0 + cols[None, :] < k_end)
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + cols[None, :], mask=mask, other=0.0)
+        q = act_quantize_rcp(xv.to(tl.float32), x_scale[:, None], rcp, x_zpf[:, None], X_QMAX) - (X_QMAX + 1) // 2
+        tl.store(xq_ptr + offs_m[:, None] * K + k0 + cols[None, :], q.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -179,7 +201,7 @@ def _w_tile(w32, i, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH: tl
 
 @triton.jit
 def _gemv_block(
-        pid_n, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        pid_n, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr,
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
         M, N, K,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -232,11 +254,15 @@ def _gemv_block(
     if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
         # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
         gdc_wait()
-    x_zpf = tl.zeros([BLOCK_M], tl.float32)  # read by _x_words only when FUSE_QUANT
-    if FUSE_QUANT:
+    if FUSE_QUANT:  # the rows' qparams, this slice's codes into xq; the loop then reads codes from there
         x_scale, x_zpf = _row_qparams(x_ptr, offs_m, stride_xm, M, K, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
                                       BLOCK_M, STAT_BLOCK)
         x_zp = x_zpf.to(tl.int32) - (X_QMAX + 1) // 2
+        _quantize_slice(x_ptr, stride_xm, xq_ptr, offs_m, m_ok, c_begin * PACK_K, tl.minimum(c_end * PACK_K, K), K,
+                        x_scale, x_zpf, X_QMAX, BLOCK_M, STAT_BLOCK)
+        tl.debug_barrier()  # bar.sync: every thread's codes are visible to the whole program
+        x_ptr = xq_ptr
+        stride_xm = K
     else:
         x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)
         x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
@@ -284,10 +310,8 @@ def _gemv_block(
                                mask=m_ok[:, None, None] & (x_word + HALF // 4 < K // 4)[None, None, :])
         else:
             k_base = (c0 + chunk_of) * PACK_K + word_of * 4
-            x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS, X_QMAX,
-                            BLOCK_M, BLOCK_W)
-            x_hi = _x_words(x_ptr, offs_m, m_ok, k_base + HALF, stride_xm, K, x_scale, x_zpf, FUSE_QUANT, X_WORDS,
-                            X_QMAX, BLOCK_M, BLOCK_W)
+            x_lo = _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, X_WORDS, BLOCK_M, BLOCK_W)
+            x_hi = _x_words(x_ptr, offs_m, m_ok, k_base + HALF, stride_xm, K, X_WORDS, BLOCK_M, BLOCK_W)
         if LUT:  # biased values in the nibble order; activations permuted to match (_common._ASM_LUT)
             v0, v1 = unpack_words_lut(w_cur, t0, t1, t2, t3, USE_ASM)
             x_a = prmt(x_lo, x_hi, tl.full(x_lo.shape, 0x5140, tl.int32), USE_ASM)
@@ -399,8 +423,9 @@ def _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L
 
 @triton.jit(do_not_specialize=["M"])
 def w4_gemv_kernel(
-        # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); per-token qparams [M, 1]
-        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        # activations: int8 codes [M, K] (fp16/bf16/fp32 values if FUSE_QUANT); per-token qparams [M, 1];
+        # FUSE_QUANT: int8 [M, K] for the codes (else never read)
+        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr,
         # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
         bias_ptr, y_ptr, stride_ym,
@@ -418,8 +443,9 @@ def w4_gemv_kernel(
         EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False):
     if L2_EARLY:
         _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
-    _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w_ptr, w_scale_ptr,
-                w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R, PACK_K,
+    _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w_ptr,
+                w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R,
+                PACK_K,
                 HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
                 BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
     if not L2_EARLY:
@@ -428,7 +454,7 @@ def w4_gemv_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def w4_gemv_group_kernel(
-        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm,
+        x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr,
         # G = 2 or 3 weights of one input (q/k/v, gate/up), each with its own tables, bias and output;
         # weight 2's arguments are weight 1's again when G == 2 (never read)
         w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr, y0_ptr, stride_y0, N0,
@@ -453,18 +479,18 @@ def w4_gemv_group_kernel(
     nb0 = tl.cdiv(N0, BLOCK_N)
     nb1 = tl.cdiv(N1, BLOCK_N)
     if pid < nb0:
-        _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w0_ptr, s0_ptr, t0_ptr, z0_ptr, b0_ptr,
-                    y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
+        _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w0_ptr, s0_ptr, t0_ptr, z0_ptr,
+                    b0_ptr, y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
                     BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
-        _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w1_ptr, s1_ptr, t1_ptr, z1_ptr,
-                    b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
+        _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w1_ptr, s1_ptr, t1_ptr,
+                    z1_ptr, b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
                     STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
     elif G == 3:
-        _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, w2_ptr, s2_ptr, t2_ptr,
-                    z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
+        _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w2_ptr, s2_ptr,
+                    t2_ptr, z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
                     X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT,
                     PREFETCH, EVEN)

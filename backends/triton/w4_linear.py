@@ -101,6 +101,10 @@ class Dispatch:
     # given (2026-12-06, ``bench_gemv_pieces.py --ksplit-lut``): 1.04-1.15x the arithmetic unpacker on every
     # config at 4096x4096 and 4096x11008, 1.01-1.05x on the other two shapes. Bitwise the same outputs.
     ksplit_lut: bool = True
+    # Its biased tables (dINT with R <= 4; ``_common._ASM_LUT_BIASED``): 9 instructions per 8 codes instead of 11
+    # and no byte masks, for two more mma per chunk (sum_k x_k against a tile of ones, to take the bias back).
+    # Same int32 sums. Off until timed on the H100 (``bench_gemv_pieces.py --ksplit-lut`` times all three).
+    ksplit_lut_bias: bool = False
     # The k-split GEMM launched as a programmatic dependent of its activation quantization (its launch overlaps
     # quantize_rows, as the GEMV's does with ``gemv_pdl``). Off: on the H100 (2026-12-06, ``bench_gemv_pieces.py
     # --ksplit-pdl``) it saved 1.4-1.6 us at M = 1 on three shapes and at M = 4 on two, but lost at M = 16 on every
@@ -221,7 +225,8 @@ _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_con
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
                                      _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
-_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"],
+_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS,
+                           ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "LUT_BIASED", "PDL"],
                            ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
 
 
@@ -310,7 +315,8 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
     pdl = pdl_launch(pdl, x.device)
     block_m = triton.next_power_of_2(max(m, 1))
-    x_words = not fuse_quant and k % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0
+    # int8 codes read as words: x itself, or with fuse_quant the kernel's contiguous codes buffer
+    x_words = k % 4 == 0 and (fuse_quant or (x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0))
     lut_ok = _w_kind(pw) == 1 and pw.dint_r <= 4
     use_lut = lut_ok and (DISPATCH.gemv_lut if lut is None else lut)
     if lut and not lut_ok:
@@ -372,14 +378,16 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
     meta = _gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=bias is not None,
                       int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl, direct_rows=direct_rows)
-    if fuse_quant:
+    xq = x
+    if fuse_quant:  # the kernel reads x's values, writes its codes into xq and reads them back
         x_scale, x_zp = x, x  # unused by the kernel
+        xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     if config is None and interpreting():
         config = INTERPRET_GEMV_CONFIG
     ws, tickets = _gemv_workspace(x.device, n, k, config, y)
     pf_args, pf_meta = _l2_args(l2_next, y)
     meta.update(pf_meta)
-    args = (x, x_scale, x_zp, x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
+    args = (x, x_scale, x_zp, x.stride(0), xq, pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte,
             y if bias is None else bias, y, y.stride(0), ws, tickets, *pf_args, m, n, k)
 
     def grid(meta_):
@@ -415,8 +423,10 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
                         int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl, direct_rows=direct_rows) for pw in pws]
     if any(md != metas[0] for md in metas) or any(pw.in_features != k for pw in pws):
         raise ValueError("launch_gemv_group: the weights differ in format, packing or in_features")
-    if fuse_quant:
+    xq = x
+    if fuse_quant:  # as in launch_gemv: the codes buffer the kernel fills and reads
         x_scale, x_zp = x, x  # unused by the kernel
+        xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sets = [(pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, y if b is None else b, y, y.stride(0),
              pw.out_features) for pw, y, b in zip(pws, ys, biases)]
     sets += sets[-1:] * (GROUP_MAX - len(sets))
@@ -426,7 +436,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
     ws, tickets = _gemv_workspace(x.device, sum(ns), k, config, ys[0])
     pf_args, pf_meta = _l2_args(l2_next, ys[0])
     metas[0].update(pf_meta)
-    args = (x, x_scale, x_zp, x.stride(0), *[a for st in sets for a in st], ws, tickets, *pf_args, m, k)
+    args = (x, x_scale, x_zp, x.stride(0), xq, *[a for st in sets for a in st], ws, tickets, *pf_args, m, k)
 
     def grid(meta_):
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
@@ -451,13 +461,14 @@ INTERPRET_KSPLIT_CONFIG = dict(BLOCK_N=16, S=4, num_warps=4, num_stages=1)
 
 
 def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=False, config=None, use_asm=None,
-                  pdl=False, lut=None):
+                  pdl=False, lut=None, lut_bias=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
     ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
     ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
     kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
-    Bitwise the output of ``launch_gemm`` on the same codes."""
+    ``lut_bias``: its biased tables (dINT with R <= 4; ``_common._ASM_LUT_BIASED``); default
+    ``DISPATCH.ksplit_lut_bias`` where they apply. Bitwise the output of ``launch_gemm`` on the same codes."""
     m, k = x.shape
     n = pw.out_features
     if pw.group_size > 0 or m > SPLITK_MAX_M or x.dtype != torch.int8:
@@ -467,9 +478,15 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
     dint = _w_kind(pw) == 1
     if lut and not dint:
         raise ValueError(f"the k-split table unpacker takes dINT weights, not {pw.fmt}")
+    if lut_bias and (not dint or pw.dint_r > 4 or lut is False):
+        got = f"{pw.fmt}, R = {pw.dint_r}" if dint else pw.fmt
+        raise ValueError("the k-split biased table unpacker takes dINT weights with R <= 4 and the table unpacker; "
+                         f"got {got}" + (", lut=False" if lut is False else ""))
+    use_lut = dint and (DISPATCH.ksplit_lut if lut is None else lut)
+    biased = use_lut and pw.dint_r <= 4 and (DISPATCH.ksplit_lut_bias if lut_bias is None else lut_bias)
     meta = dict(DINT=dint, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False,
-                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
+                LUT=use_lut, LUT_BIASED=bool(biased))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
@@ -561,7 +578,7 @@ def _kernel_switches() -> tuple:
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
             d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut, d.ksplit_pdl,
-            d.ksplit_pdl_candidate)
+            d.ksplit_pdl_candidate, d.ksplit_lut_bias)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:

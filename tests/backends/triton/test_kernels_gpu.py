@@ -24,6 +24,7 @@ from triton_cases import (  # noqa: E402
     check_quantize,
     division_cases,
     ksplit_launcher,
+    ksplit_unpackers,
     make_weight,
     make_x,
 )
@@ -140,16 +141,17 @@ def test_w4a8_ksplit_exact(fmt, m, n, k):
 
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
     x = make_x(m, k, DEV, seed=m)
-    luts = (False, True) if fmt.startswith("dint") else (False,)  # the table unpacker: dINT weights
+    unpackers = ksplit_unpackers(pw)  # arithmetic; table (dINT); biased table (dINT, R <= 4)
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS]
     for c in configs:
-        for lut in luts:
-            check_gemm(x, pw, ksplit_launcher(c, lut), use_asm=True)
+        for lut, lut_bias in unpackers:
+            check_gemm(x, pw, ksplit_launcher(c, lut, lut_bias), use_asm=True)
     check_gemm(x, pw, ksplit_launcher(), use_asm=True, bias=torch.randn(n, device=DEV), out_dtype=torch.bfloat16)
     q = quantize_rows(x, 8, False)
     y_tiled = launch_gemm(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=DECODE)
-    for lut in luts:
-        assert torch.equal(launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), lut=lut), y_tiled)
+    for lut, lut_bias in unpackers:
+        y = launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), lut=lut, lut_bias=lut_bias)
+        assert torch.equal(y, y_tiled)
 
     def run(pdl):
         q = quantize_rows(x, 8, False, pdl=pdl)
@@ -168,7 +170,8 @@ GEMV = dict(BLOCK_N=8, BLOCK_W=128, num_warps=4)
                                        ("dint4_c0.125", 2, 333, 520)])
 def test_w4a8_gemv_exact(fmt, m, n, k):
     """The dp4a GEMV: PTX and plain-tl unpackers, both dINT unpackers (arithmetic and table), fused
-    activation quantization, the autotuned configs; K = 1002 takes the byte-wise activation path."""
+    activation quantization (bitwise the two-launch GEMV: same codes), the autotuned configs; K = 1002 takes the
+    byte-wise activation path."""
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
     x = make_x(m, k, DEV, seed=m)
     for lut in (False, True) if fmt in ("dint4", "dint4_c0.25", "dint4_sym") else (False,):
@@ -177,6 +180,12 @@ def test_w4a8_gemv_exact(fmt, m, n, k):
                out_dtype=torch.bfloat16)
     check_gemm(x, pw, launch_gemv, fuse_quant=True, use_asm=True)
     check_gemm(x, pw, launch_gemv, use_asm=True, act_sym=True)
+    q = quantize_rows(x, 8, False)
+    for cfg in (GEMV, {**GEMV, "SPLIT_K": 2}, None):
+        fused = launch_gemv(x, None, None, pw, torch.empty(m, n, device=DEV, dtype=torch.half), fuse_quant=True,
+                            config=cfg)
+        two = launch_gemv(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=cfg or GEMV)
+        assert torch.equal(fused, two), cfg
 
 
 @pytest.mark.parametrize("fmt,m,ns,k,fuse", [("dint4", 1, (4096, 1024, 1024), 4096, False),

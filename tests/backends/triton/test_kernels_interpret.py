@@ -37,6 +37,7 @@ if INTERPRET:
         check_quantize,
         division_cases,
         ksplit_launcher,
+        ksplit_unpackers,
         make_weight,
         make_x,
     )
@@ -253,23 +254,24 @@ if INTERPRET:
                                            ("dint4_c0.125", 2, 64, 512)])
     def test_w4a8_ksplit_exact(fmt, m, n, k):
         """K split across warps (``w4_ksplit_kernel``): exact int32 sums for 1-16 slices per step (some past the
-        last chunk, ragged N and K), with both unpackers for dINT (R = 2, 4, 8), fp output within the bound and
-        bitwise the tiled GEMM's on the same codes."""
+        last chunk, ragged N and K), with every unpacker for dINT (arithmetic and table, R = 2, 4, 8; the biased
+        table, R <= 4, whose bias comes back as 64 * sum_k x_k), fp output within the bound and bitwise the tiled
+        GEMM's on the same codes."""
         from qcompile.backends.triton.w4_linear import launch_ksplit
 
         pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
         x = make_x(m, k, "cpu", seed=m)
         configs = [None] + [dict(BLOCK_N=bn, S=s, num_warps=w, num_stages=1)
                             for bn, s, w in [(16, 1, 1), (32, 2, 2), (64, 4, 4), (32, 8, 8), (16, 16, 16)]]
-        luts = [False, True] if fmt.startswith("dint") else [False]  # the table unpacker: dINT weights
+        unpackers = ksplit_unpackers(pw)
         for cfg in configs:
-            for lut in luts:
-                check_gemm(x, pw, ksplit_launcher(cfg, lut=lut))
+            for lut, lut_bias in unpackers:
+                check_gemm(x, pw, ksplit_launcher(cfg, lut=lut, lut_bias=lut_bias))
         check_gemm(x, pw, ksplit_launcher(), bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True)
         xq, xs, xz = quantize_rows(x, 8, False)
         y_tiled = launch_gemm(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16))
-        for lut in luts:
-            y = launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16), lut=lut)
+        for lut, lut_bias in unpackers:
+            y = launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16), lut=lut, lut_bias=lut_bias)
             assert torch.equal(y, y_tiled)
 
     @child_only
@@ -289,6 +291,10 @@ if INTERPRET:
             launch_ksplit(xq[:, :64], xs, xz, pw, y)
         with pytest.raises(ValueError, match="takes dINT weights"):  # INT's arithmetic unpacker is shorter
             launch_ksplit(xq, xs, xz, make_weight(16, 128, "int4", "channel", "cpu"), y, lut=True)
+        with pytest.raises(ValueError, match="R <= 4"):  # R = 8: values up to 120, past the bias's 63
+            launch_ksplit(xq, xs, xz, make_weight(16, 128, "dint4_c0.125", "channel", "cpu"), y, lut_bias=True)
+        with pytest.raises(ValueError, match="lut=False"):
+            launch_ksplit(xq, xs, xz, pw, y, lut=False, lut_bias=True)
 
     @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("dint4", 3, 20, 300), ("int4", 5, 33, 200),
@@ -296,13 +302,23 @@ if INTERPRET:
                                            ("dint4_c0.125", 4, 12, 130)])
     def test_w4a8_gemv_exact(fmt, m, n, k):
         """The dp4a GEMV (plain-tl dp4a / prmt / unpackers): exact int32 sums with pre-quantized and with
-        fused-quantized activations, both dINT unpackers, K % 4 != 0 (byte-wise activations) included."""
+        fused-quantized activations, both dINT unpackers, K % 4 != 0 (byte-wise activations) included. The fused
+        quantization writes ``quantize_rows``'s codes: its int32 sums and its output are bitwise the two-launch
+        GEMV's (split-K slices and a symmetric format too)."""
         pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
         x = make_x(m, k, "cpu", seed=m)
         luts = (False, True) if fmt in ("dint4", "dint4_c0.25") else (False,)
         for lut in luts:
             check_gemm(x, pw, lambda *a, **kw: launch_gemv(*a, lut=lut, **kw))
         check_gemm(x, pw, launch_gemv, fuse_quant=True)
+        for sym, split in ((False, 1), (True, 2)):
+            q = quantize_rows(x, 8, sym)
+            cfg = dict(BLOCK_N=4, BLOCK_W=32, num_warps=2, SPLIT_K=split)
+            for dtype, int_out in ((torch.int32, True), (torch.float16, False)):
+                fused = launch_gemv(x, None, None, pw, torch.empty(m, n, dtype=dtype), fuse_quant=True, act_sym=sym,
+                                    int_out=int_out, config=cfg)
+                two = launch_gemv(*q, pw, torch.empty(m, n, dtype=dtype), act_sym=sym, int_out=int_out, config=cfg)
+                assert torch.equal(fused, two), (sym, split, int_out)
         check_gemm(x, pw, launch_gemv, bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True,
                    config=dict(BLOCK_N=4, BLOCK_W=64, num_warps=2))
 
