@@ -61,8 +61,8 @@ tiled and split-K decode GEMMs, outputs checked bitwise equal; its best config w
 dispatch's pick, beside FP16.
 
 ``--ksplit-lut``: instead, M = 1, 4 and 16 on given codes: each config of ``KSPLIT_CONFIGS`` with the arithmetic
-(A), the table (L) and the biased table (B) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs
-checked bitwise equal.
+(A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise
+equal.
 
 ``--ksplit-pdl``: instead, M = 1, 4 and 16: ``quantize_rows`` + the k-split GEMM as plain launches vs as programmatic
 dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, each config of ``KSPLIT_CONFIGS``,
@@ -638,20 +638,19 @@ def ksplit():
 
 
 def ksplit_lut():
-    """M = 1, 4, 16: each config of ``KSPLIT_CONFIGS`` with the arithmetic unpacker (A), the table unpacker (L) and
-    its biased tables (B: ``launch_ksplit(lut=True, lut_bias=True)``), against the autotuned tiled and split-K
-    decode GEMMs."""
+    """M = 1, 4, 16: each config of ``KSPLIT_CONFIGS`` with the arithmetic unpacker (A) and the table unpacker (L),
+    against the autotuned tiled and split-K decode GEMMs. (A biased table, B, was timed here on 2026-12-07 and
+    removed: ``examples/results/ksplit_lut_bias_h100.txt``.)"""
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
-    kinds = {"A": (False, False), "L": (True, False), "B": (True, True)}
+    kinds = {"A": False, "L": True}
 
     def launch(xq, xs, xz, p, y, config):
-        lut, lut_bias = kinds[config["kind"]]
         return launch_ksplit(xq, xs, xz, p, y, config={k: v for k, v in config.items() if k != "kind"},
-                             lut=lut, lut_bias=lut_bias)
+                             lut=kinds[config["kind"]])
 
-    _config_sweep("k-split decode GEMM: arithmetic (A), table (L), biased table (B) unpackers", launch,
+    _config_sweep("k-split decode GEMM: arithmetic (A) and table (L) unpackers", launch,
                   [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, kind=kind)
                    for c in KSPLIT_CONFIGS for kind in kinds],
                   lambda c: f"{c['kind']}{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",

@@ -467,53 +467,23 @@ _ASM_LUT_EXACT = tl.constexpr("""{
 }""")
 
 
-# The biased form (``BIAS`` = 64: dINT with |t| <= 63, R <= 4): every table entry t + 64 is in [0, 127], so bit 7 of
-# every entry is 0 and a prmt in the sign-replicate mode reads 0x00 from either table. The code word itself is the
-# selector for the low table (codes 8-15 have bit 3 set: 0x00), the word with bit 3 of every nibble flipped the one
-# for the high table (codes 0-7 then read 0x00), and one OR merges the two: 9 instructions per 8 codes instead of 11,
-# no byte masks. The +64 is taken back once per row as 64 * sum_k x_k (``w4_ksplit_kernel``).
-_ASM_LUT_BIASED = tl.constexpr("""{
-    .reg .b32 wx, wh, wxh, ra, rb;
-    xor.b32 wx, $2, 0x88888888;
-    prmt.b32 ra, $3, $7, $2;
-    prmt.b32 rb, $11, $15, wx;
-    or.b32 $0, ra, rb;
-    shr.u32 wh, $2, 16;
-    shr.u32 wxh, wx, 16;
-    prmt.b32 ra, $3, $7, wh;
-    prmt.b32 rb, $11, $15, wxh;
-    or.b32 $1, ra, rb;
-}""")
-
-
 @triton.jit
-def unpack_bytes_lut(b, t0, t1, t2, t3, DINT: tl.constexpr, DINT_R: tl.constexpr, zb, USE_ASM: tl.constexpr,
-                     BIAS: tl.constexpr = 0):
+def unpack_bytes_lut(b, t0, t1, t2, t3, DINT: tl.constexpr, DINT_R: tl.constexpr, zb, USE_ASM: tl.constexpr):
     """Code bytes ``b`` (uint8, K along a fragment's registers) with the rows' table words ``t0..t3`` (int32,
-    ``lut_words`` with bias ``BIAS``: 0, or 64 for dINT with R <= 4) -> two int8 planes of the values ``t + BIAS``.
+    ``lut_words`` with no bias) -> two int8 planes of the values ``t``.
 
-    GPU (``USE_ASM``): ``_ASM_LUT_EXACT`` (``BIAS`` 0) or ``_ASM_LUT_BIASED`` (64), in the nibble order (comments
-    above). Interpreter: the plain planes (k = j and H + j, ``unpack_pure``) plus ``BIAS``: the same products once
-    the activation planes match (``interleave_planes`` with the same ``USE_ASM``)."""
+    GPU (``USE_ASM``): ``_ASM_LUT_EXACT``, in the nibble order (comment above). Interpreter: the plain planes
+    (k = j and H + j, ``unpack_pure``): the same products once the activation planes match
+    (``interleave_planes`` with the same ``USE_ASM``)."""
     if USE_ASM:
         t0 = tl.broadcast_to(t0, b.shape)
         t1 = tl.broadcast_to(t1, b.shape)
         t2 = tl.broadcast_to(t2, b.shape)
         t3 = tl.broadcast_to(t3, b.shape)
-        if BIAS == 0:
-            a, c = tl.inline_asm_elementwise(asm=_ASM_LUT_EXACT, constraints="=r,=r" + ",r" * 17,
-                                             args=[b, t0, t1, t2, t3], dtype=(tl.int8, tl.int8), is_pure=True,
-                                             pack=4)
-        else:
-            tl.static_assert(BIAS == LUT_BIAS, "the biased table unpacker's bias is LUT_BIAS")
-            a, c = tl.inline_asm_elementwise(asm=_ASM_LUT_BIASED, constraints="=r,=r" + ",r" * 17,
-                                             args=[b, t0, t1, t2, t3], dtype=(tl.int8, tl.int8), is_pure=True,
-                                             pack=4)
+        a, c = tl.inline_asm_elementwise(asm=_ASM_LUT_EXACT, constraints="=r,=r" + ",r" * 17,
+                                         args=[b, t0, t1, t2, t3], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
     else:
         a, c = unpack_pure(b, zb, DINT, DINT_R)
-        if BIAS != 0:
-            a = (a.to(tl.int32) + BIAS).to(tl.int8)
-            c = (c.to(tl.int32) + BIAS).to(tl.int8)
     return a, c
 
 

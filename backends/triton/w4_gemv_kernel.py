@@ -27,7 +27,9 @@ every program reduces the rows' min / max (from L2), codes its own K slice into 
 reciprocal per row (``_common.act_quantize_rcp``, bitwise ``quantize_rows``'s codes), waits at a CTA barrier
 and then streams exactly as on given codes (X_WORDS, X_DIRECT). Programs that share a K slice write the same
 bytes. (Before, each step quantized its words inside the loop with an IEEE division per element, repeated
-by every thread that holds the word: slower than two launches on all four model shapes.)
+by every thread that holds the word.) Still slower than two launches on the H100 (2026-12-07, ``bench_gemv_pieces.py
+--fused``: 8.3 vs 6.3 us at 4096x4096, M = 1; 14.4 vs 11.3 at 11008x4096): every one of the N / BLOCK_N programs
+codes the whole row, so the dispatch times it (``gemv_fused``) and keeps the two launches.
 
 ``PIPELINE`` > 1 leaves the prefetch to the compiler: every step loads its own tile inside a
 ``tl.range(num_stages=PIPELINE)`` loop, which Triton's software pipeliner turns into cp.async copies through

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import LUT_BIAS, interleave_planes, lut_words, unpack, unpack_bytes_lut
+from ._common import interleave_planes, lut_words, unpack, unpack_bytes_lut
 from .w4_gemv_kernel import _gemv_store
 
 __all__ = ["KSPLIT_CONFIGS", "ksplit_config", "prune_ksplit_configs", "w4_ksplit_kernel"]
@@ -94,7 +94,7 @@ def w4_ksplit_kernel(
         M, N, K, M_BUCKET,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr,
-        BLOCK_N: tl.constexpr, S: tl.constexpr, LUT_BIASED: tl.constexpr = False):
+        BLOCK_N: tl.constexpr, S: tl.constexpr):
     BLOCK_M: tl.constexpr = 16  # mma.sync's M; rows past M are masked to zero and never stored
     HALF: tl.constexpr = PACK_K // 2
     pid = tl.program_id(0)
@@ -107,9 +107,8 @@ def w4_ksplit_kernel(
     n_chunks = tl.cdiv(K, PACK_K)
     zb = tl.load(w_zero_ptr + offs_n, mask=n_ok, other=128)[None, None, :]
     w_tile = offs_n[None, None, :] * HALF + offs_j[None, :, None]  # [1, HALF, BLOCK_N] within a chunk
-    BIAS: tl.constexpr = LUT_BIAS if LUT_BIASED else 0
-    if LUT:  # the rows' 16 values (+ BIAS) as four table words
-        t0, t1, t2, t3 = lut_words(zb.to(tl.int32), DINT, DINT_R, BIAS)
+    if LUT:  # the rows' 16 values as four table words
+        t0, t1, t2, t3 = lut_words(zb.to(tl.int32), DINT, DINT_R, 0)
     if PDL:  # launched as a programmatic dependent: the activation codes are read from here on
         gdc_wait()
 
@@ -118,9 +117,6 @@ def w4_ksplit_kernel(
     # --ksplit-pdl "codes given" vs "2acc", examples/results/ksplit_pdl_h100.txt). Integer sums: same result.
     acc = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
     acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
-    if LUT_BIASED:  # sum_k x_k per row (every column of x_sum holds it), to take the tables' bias back
-        x_sum = tl.zeros([S, BLOCK_M, 16], tl.int32)
-        ones = tl.full([S, HALF, 16], 1, tl.int8)
     for it in range(tl.cdiv(n_chunks, S)):
         chunk = (it * S + offs_s)[:, None, None]  # [S, 1, 1]: warp s's chunk this step
         # Masks from full-shape index tensors (the interpreter mishandles 0-d comparisons). Chunks past the
@@ -128,7 +124,7 @@ def w4_ksplit_kernel(
         w_mask = (chunk < n_chunks) & (offs_n[None, None, :] < N) & (offs_j[None, :, None] < HALF)
         b = tl.load(w_ptr + chunk * (N * HALF) + w_tile, mask=w_mask, other=0)
         if LUT:
-            w_lo, w_hi = unpack_bytes_lut(b, t0, t1, t2, t3, DINT, DINT_R, zb, USE_ASM, BIAS)  # nibble order
+            w_lo, w_hi = unpack_bytes_lut(b, t0, t1, t2, t3, DINT, DINT_R, zb, USE_ASM)  # nibble order
         else:
             w_lo, w_hi = unpack(b, zb, DINT, DINT_R, USE_ASM)  # [S, HALF, BLOCK_N] int8 each
         # Activation columns past K are zero: masked weight bytes (and a chunk's padding) unpack to -z, not 0.
@@ -141,9 +137,6 @@ def w4_ksplit_kernel(
             x_lo, x_hi = interleave_planes(x_lo, x_hi, USE_ASM)  # the same order
         acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
         acc_hi = tl.dot(x_hi, w_hi, acc_hi, out_dtype=tl.int32)
-        if LUT_BIASED:
-            x_sum = tl.dot(x_lo, ones, x_sum, out_dtype=tl.int32)
-            x_sum = tl.dot(x_hi, ones, x_sum, out_dtype=tl.int32)
     acc += acc_hi
 
     if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
@@ -151,8 +144,5 @@ def w4_ksplit_kernel(
     # Epilogue (the per-channel arithmetic of ``w4_gemm_kernel`` and the GEMV): zero-point correction, scales, bias.
     x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)
     x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
-    total = tl.sum(acc, axis=0)
-    if LUT_BIASED:  # the values were t + BIAS: subtract BIAS * sum_k x_k per row (integers: exact)
-        total -= BIAS * tl.max(tl.sum(x_sum, axis=0), axis=1)[:, None]
-    _gemv_store(total, offs_m, offs_n, m_ok, n_ok, m_ok[:, None] & n_ok[None, :], x_scale, x_zp,
+    _gemv_store(tl.sum(acc, axis=0), offs_m, offs_n, m_ok, n_ok, m_ok[:, None] & n_ok[None, :], x_scale, x_zp,
                 w_scale_ptr, w_sum_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)

@@ -101,10 +101,6 @@ class Dispatch:
     # given (2026-12-06, ``bench_gemv_pieces.py --ksplit-lut``): 1.04-1.15x the arithmetic unpacker on every
     # config at 4096x4096 and 4096x11008, 1.01-1.05x on the other two shapes. Bitwise the same outputs.
     ksplit_lut: bool = True
-    # Its biased tables (dINT with R <= 4; ``_common._ASM_LUT_BIASED``): 9 instructions per 8 codes instead of 11
-    # and no byte masks, for two more mma per chunk (sum_k x_k against a tile of ones, to take the bias back).
-    # Same int32 sums. Off until timed on the H100 (``bench_gemv_pieces.py --ksplit-lut`` times all three).
-    ksplit_lut_bias: bool = False
     # The k-split GEMM launched as a programmatic dependent of its activation quantization (its launch overlaps
     # quantize_rows, as the GEMV's does with ``gemv_pdl``). Off: on the H100 (2026-12-06, ``bench_gemv_pieces.py
     # --ksplit-pdl``) it saved 1.4-1.6 us at M = 1 on three shapes and at M = 4 on two, but lost at M = 16 on every
@@ -114,7 +110,9 @@ class Dispatch:
     # So with ``ksplit_pdl`` off the dependent launch is a decode path of its own ("ksplit_pdl"), which the
     # dispatch times against the rest once per shape and M, like every path. H100, tenth session (2026-12-06,
     # ``ksplit_pdl_sides_h100.txt``): 14336x4096 at M = 4, 15.5 us as a dependent launch vs 17.1 plain (the
-    # dispatch's pick then, 2.42x FP16); at M = 16 it lost again (17.7 vs 17.2). Not yet timed through the dispatch.
+    # dispatch's pick then, 2.42x FP16); at M = 16 it lost again (17.7 vs 17.2). Through the dispatch (eleventh
+    # session, H100): picked at 14336x4096, M = 4, in both runs of the day (15.4 and 15.6 us, 2.77x and 2.75x FP16;
+    # ``triton_bench_w4a8_linear_h100_eleventh.md``, ``ksplit_lut_bias_h100.txt``), nowhere else.
     ksplit_pdl_candidate: bool = True
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS). On given codes they timed 0.94-0.97x on 7 of 8 shapes (H100,
@@ -225,8 +223,7 @@ _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_con
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
                                      _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
-_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS,
-                           ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "LUT_BIASED", "PDL"],
+_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"],
                            ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
 
 
@@ -461,14 +458,13 @@ INTERPRET_KSPLIT_CONFIG = dict(BLOCK_N=16, S=4, num_warps=4, num_stages=1)
 
 
 def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=False, config=None, use_asm=None,
-                  pdl=False, lut=None, lut_bias=None):
+                  pdl=False, lut=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
     ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
     ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
     kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
-    ``lut_bias``: its biased tables (dINT with R <= 4; ``_common._ASM_LUT_BIASED``); default
-    ``DISPATCH.ksplit_lut_bias`` where they apply. Bitwise the output of ``launch_gemm`` on the same codes."""
+    Bitwise the output of ``launch_gemm`` on the same codes."""
     m, k = x.shape
     n = pw.out_features
     if pw.group_size > 0 or m > SPLITK_MAX_M or x.dtype != torch.int8:
@@ -478,15 +474,9 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
     dint = _w_kind(pw) == 1
     if lut and not dint:
         raise ValueError(f"the k-split table unpacker takes dINT weights, not {pw.fmt}")
-    if lut_bias and (not dint or pw.dint_r > 4 or lut is False):
-        got = f"{pw.fmt}, R = {pw.dint_r}" if dint else pw.fmt
-        raise ValueError("the k-split biased table unpacker takes dINT weights with R <= 4 and the table unpacker; "
-                         f"got {got}" + (", lut=False" if lut is False else ""))
-    use_lut = dint and (DISPATCH.ksplit_lut if lut is None else lut)
-    biased = use_lut and pw.dint_r <= 4 and (DISPATCH.ksplit_lut_bias if lut_bias is None else lut_bias)
     meta = dict(DINT=dint, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False,
-                LUT=use_lut, LUT_BIASED=bool(biased))
+                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
@@ -578,7 +568,7 @@ def _kernel_switches() -> tuple:
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
             d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut, d.ksplit_pdl,
-            d.ksplit_pdl_candidate, d.ksplit_lut_bias)
+            d.ksplit_pdl_candidate)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:

@@ -141,16 +141,16 @@ def test_w4a8_ksplit_exact(fmt, m, n, k):
 
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
     x = make_x(m, k, DEV, seed=m)
-    unpackers = ksplit_unpackers(pw)  # arithmetic; table (dINT); biased table (dINT, R <= 4)
+    unpackers = ksplit_unpackers(pw)  # arithmetic; table (dINT)
     configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in KSPLIT_CONFIGS]
     for c in configs:
-        for lut, lut_bias in unpackers:
-            check_gemm(x, pw, ksplit_launcher(c, lut, lut_bias), use_asm=True)
+        for lut in unpackers:
+            check_gemm(x, pw, ksplit_launcher(c, lut), use_asm=True)
     check_gemm(x, pw, ksplit_launcher(), use_asm=True, bias=torch.randn(n, device=DEV), out_dtype=torch.bfloat16)
     q = quantize_rows(x, 8, False)
     y_tiled = launch_gemm(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), config=DECODE)
-    for lut, lut_bias in unpackers:
-        y = launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), lut=lut, lut_bias=lut_bias)
+    for lut in unpackers:
+        y = launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), lut=lut)
         assert torch.equal(y, y_tiled)
 
     def run(pdl):

@@ -254,9 +254,8 @@ if INTERPRET:
                                            ("dint4_c0.125", 2, 64, 512)])
     def test_w4a8_ksplit_exact(fmt, m, n, k):
         """K split across warps (``w4_ksplit_kernel``): exact int32 sums for 1-16 slices per step (some past the
-        last chunk, ragged N and K), with every unpacker for dINT (arithmetic and table, R = 2, 4, 8; the biased
-        table, R <= 4, whose bias comes back as 64 * sum_k x_k), fp output within the bound and bitwise the tiled
-        GEMM's on the same codes."""
+        last chunk, ragged N and K), with both unpackers for dINT (R = 2, 4, 8), fp output within the bound and
+        bitwise the tiled GEMM's on the same codes."""
         from qcompile.backends.triton.w4_linear import launch_ksplit
 
         pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
@@ -265,13 +264,13 @@ if INTERPRET:
                             for bn, s, w in [(16, 1, 1), (32, 2, 2), (64, 4, 4), (32, 8, 8), (16, 16, 16)]]
         unpackers = ksplit_unpackers(pw)
         for cfg in configs:
-            for lut, lut_bias in unpackers:
-                check_gemm(x, pw, ksplit_launcher(cfg, lut=lut, lut_bias=lut_bias))
+            for lut in unpackers:
+                check_gemm(x, pw, ksplit_launcher(cfg, lut=lut))
         check_gemm(x, pw, ksplit_launcher(), bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True)
         xq, xs, xz = quantize_rows(x, 8, False)
         y_tiled = launch_gemm(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16))
-        for lut, lut_bias in unpackers:
-            y = launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16), lut=lut, lut_bias=lut_bias)
+        for lut in unpackers:
+            y = launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16), lut=lut)
             assert torch.equal(y, y_tiled)
 
     @child_only
@@ -291,10 +290,6 @@ if INTERPRET:
             launch_ksplit(xq[:, :64], xs, xz, pw, y)
         with pytest.raises(ValueError, match="takes dINT weights"):  # INT's arithmetic unpacker is shorter
             launch_ksplit(xq, xs, xz, make_weight(16, 128, "int4", "channel", "cpu"), y, lut=True)
-        with pytest.raises(ValueError, match="R <= 4"):  # R = 8: values up to 120, past the bias's 63
-            launch_ksplit(xq, xs, xz, make_weight(16, 128, "dint4_c0.125", "channel", "cpu"), y, lut_bias=True)
-        with pytest.raises(ValueError, match="lut=False"):
-            launch_ksplit(xq, xs, xz, pw, y, lut=False, lut_bias=True)
 
     @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("dint4", 3, 20, 300), ("int4", 5, 33, 200),

@@ -148,25 +148,19 @@ def test_gemv_table_unpacker(fmt):
             assert got == [vals[q] + 64 for q in _nibbles(w)], (fmt, z, hex(w))
 
 
-@pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS[:3])
-def test_fragment_table_unpackers(fmt, biased):
-    """``_ASM_LUT_EXACT`` (any R) and ``_ASM_LUT_BIASED`` (R <= 4) as the k-split GEMM calls them (pack = 4: the
-    code word at ``$2``, four copies of each table word from ``$3``): ``t`` (or ``t + 64``) of nibbles 0-3 in
-    ``$0`` and 4-7 in ``$1``."""
-    spec = F.FormatSpec.parse(fmt)
-    if biased and round(1 / spec.dint_ratio) > 4:
-        pytest.skip("the biased tables hold |t| <= 63 only: R <= 4")
-    asm, bias = (C._ASM_LUT_BIASED.value, C.LUT_BIAS.value) if biased else (C._ASM_LUT_EXACT.value, 0)
+def test_fragment_table_unpacker(fmt):
+    """``_ASM_LUT_EXACT`` (any R) as the k-split GEMM calls it (pack = 4: the code word at ``$2``, four copies of
+    each table word from ``$3``): ``t`` of nibbles 0-3 in ``$0`` and 4-7 in ``$1``."""
     rng = random.Random(2)
     for z in _zero_points(fmt):
         vals = _values(fmt, z)
-        t = _table_words(vals, bias)
+        t = _table_words(vals, 0)
         args = {3 + 4 * j + c: t[j] for j in range(4) for c in range(4)}
         for w in _code_words(rng):
-            out = run_ptx(asm, {2: w, **args})
+            out = run_ptx(C._ASM_LUT_EXACT.value, {2: w, **args})
             got = [_signed(b) for b in _bytes(out[0]) + _bytes(out[1])]
-            assert got == [vals[q] + bias for q in _nibbles(w)], (fmt, z, hex(w))
+            assert got == [vals[q] for q in _nibbles(w)], (fmt, z, hex(w))
 
 
 def test_interleave_matches_the_nibble_order():
@@ -181,12 +175,12 @@ def test_interleave_matches_the_nibble_order():
 
 
 def test_the_interpreter_catches_a_wrong_unpacker():
-    """The check can fail: the biased unpacker with the two table halves swapped gives other values."""
-    swapped = C._ASM_LUT_BIASED.value.replace("$3, $7", "$X, $Y").replace("$11, $15", "$3, $7").replace(
+    """The check can fail: the fragment unpacker with its two table halves swapped gives other values."""
+    swapped = C._ASM_LUT_EXACT.value.replace("$3, $7", "$X, $Y").replace("$11, $15", "$3, $7").replace(
         "$X, $Y", "$11, $15")
     vals = _values("dint4", 8)
-    t = _table_words(vals, 64)
+    t = _table_words(vals, 0)
     args = {3 + 4 * j + c: t[j] for j in range(4) for c in range(4)}
-    w = 0x76543210
+    w = 0x76543210  # codes 0-7: each now read from the high half
     out = run_ptx(swapped, {2: w, **args})
-    assert [_signed(b) for b in _bytes(out[0]) + _bytes(out[1])] != [vals[q] + 64 for q in _nibbles(w)]
+    assert [_signed(b) for b in _bytes(out[0]) + _bytes(out[1])] != [vals[q] for q in _nibbles(w)]

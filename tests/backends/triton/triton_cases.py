@@ -149,17 +149,11 @@ def check_gemm(x, pw, launch_gemm, *, act_bits=8, act_sym=False, act_group=0, ou
 
 
 def ksplit_unpackers(pw) -> list:
-    """The k-split GEMM's unpackers for ``pw`` as ``(lut, lut_bias)``: arithmetic; for dINT the table, and for dINT
-    with R <= 4 the biased table."""
-    out = [(False, False)]
-    if pw.fmt.startswith("dint"):
-        out.append((True, False))
-        if pw.dint_r <= 4:
-            out.append((True, True))
-    return out
+    """The k-split GEMM's unpackers for ``pw`` (its ``lut`` argument): arithmetic, and for dINT the table."""
+    return [False, True] if pw.fmt.startswith("dint") else [False]
 
 
-def ksplit_launcher(config=None, lut=None, lut_bias=None):
+def ksplit_launcher(config=None, lut=None):
     """``launch_ksplit`` under ``check_gemm``'s ``launch_gemm`` signature (per-token codes, packed weights), with
     ``config`` unless the call names one (``check_gemm`` passes its own, None by default)."""
     from qcompile.backends.triton.w4_linear import launch_ksplit
@@ -170,7 +164,7 @@ def ksplit_launcher(config=None, lut=None, lut_bias=None):
                use_asm=None, act_bits=8, act_sym=False, config=None):
         assert not x_grouped and w_expanded is None and not split_k
         return launch_ksplit(xq, xs, xz, pw, y, bias=bias, int_out=int_out, config=config or default,
-                             use_asm=use_asm, lut=lut, lut_bias=lut_bias)
+                             use_asm=use_asm, lut=lut)
     return launch
 
 
