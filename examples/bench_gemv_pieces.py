@@ -225,6 +225,14 @@ def _streamed_weights(n: int, k: int):
     return streamed_copies(packed, n * k // 2), streamed_copies(w16, n * k * 2)
 
 
+def _timed_case(n, k, m, w16s, pws):
+    """One decode case: an activation ``x [m, k]``, an output buffer ``y [m, n]``, the FP16 ``F.linear`` time and the
+    public op's (the dispatch's pick), weights streamed from HBM."""
+    x = torch.randn(m, k, device="cuda").half()
+    y = torch.empty(m, n, device="cuda", dtype=torch.half)
+    return x, y, bench_graph(lambda w: F_nn.linear(x, w), w16s), bench_graph(lambda p: w4a8_linear(x, p), pws)
+
+
 def _gemv_call(q, ps, ys, cfg, **kw):
     """One GEMV launch on the activation (or its codes) ``q``: ``launch_gemv`` for a single weight,
     ``launch_gemv_group`` for siblings."""
@@ -677,10 +685,7 @@ def ksplit_pdl():
     for n, k in SHAPES:
         pws, w16s = _streamed_weights(n, k)
         for m in (1, 4, 16):
-            x = torch.randn(m, k, device="cuda").half()
-            y = torch.empty(m, n, device="cuda", dtype=torch.half)
-            fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
-            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            x, y, fp, auto = _timed_case(n, k, m, w16s, pws)
             q = quantize_rows(x, 8, False)
 
             def call(p, cfg, q_on, g_on, codes=None):
@@ -723,10 +728,7 @@ def self_l2():
             pws, w16s = _streamed_weights(n, k)
             mb = n * k / 2 / 1e6
             for m in (1, 2, 4):
-                x = torch.randn(m, k, device="cuda").half()
-                y = torch.empty(m, n, device="cuda", dtype=torch.half)
-                fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
-                auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+                x, y, fp, auto = _timed_case(n, k, m, w16s, pws)
 
                 def call(p, pdl, cap):
                     DISPATCH.l2_prefetch, DISPATCH.l2_prefetch_mb = ("start", cap) if cap else ("off", 0.0)
@@ -814,10 +816,7 @@ def fused():
         for n, k in SHAPES:
             pws, w16s = _streamed_weights(n, k)
             for m in (1, 2, 4):
-                x = torch.randn(m, k, device="cuda").half()
-                y = torch.empty(m, n, device="cuda", dtype=torch.half)
-                fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
-                auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+                x, y, fp, auto = _timed_case(n, k, m, w16s, pws)
                 pick = _chosen(m, n, k)
                 paths = ["gemv", "gemv_fused"] + (["gemv_rows"] if _rows_candidate(m) else [])
                 r, ref = {}, None
