@@ -56,17 +56,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import (
-    LUT_BIAS,
-    act_quantize_rcp,
-    dp4a,
-    l2_prefetch,
-    lut_words,
-    prmt,
-    recip_rn,
-    unpack_words,
-    unpack_words_lut,
-)
+from ._common import LUT_BIAS, dp4a, l2_prefetch, lut_words, prmt, recip_rn, unpack_words, unpack_words_lut
+from .quantize_kernel import _codes
 from .w4_gemm_kernel import _row_qparams
 
 __all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_PREFETCH2_CONFIGS", "GEMV_SPLITK_CONFIGS",
@@ -168,15 +159,15 @@ def _x_words(x_ptr, offs_m, m_ok, k_base, stride_xm, K, X_WORDS: tl.constexpr, B
 def _quantize_slice(x_ptr, stride_xm, xq_ptr, offs_m, m_ok, k_begin, k_end, K, x_scale, x_zpf,
                     X_QMAX: tl.constexpr, BLOCK_M: tl.constexpr, STAT_BLOCK: tl.constexpr):
     """FUSE_QUANT: signed int8 codes of columns [k_begin, k_end) of the rows into ``xq [M, K]`` (contiguous), with
-    the rows' scale / zero-point: one reciprocal per row and two FMA corrections per element, bitwise ``div.rn``
-    (``_common.act_quantize_rcp``), so bitwise ``quantize_rows``'s codes."""
+    the rows' scale / zero-point: ``quantize_rows``'s own ``_codes`` with one reciprocal per row (``DIV_RCP``),
+    so bitwise its codes."""
     rcp = recip_rn(x_scale)[:, None]
     cols = tl.arange(0, STAT_BLOCK)
     for k0 in range(k_begin, k_end, STAT_BLOCK):
         mask = m_ok[:, None] & (k0 + cols[None, :] < k_end)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + cols[None, :], mask=mask, other=0.0)
-        q = act_quantize_rcp(xv.to(tl.float32), x_scale[:, None], rcp, x_zpf[:, None], X_QMAX) - (X_QMAX + 1) // 2
-        tl.store(xq_ptr + offs_m[:, None] * K + k0 + cols[None, :], q.to(tl.int8), mask=mask)
+        q = _codes(xv.to(tl.float32), x_scale, x_zpf, rcp, X_QMAX, True)
+        tl.store(xq_ptr + offs_m[:, None] * K + k0 + cols[None, :], q, mask=mask)
 
 
 @triton.jit
@@ -447,9 +438,8 @@ def w4_gemv_kernel(
         _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w_ptr,
                 w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R,
-                PACK_K,
-                HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK,
-                BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
+                PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
+                STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
     if not L2_EARLY:
         _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
 

@@ -357,6 +357,15 @@ def _gemv_workspace(device, n: int, k: int, config: dict | None, y: torch.Tensor
     return splitk_workspace(device, n) if split else (y, y)
 
 
+def _gemv_activation(x, x_scale, x_zp, fuse_quant: bool):
+    """The GEMV kernels' ``x_scale``, ``x_zp`` and ``xq`` arguments. With ``fuse_quant`` the kernel reads ``x``'s
+    values, writes their codes into a new int8 buffer ``xq`` and reads them back (the qparams are its own: the two
+    pointers are never read); else ``xq`` is never read."""
+    if not fuse_quant:
+        return x_scale, x_zp, x
+    return x, x, torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
 def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=False, fuse_quant=False,
                 x_grouped=False, bias=None, int_out=False, w_expanded=None, config=None, use_asm=None,
                 split_k=False, lut=None, pdl=False, l2_next=None, direct_rows=None):
@@ -375,10 +384,7 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         raise ValueError("the GEMV takes per-channel weights, per-token activations, M <= 16, packed codes")
     meta = _gemv_meta(x, pw, act_bits=act_bits, act_sym=act_sym, fuse_quant=fuse_quant, has_bias=bias is not None,
                       int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl, direct_rows=direct_rows)
-    xq = x
-    if fuse_quant:  # the kernel reads x's values, writes its codes into xq and reads them back
-        x_scale, x_zp = x, x  # unused by the kernel
-        xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    x_scale, x_zp, xq = _gemv_activation(x, x_scale, x_zp, fuse_quant)
     if config is None and interpreting():
         config = INTERPRET_GEMV_CONFIG
     ws, tickets = _gemv_workspace(x.device, n, k, config, y)
@@ -420,10 +426,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
                         int_out=int_out, use_asm=use_asm, lut=lut, pdl=pdl, direct_rows=direct_rows) for pw in pws]
     if any(md != metas[0] for md in metas) or any(pw.in_features != k for pw in pws):
         raise ValueError("launch_gemv_group: the weights differ in format, packing or in_features")
-    xq = x
-    if fuse_quant:  # as in launch_gemv: the codes buffer the kernel fills and reads
-        x_scale, x_zp = x, x  # unused by the kernel
-        xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    x_scale, x_zp, xq = _gemv_activation(x, x_scale, x_zp, fuse_quant)
     sets = [(pw.qweight, pw.unit_scale, pw.code_sum, pw.zero_byte, y if b is None else b, y, y.stride(0),
              pw.out_features) for pw, y, b in zip(pws, ys, biases)]
     sets += sets[-1:] * (GROUP_MAX - len(sets))
