@@ -61,7 +61,8 @@ from .quantize_kernel import _codes
 from .w4_gemm_kernel import _row_qparams
 
 __all__ = ["GEMV_CONFIGS", "GEMV_PIPELINED_CONFIGS", "GEMV_PREFETCH2_CONFIGS", "GEMV_SPLITK_CONFIGS",
-           "accumulator_fits", "even", "prune_gemv_configs", "stat_block", "w4_gemv_group_kernel", "w4_gemv_kernel"]
+           "accumulator_fits", "channel_tables", "even", "prune_gemv_configs", "stat_block", "w4_gemv_group_kernel",
+           "w4_gemv_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -244,6 +245,7 @@ def _gemv_block(
         w_next = _w_tile(w32, 0, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
         if PREFETCH == 2:  # and the one after it
             w_next2 = _w_tile(w32, 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
+    w_sum, w_scale, bias = channel_tables(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n, n_ok, HAS_BIAS, INT_OUT)
     if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
         # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
         gdc_wait()
@@ -349,8 +351,8 @@ def _gemv_block(
         total -= LUT_BIAS * tl.sum(x_sum, axis=1)[:, None]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
-        _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr,
-                    y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+        _gemv_store(total, offs_m, offs_n, y_mask, x_scale, x_zp, w_sum, w_scale, bias, y_ptr, stride_ym,
+                    HAS_BIAS, INT_OUT)
     else:
         # Every slice adds its int32 partial sums into the workspace, then takes a ticket; the slice that
         # draws the last one reads the complete sums, zeroing the workspace and the counter as it goes
@@ -362,8 +364,8 @@ def _gemv_block(
         if ticket == SPLIT_K - 1:
             total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(total), mask=y_mask, sem="acquire")
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr,
-                        bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+            _gemv_store(total, offs_m, offs_n, y_mask, x_scale, x_zp, w_sum, w_scale, bias, y_ptr, stride_ym,
+                        HAS_BIAS, INT_OUT)
 
 
 @triton.jit
@@ -385,18 +387,34 @@ def _direct_row(acc, lo, hi, x32, r: tl.constexpr, M, stride_xm, x_word, K, BLOC
 
 
 @triton.jit
-def _gemv_store(total, offs_m, offs_n, m_ok, n_ok, y_mask, x_scale, x_zp, w_scale_ptr, w_sum_ptr, bias_ptr,
-                y_ptr, stride_ym, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
-    """``y = sx u (total - zx T) (+ b)`` for a ``[BLOCK_M, BLOCK_N]`` tile of int32 sums."""
-    corr = total - x_zp[:, None] * tl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)[None, :]
+def channel_tables(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    """The channels' weight sums T, scales u and bias (``[BLOCK_N]``; zeros where unused), loaded at the program's
+    start. Read in the epilogue, these cold tables were one more memory round trip after the weight stream in every
+    program's tail (offline sm_90 SASS of the k-split kernel: two, between barriers); here their latency hides
+    behind the stream. Same values, so the same outputs."""
+    w_sum = tl.load(w_sum_ptr + offs_n, mask=n_ok, other=0)
+    w_scale = tl.zeros_like(offs_n).to(tl.float32)
+    bias = tl.zeros_like(offs_n).to(tl.float32)
+    if not INT_OUT:
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    return w_sum, w_scale, bias
+
+
+@triton.jit
+def _gemv_store(total, offs_m, offs_n, y_mask, x_scale, x_zp, w_sum, w_scale, bias, y_ptr, stride_ym,
+                HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    """``y = sx u (total - zx T) (+ b)`` for a ``[BLOCK_M, BLOCK_N]`` tile of int32 sums (the tables from
+    ``channel_tables``)."""
+    corr = total - x_zp[:, None] * w_sum[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if INT_OUT:
         tl.store(y_ptrs, corr, mask=y_mask)
     else:
-        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
         y = corr.to(tl.float32) * (x_scale[:, None] * w_scale[None, :])
         if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            y += bias[None, :]
         tl.store(y_ptrs, y.to(y_ptrs.dtype.element_ty), mask=y_mask)
 
 

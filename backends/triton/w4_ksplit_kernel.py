@@ -54,7 +54,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import interleave_planes, lut_words, unpack, unpack_bytes_lut
-from .w4_gemv_kernel import _gemv_store
+from .w4_gemv_kernel import _gemv_store, channel_tables
 
 __all__ = ["KSPLIT_CONFIGS", "ksplit_config", "prune_ksplit_configs", "w4_ksplit_kernel"]
 
@@ -109,8 +109,11 @@ def w4_ksplit_kernel(
     w_tile = offs_n[None, None, :] * HALF + offs_j[None, :, None]  # [1, HALF, BLOCK_N] within a chunk
     if LUT:  # the rows' 16 values as four table words
         t0, t1, t2, t3 = lut_words(zb.to(tl.int32), DINT, DINT_R, 0)
+    w_sum, w_scale, bias = channel_tables(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n, n_ok, HAS_BIAS, INT_OUT)
     if PDL:  # launched as a programmatic dependent: the activation codes are read from here on
         gdc_wait()
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)  # before the loop too (channel_tables)
+    x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
 
     # The two nibble planes sum into two accumulators (a chain of 8 instead of 16 dependent mma per warp and
     # chunk): H100, codes given, 1-3 % faster on all 12 (shape, M) cases (2026-12-06, bench_gemv_pieces.py
@@ -142,7 +145,5 @@ def w4_ksplit_kernel(
     if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
         gdc_launch_dependents()
     # Epilogue (the per-channel arithmetic of ``w4_gemm_kernel`` and the GEMV): zero-point correction, scales, bias.
-    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)
-    x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
-    _gemv_store(tl.sum(acc, axis=0), offs_m, offs_n, m_ok, n_ok, m_ok[:, None] & n_ok[None, :], x_scale, x_zp,
-                w_scale_ptr, w_sum_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, INT_OUT)
+    _gemv_store(tl.sum(acc, axis=0), offs_m, offs_n, m_ok[:, None] & n_ok[None, :], x_scale, x_zp, w_sum, w_scale,
+                bias, y_ptr, stride_ym, HAS_BIAS, INT_OUT)
