@@ -70,7 +70,8 @@ def ksplit_config(block_n: int, s: int, warps: int, stages: int) -> triton.Confi
 # (two warps, so more programs per SM) at 11008x4096 and 14336x4096 (by 5-13 %); (32, 4, 4, 4) at 4096x11008 (by
 # 3-4 %). (64, 4, 4, 3) had won 14336x4096 in the first run, before (32, 2, 2, 3) was timed, and came 10 % behind it
 # in the second; it left the autotuner with S = 8 and S = 16 (1.2-3.8x the best's time), which never won. All stay in
-# the benchmark's sweep. Offline sm_90 (Triton 3.6): BLOCK_N 32, S 4, 3 stages: 32 KB of shared memory, 80 registers.
+# the benchmark's sweep. Offline sm_90 (Triton 3.6): BLOCK_N 32, S 4, 3 stages: 32 KB of shared memory; with the table
+# unpacker 128 registers, 163 since the channel tables load before the loop (``channel_tables``; 2026-12-07).
 KSPLIT_CONFIGS = [ksplit_config(bn, s, w, st) for bn, s, w, st in [
     (32, 4, 4, 3), (32, 2, 2, 3), (32, 4, 4, 4),
 ]]
