@@ -22,6 +22,9 @@ between BAR.SYNCs.
     python examples/gemv_occupancy.py --variants # every variant the autotuner may compile: failures, lost cp.async
     python examples/gemv_occupancy.py --sass     # the K loop's instruction mix per weight word
 
+``loads_after_loop`` counts the global loads left in a kernel's tail, after its K loop (the CPU test
+``test_channel_tables_load_before_the_loop`` holds the GEMV and the k-split GEMM, ``compile_ksplit``, to none).
+
 A model of the hardware, not a timing: ``examples/bench_gemv_pieces.py`` on the GPU says what is fast.
 """
 from __future__ import annotations
@@ -127,11 +130,8 @@ def resources(kernel) -> dict:
             "cp_async": len(re.findall(r"cp\.async\.c[ag]\.shared", kernel.asm["ptx"]))}
 
 
-def loop_mix(kernel, config) -> dict:
-    """The K loop of a compiled GEMV (the longest loop of its SASS): ``instructions`` per step and thread,
-    ``per_word`` (per weight word a thread unpacks), ``ops`` (opcode -> count), ``barriers``, ``shared`` (shared
-    memory loads and stores) and ``dp4a`` (IDP) in it."""
-    import collections
+def _sass(kernel) -> list:
+    """The disassembled cubin (nvdisasm), one line per entry."""
     import tempfile
 
     import triton
@@ -140,21 +140,70 @@ def loop_mix(kernel, config) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    lines = sass.splitlines()
+        return subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def _longest_loop(lines) -> tuple:
+    """(first, last) line index of the longest loop of a SASS listing: a branch back to a label above it."""
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    body: list = []
-    for j, line in enumerate(lines):  # a loop: a branch back to a label above it
+    best = (0, -1)
+    for j, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), j) < j:
-            instrs = [x for x in lines[labels[m.group(1)] + 1:j + 1] if re.search(r"/\*[0-9a-f]{4}\*/", x)]
-            body = max(body, instrs, key=len)
-    ops = collections.Counter(
-        re.sub(r"^@!?U?P\w+\s+", "", re.sub(r"/\*[0-9a-f]+\*/", "", x).strip()).split()[0].split(".")[0] for x in body)
+        if m and labels.get(m.group(1), j) < j and j - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], j)
+    return best
+
+
+def _instructions(lines) -> list:
+    return [x for x in lines if re.search(r"/\*[0-9a-f]{4}\*/", x)]
+
+
+def _opcode(line: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", re.sub(r"/\*[0-9a-f]+\*/", "", line).strip()).split()[0].split(".")[0]
+
+
+def loop_mix(kernel, config) -> dict:
+    """The K loop of a compiled GEMV (the longest loop of its SASS): ``instructions`` per step and thread,
+    ``per_word`` (per weight word a thread unpacks), ``ops`` (opcode -> count), ``barriers``, ``shared`` (shared
+    memory loads and stores) and ``dp4a`` (IDP) in it."""
+    import collections
+
+    lines = _sass(kernel)
+    first, last = _longest_loop(lines)
+    body = _instructions(lines[first + 1:last + 1])
+    ops = collections.Counter(_opcode(x) for x in body)
     kw = config.kwargs
     words = kw["BLOCK_N"] * kw["BLOCK_W"] / (32 * config.num_warps)  # weight words per thread and step
     return dict(instructions=len(body), per_word=len(body) / words, ops=dict(ops), barriers=ops["BAR"],
                 shared=sum(ops[o] for o in ("STS", "LDS", "LDSM")), dp4a=ops["IDP"])
+
+
+def loads_after_loop(kernel) -> int:
+    """Global loads (``LDG``; not the cp.async copies) after the K loop's back branch: each one is a memory round
+    trip in the program's tail, after the weight stream (``w4_gemv_kernel.channel_tables``)."""
+    lines = _sass(kernel)
+    return sum(_opcode(x) == "LDG" for x in _instructions(lines[_longest_loop(lines)[1] + 1:]))
+
+
+def compile_ksplit(config, pdl: bool = False, lut: bool = True, has_bias: bool = False):
+    """The k-split decode GEMM (``w4_ksplit_kernel``) compiled for sm_90 with one ``config`` (dINT4, the table
+    unpacker unless ``lut`` is off; ``pdl``: as a programmatic dependent launch)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qcompile.backends.triton.w4_ksplit_kernel import w4_ksplit_kernel as fn
+
+    const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=has_bias, INT_OUT=False, USE_ASM=True, PDL=pdl, LUT=lut,
+                 **config.kwargs)
+    names = fn.arg_names
+    types = dict(ARG_TYPES, M_BUCKET="i32")
+    signature = {n: types.get(n, "constexpr") for n in names}
+    aligned = [i for i, n in enumerate(names) if n in types and (types[n][0] == "*" or n in ALIGNED)]
+    src = ASTSource(fn, signature, {(names.index(n),): v for n, v in const.items()},
+                    {(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl))
 
 
 def in_flight(config, res: dict, n: int, sms: int, k: int = 4096) -> tuple[float, float]:
