@@ -179,10 +179,31 @@ def loop_mix(kernel, config) -> dict:
 
 
 def loads_after_loop(kernel) -> int:
-    """Global loads (``LDG``; not the cp.async copies) after the K loop's back branch: each one is a memory round
-    trip in the program's tail, after the weight stream (``w4_gemv_kernel.channel_tables``)."""
+    """Global loads (``LDG``; not the cp.async copies) after the K loop: each one is a memory round trip in the
+    program's tail, after the weight stream (``w4_gemv_kernel.channel_tables``). Counted on the path from every
+    loop's back branch (the group GEMV has one loop per weight) to the first unpredicated ``EXIT``, following
+    unpredicated forward branches (past the block a zero-trip loop takes, to an epilogue the loops share)."""
     lines = _sass(kernel)
-    return sum(_opcode(x) == "LDG" for x in _instructions(lines[_longest_loop(lines)[1] + 1:]))
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    count = 0
+    for j, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if not (m and labels.get(m.group(1), j) < j):
+            continue  # not a loop's back branch
+        i, seen = j + 1, set()
+        while i < len(lines) and i not in seen:
+            seen.add(i)
+            x = lines[i]
+            i += 1
+            if not re.search(r"/\*[0-9a-f]{4}\*/", x):
+                continue
+            if re.search(r"\*/\s+EXIT\b", x):
+                break
+            jump = re.search(r"\*/\s+BRA `\((\.L_x_\d+)\)", x)
+            if jump and labels[jump.group(1)] > i:
+                i = labels[jump.group(1)]
+            count += _opcode(x) == "LDG"
+    return count
 
 
 def compile_ksplit(config, pdl: bool = False, lut: bool = True, has_bias: bool = False):

@@ -70,15 +70,16 @@ def test_per_row_accumulators_keep_the_loop_in_registers():
 
 def test_channel_tables_load_before_the_loop():
     """The per-channel tables (weight sums, scales, bias) and the k-split's activation qparams load before the K
-    loop (``w4_gemv_kernel.channel_tables``): no global load is left after the loop's back branch. Read in the
-    epilogue, the cold tables were one (GEMV) or two (k-split, between barriers) memory round trips in every
-    program's tail; moving them made the k-split kernel 1-7 % faster on the H100 (``channel_tables_ab_h100.txt``).
-    (The group GEMV runs the same ``_gemv_block`` per weight; its three inlined loops defeat this one-loop count.)"""
+    loop (``w4_gemv_kernel.channel_tables``): no global load is left after a loop's back branch (GEMV: plain, PDL,
+    grouped, per-row M = 4; k-split: PDL on and off, with bias). Read in the epilogue, the cold tables were one
+    (GEMV) or two (k-split, between barriers) memory round trips in every program's tail; moving them made the
+    k-split kernel 1-7 % faster on the H100 (``channel_tables_ab_h100.txt``)."""
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS
 
     for cfg in (_cfg(8, 64, 2), _cfg(16, 64, 4, prefetch=2)):
         for pdl in (False, True):
             assert O.loads_after_loop(O.compile_gemv(cfg, pdl=pdl)) == 0, (cfg, pdl)
+        assert O.loads_after_loop(O.compile_gemv(cfg, group=3)) == 0, cfg
         assert O.loads_after_loop(O.compile_gemv(cfg, block_m=4, rows=True)) == 0, cfg
     for cfg in KSPLIT_CONFIGS[:2]:
         for pdl in (False, True):
