@@ -59,10 +59,6 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
     at the LLaMA shapes (N a multiple of BLOCK_N, ``k`` a whole number of steps, no split); ``l2_next`` /
     ``l2_early``: that many L2 prefetch regions, issued after (or before) the weight loop; ``rows``: ``X_DIRECT``
     at BLOCK_M 2 and 4 too (``DISPATCH.gemv_direct_rows``: one accumulator per row)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from qcompile.backends.triton import w4_gemv_kernel as G
 
     fn = G.w4_gemv_group_kernel if group else G.w4_gemv_kernel
@@ -76,11 +72,20 @@ def compile_gemv(config, k: int = 4096, block_m: int = 1, fuse_quant: bool = Fal
                  **config.kwargs)
     if group:
         const["G"] = group
+    return _compile_sm90(fn, const, config, pdl, {"x_ptr": "*fp16"} if fuse_quant else {})
+
+
+def _compile_sm90(fn, const: dict, config, pdl: bool, types: dict):
+    """``fn`` compiled for sm_90 with the constexprs ``const`` and ``config``'s warps and stages; argument types
+    from ``ARG_TYPES`` (``types`` overrides or adds), pointers and ``ALIGNED`` integers 16-divisible."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = dict(ARG_TYPES, **types)
     names = fn.arg_names
-    signature = {n: ARG_TYPES.get(n, "constexpr") for n in names}
-    if fuse_quant:
-        signature["x_ptr"] = "*fp16"
-    aligned = [i for i, n in enumerate(names) if n in ARG_TYPES and (ARG_TYPES[n][0] == "*" or n in ALIGNED)]
+    signature = {n: types.get(n, "constexpr") for n in names}
+    aligned = [i for i, n in enumerate(names) if n in types and (types[n][0] == "*" or n in ALIGNED)]
     src = ASTSource(fn, signature, {(names.index(n),): v for n, v in const.items()},
                     {(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -143,19 +148,28 @@ def _sass(kernel) -> list:
         return subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout.splitlines()
 
 
-def _longest_loop(lines) -> tuple:
-    """(first, last) line index of the longest loop of a SASS listing: a branch back to a label above it."""
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    best = (0, -1)
+def _labels(lines) -> dict:
+    """A SASS listing's labels: name -> line index."""
+    return {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+
+
+def _loops(lines) -> list:
+    """``(first, last)`` line indices of every loop of a SASS listing: a branch back to a label above it."""
+    labels = _labels(lines)
+    loops = []
     for j, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), j) < j and j - labels[m.group(1)] > best[1] - best[0]:
-            best = (labels[m.group(1)], j)
-    return best
+        if m and labels.get(m.group(1), j) < j:
+            loops.append((labels[m.group(1)], j))
+    return loops
+
+
+def _is_instruction(line: str) -> bool:
+    return re.search(r"/\*[0-9a-f]{4}\*/", line) is not None
 
 
 def _instructions(lines) -> list:
-    return [x for x in lines if re.search(r"/\*[0-9a-f]{4}\*/", x)]
+    return [x for x in lines if _is_instruction(x)]
 
 
 def _opcode(line: str) -> str:
@@ -169,8 +183,8 @@ def loop_mix(kernel, config) -> dict:
     import collections
 
     lines = _sass(kernel)
-    first, last = _longest_loop(lines)
-    body = _instructions(lines[first + 1:last + 1])
+    bodies = [_instructions(lines[first + 1:last + 1]) for first, last in _loops(lines)]
+    body = max(bodies, key=len, default=[])
     ops = collections.Counter(_opcode(x) for x in body)
     kw = config.kwargs
     words = kw["BLOCK_N"] * kw["BLOCK_W"] / (32 * config.num_warps)  # weight words per thread and step
@@ -184,18 +198,15 @@ def loads_after_loop(kernel) -> int:
     loop's back branch (the group GEMV has one loop per weight) to the first unpredicated ``EXIT``, following
     unpredicated forward branches (past the block a zero-trip loop takes, to an epilogue the loops share)."""
     lines = _sass(kernel)
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    labels = _labels(lines)
     count = 0
-    for j, line in enumerate(lines):
-        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-        if not (m and labels.get(m.group(1), j) < j):
-            continue  # not a loop's back branch
-        i, seen = j + 1, set()
+    for _, back_branch in _loops(lines):
+        i, seen = back_branch + 1, set()
         while i < len(lines) and i not in seen:
             seen.add(i)
             x = lines[i]
             i += 1
-            if not re.search(r"/\*[0-9a-f]{4}\*/", x):
+            if not _is_instruction(x):
                 continue
             if re.search(r"\*/\s+EXIT\b", x):
                 break
@@ -209,22 +220,11 @@ def loads_after_loop(kernel) -> int:
 def compile_ksplit(config, pdl: bool = False, lut: bool = True, has_bias: bool = False):
     """The k-split decode GEMM (``w4_ksplit_kernel``) compiled for sm_90 with one ``config`` (dINT4, the table
     unpacker unless ``lut`` is off; ``pdl``: as a programmatic dependent launch)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from qcompile.backends.triton.w4_ksplit_kernel import w4_ksplit_kernel as fn
+    from qcompile.backends.triton.w4_ksplit_kernel import w4_ksplit_kernel
 
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=has_bias, INT_OUT=False, USE_ASM=True, PDL=pdl, LUT=lut,
                  **config.kwargs)
-    names = fn.arg_names
-    types = dict(ARG_TYPES, M_BUCKET="i32")
-    signature = {n: types.get(n, "constexpr") for n in names}
-    aligned = [i for i, n in enumerate(names) if n in types and (types[n][0] == "*" or n in ALIGNED)]
-    src = ASTSource(fn, signature, {(names.index(n),): v for n, v in const.items()},
-                    {(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl))
+    return _compile_sm90(w4_ksplit_kernel, const, config, pdl, {"M_BUCKET": "i32"})
 
 
 def in_flight(config, res: dict, n: int, sms: int, k: int = 4096) -> tuple[float, float]:
