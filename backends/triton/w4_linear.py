@@ -534,23 +534,32 @@ def _rows_candidate(m: int) -> bool:
 
 
 _PATH_CACHE: dict = {}
+# Paths run because they were a call's only candidate (e.g. the tiled GEMM at M = 64): not timed, so never reused as
+# a choice (the same key may offer more candidates at another M of its bucket); kept for the reports below.
+_SOLE_PATH: dict = {}
+
+
+def _paths_run() -> dict:
+    """Every path the dispatch ran in this process, by choice key: the timed choices over the sole candidates."""
+    return {**_SOLE_PATH, **_PATH_CACHE}
 
 
 def chosen_path(m: int, out_features: int, in_features: int, act_bits: int = 8) -> str | None:
     """The path the dispatch chose in this process for a single weight of this shape at ``m`` rows (its M
-    bucket) and activation width, or None if it has not chosen one (benchmarks print it)."""
+    bucket) and activation width (the only one where it had one candidate), or None if it has run none
+    (benchmarks print it)."""
     bucket = min(triton.next_power_of_2(m), 4096)
-    return next((path for key, path in _PATH_CACHE.items()
+    return next((path for key, path in _paths_run().items()
                  if key[1] == bucket and key[2:4] == (out_features, in_features) and key[6] == act_bits), None)
 
 
 def dispatch_choices(m: int) -> dict:
-    """Every path the dispatch chose in this process at ``m`` rows' M bucket under the current ``DISPATCH``
-    switches, as ``{site: path}``; a site is ``"linear NxK"`` (one weight), ``"shared NxK"`` (one of sibling
-    weights on shared codes), or ``"group N1+N2xK"`` / ``"group_codes ..."`` (sibling weights together). For
-    benchmarks to say which kernels a model ran."""
+    """Every path the dispatch chose (or ran as the only candidate) in this process at ``m`` rows' M bucket under
+    the current ``DISPATCH`` switches, as ``{site: path}``; a site is ``"linear NxK"`` (one weight),
+    ``"shared NxK"`` (one of sibling weights on shared codes), or ``"group N1+N2xK"`` / ``"group_codes ..."``
+    (sibling weights together). For benchmarks to say which kernels a model ran."""
     bucket, switches, out = min(triton.next_power_of_2(m), 4096), _kernel_switches(), {}
-    for key, path in _PATH_CACHE.items():
+    for key, path in _paths_run().items():
         if key[-2] != switches:
             continue
         if isinstance(key[0], bool):  # w4_linear_2d: (decode?, bucket, N, K, ...)
@@ -583,10 +592,13 @@ def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
             raise ValueError(f"path {forced!r} is not available here; candidates: {sorted(candidates)}")
         return forced
     key = (*key[:-1], _kernel_switches(), key[-1])
-    if key in _PATH_CACHE:
+    if _PATH_CACHE.get(key) in candidates:  # (a key that offered other candidates before is timed again)
         return _PATH_CACHE[key]
     first = next(iter(candidates))  # the fallback where nothing can be timed: callers put a good guess first
-    if len(candidates) == 1 or interpreting() or torch.compiler.is_compiling():
+    if len(candidates) == 1:
+        _SOLE_PATH[key] = first
+        return first
+    if interpreting() or torch.compiler.is_compiling():
         return first
     env = dispatch_cache.environment(key[-1])
     stored = dispatch_cache.lookup(env, key)
@@ -640,8 +652,11 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         if m >= DISPATCH.expand_min_m:
             candidates["expand"] = gemm(True)
         forced = DISPATCH.prefill_path
+    # ``m >= expand_min_m`` is in the key: an M bucket can straddle it (M = 129-256 at the default 256), and a
+    # choice of "expand" timed at M = 256 must not be taken at M = 200, where it is no candidate.
     key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
-           pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
+           pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None,
+           m >= DISPATCH.expand_min_m, x.device)
     return candidates[_choose_path(key, candidates, forced)]()
 
 
@@ -763,7 +778,8 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
     for i, (pw, y, bias) in enumerate(zip(pws, ys, biases)):
         cands, forced = candidates(pw, y, bias, l2_next if i == len(pws) - 1 else None)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
-               pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
+               pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, m >= DISPATCH.expand_min_m,
+               xq.device)  # the expand flag: as in w4_linear_2d
         with _timed_after(producer if i == 0 else None):
             cands[_choose_path(key, cands, forced)]()
     return ys

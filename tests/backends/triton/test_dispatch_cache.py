@@ -19,6 +19,7 @@ def timing(tmp_path, monkeypatch):
     monkeypatch.setenv("QCOMPILE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(w4_linear, "interpreting", lambda: False)
     monkeypatch.setattr(w4_linear, "_PATH_CACHE", {})
+    monkeypatch.setattr(w4_linear, "_SOLE_PATH", {})
     monkeypatch.setattr(dispatch_cache, "_memory", {})
     state = {"times": {"fused": 3.0, "gemv": 2.0}, "calls": 0}
 
@@ -38,6 +39,7 @@ def _candidates(state):
 
 def _new_process(monkeypatch):
     monkeypatch.setattr(w4_linear, "_PATH_CACHE", {})
+    monkeypatch.setattr(w4_linear, "_SOLE_PATH", {})
     monkeypatch.setattr(dispatch_cache, "_memory", {})
 
 
@@ -231,6 +233,7 @@ def test_dispatch_choices_names_every_site_of_a_bucket(monkeypatch):
     """``dispatch_choices`` lists the single, shared and group choices of one M bucket made under the current
     switches, and none of another bucket or of other switches."""
     monkeypatch.setattr(w4_linear, "_PATH_CACHE", {})
+    monkeypatch.setattr(w4_linear, "_SOLE_PATH", {})
     sw, dev = w4_linear._kernel_switches(), "cuda:0"
     cache = w4_linear._PATH_CACHE
     cache[(True, 16, 4096, 11008, "dint4", 0, 8, False, 0, torch.half, False, sw, dev)] = "ksplit"
@@ -252,3 +255,37 @@ def test_chosen_path_reads_the_choice_of_its_shape(timing):
     assert w4_linear.chosen_path(1, 4096, 11008) is None  # another shape
     assert w4_linear.chosen_path(2, 4096, 4096) is None  # another M bucket
     assert w4_linear.chosen_path(1, 4096, 4096, act_bits=4) is None
+
+
+def test_an_only_candidate_is_named_but_never_taken_as_a_choice(timing, tmp_path):
+    """A call with one candidate runs it untimed. ``chosen_path`` names it (the kernel benchmark printed "?" for
+    the tiled GEMM at M = 64), nothing is stored, and the same key offering two candidates later is timed."""
+    cands = _candidates(timing)
+    assert w4_linear._choose_path(KEY, {"fused": cands["fused"]}, "auto") == "fused"
+    assert timing["calls"] == 0 and w4_linear.chosen_path(1, 4096, 4096) == "fused"
+    assert not w4_linear._PATH_CACHE and not (tmp_path / "home" / "triton" / "dispatch_paths.json").exists()
+    assert w4_linear._choose_path(KEY, cands, "auto") == "gemv"
+    assert timing["calls"] == 4 and w4_linear.chosen_path(1, 4096, 4096) == "gemv"
+
+
+def test_a_bucket_straddling_expand_min_m_keeps_its_choices_apart(timing, monkeypatch):
+    """M = 129-256 share an M bucket, but "expand" is a prefill candidate from ``expand_min_m`` = 256 on. A choice
+    of "expand" timed at M = 256 must not be taken at M = 200, where it is not offered (before the expand flag
+    joined the key: a KeyError)."""
+    from types import SimpleNamespace
+
+    ran = []
+
+    def fake_gemm(x, pw, y, act_bits, act_sym, act_group, bias, expand, split_k):
+        ran.append((x.shape[0], expand))
+        return "expand" if expand else "inloop"
+
+    monkeypatch.setattr(w4_linear, "_quantized_gemm", fake_gemm)
+    monkeypatch.setattr(w4_linear.DISPATCH, "expand_min_m", 256)
+    timing["times"] = {"expand": 1.0, "inloop": 2.0}
+    pw = SimpleNamespace(out_features=64, in_features=128, fmt="dint4", group_size=0)
+    w4_linear.w4_linear_2d(torch.zeros(256, 128, dtype=torch.float16), pw, 8, False, 0, None)
+    assert ran[-1] == (256, True)  # timed, and expand won
+    w4_linear.w4_linear_2d(torch.zeros(200, 128, dtype=torch.float16), pw, 8, False, 0, None)
+    assert ran[-1] == (200, False)  # the only candidate there
+    assert w4_linear.dispatch_choices(256) == {"linear 64x128": "expand"}  # the timed choice over the sole path
