@@ -549,8 +549,9 @@ def chosen_path(m: int, out_features: int, in_features: int, act_bits: int = 8) 
     bucket) and activation width (the only one where it had one candidate), or None if it has run none
     (benchmarks print it)."""
     bucket = min(triton.next_power_of_2(m), 4096)
-    return next((path for key, path in _paths_run().items()
-                 if key[1] == bucket and key[2:4] == (out_features, in_features) and key[6] == act_bits), None)
+    return next((path for key, path in _paths_run().items()  # single-weight keys only: (decode?, bucket, N, K, ...)
+                 if isinstance(key[0], bool) and key[1] == bucket and key[2:4] == (out_features, in_features)
+                 and key[6] == act_bits), None)
 
 
 def dispatch_choices(m: int) -> dict:

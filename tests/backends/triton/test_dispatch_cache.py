@@ -257,6 +257,14 @@ def test_chosen_path_reads_the_choice_of_its_shape(timing):
     assert w4_linear.chosen_path(1, 4096, 4096, act_bits=4) is None
 
 
+def test_chosen_path_reads_single_weight_choices_only(timing):
+    """A shared-weights key (``("shared", decode?, bucket, N, K, fmt, act_bits, ...)``) whose fields line up with a
+    single weight's positions is not read as one (``True == 1`` once made its decode flag pass as bucket 1)."""
+    shared = ("shared", True, 16, 4096, 4096, "dint4", 8, False, torch.float16, False, False, torch.device("cpu"))
+    w4_linear._choose_path(shared, _candidates(timing), "auto")  # bucket 16, N = K = 4096
+    assert w4_linear._PATH_CACHE and w4_linear.chosen_path(1, 16, 4096) is None
+
+
 def test_an_only_candidate_is_named_but_never_taken_as_a_choice(timing, tmp_path):
     """A call with one candidate runs it untimed. ``chosen_path`` names it (the kernel benchmark printed "?" for
     the tiled GEMM at M = 64), nothing is stored, and the same key offering two candidates later is timed."""
