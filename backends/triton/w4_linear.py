@@ -593,7 +593,10 @@ def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
             raise ValueError(f"path {forced!r} is not available here; candidates: {sorted(candidates)}")
         return forced
     key = (*key[:-1], _kernel_switches(), key[-1])
-    if _PATH_CACHE.get(key) in candidates:  # (a key that offered other candidates before is timed again)
+    # A choice is taken only where this call offers it: an M bucket can straddle a candidate's bound (bucket 256 is
+    # M = 129-256, and "expand" is offered from DISPATCH.expand_min_m = 256), so "expand" timed at M = 256 is no
+    # answer at M = 200, which runs its only candidate instead.
+    if _PATH_CACHE.get(key) in candidates:
         return _PATH_CACHE[key]
     first = next(iter(candidates))  # the fallback where nothing can be timed: callers put a good guess first
     if len(candidates) == 1:
@@ -653,11 +656,8 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         if m >= DISPATCH.expand_min_m:
             candidates["expand"] = gemm(True)
         forced = DISPATCH.prefill_path
-    # ``m >= expand_min_m`` is in the key: an M bucket can straddle it (M = 129-256 at the default 256), and a
-    # choice of "expand" timed at M = 256 must not be taken at M = 200, where it is no candidate.
     key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
-           pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None,
-           m >= DISPATCH.expand_min_m, x.device)
+           pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
     return candidates[_choose_path(key, candidates, forced)]()
 
 
@@ -779,8 +779,7 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
     for i, (pw, y, bias) in enumerate(zip(pws, ys, biases)):
         cands, forced = candidates(pw, y, bias, l2_next if i == len(pws) - 1 else None)
         key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
-               pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, m >= DISPATCH.expand_min_m,
-               xq.device)  # the expand flag: as in w4_linear_2d
+               pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
         with _timed_after(producer if i == 0 else None):
             cands[_choose_path(key, cands, forced)]()
     return ys

@@ -278,8 +278,8 @@ def test_an_only_candidate_is_named_but_never_taken_as_a_choice(timing, tmp_path
 
 def test_a_bucket_straddling_expand_min_m_keeps_its_choices_apart(timing, monkeypatch):
     """M = 129-256 share an M bucket, but "expand" is a prefill candidate from ``expand_min_m`` = 256 on. A choice
-    of "expand" timed at M = 256 must not be taken at M = 200, where it is not offered (before the expand flag
-    joined the key: a KeyError)."""
+    of "expand" timed at M = 256 must not be taken at M = 200, where it is not offered (before ``_choose_path``
+    checked that: a KeyError)."""
     from types import SimpleNamespace
 
     ran = []
