@@ -1,7 +1,15 @@
-"""GPU timing shared by the kernel benchmarks: calls replayed in one CUDA graph, cycling weight copies."""
+"""GPU timing shared by the kernel benchmarks: calls replayed in one CUDA graph, cycling weight copies.
+
+Every script that imports it needs a CUDA GPU: without one, importing it stops the script with a message that says so
+(instead of a traceback from deep inside ``torch.cuda``)."""
 import statistics
+import sys
 
 import torch
+
+if not torch.cuda.is_available():
+    sys.exit(f"{sys.argv[0]}: this benchmark times Triton kernels and needs a CUDA GPU; torch {torch.__version__} "
+             "sees none here (the CPU tests are `bash tests/run.sh`)")
 
 from qcompile.backends.triton import PackedWeight
 
