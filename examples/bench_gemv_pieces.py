@@ -26,8 +26,7 @@ and quantization fused), outputs checked bitwise equal to SPLIT_K = 1.
 launch of the quantization (its weight prologue overlaps it), model shapes and 7B groups at M in {1, 4}.
 
 ``--quant``: instead, ``quantize_rows`` alone per launch config (rows per program, block, warps; one pass
-with the row in registers, or two passes; rows split over programs by SLICE columns; at M > 64 also the row as packed
-words in pieces, PIECES) for M in {1, 4, 16}
+with the row in registers, or two passes; rows split over programs by SLICE columns) for M in {1, 4, 16}
 (``QUANT_MS=1,4,16,4096``: other M) and K in {4096, 11008, 14336} (``QUANT_KS``), codes checked bitwise equal to the
 default config's, beside an empty launch (the floor of any kernel in the graph).
 
@@ -466,8 +465,6 @@ def quant():
             if m > 64 and k > 4096:  # two passes over several rows a program
                 cfgs += [dict(ROWS=r, BLOCK=b, num_warps=w) for r in (2, 4) for b in (512, 1024, 2048)
                          for w in (4, 8, 16) if r * b <= 4096]
-            if m > 64 and k % 16 == 0:  # each row in registers as packed words, in power-of-two pieces
-                cfgs += [dict(ROWS=1, PIECES=True, num_warps=w) for w in (4, 8, 16, 32)]
             if m <= 64:  # several programs per row: for decode rows only (many rows fill the GPU anyway)
                 cfgs += [dict(ROWS=1, BLOCK=full, num_warps=w, SLICE=sl) for sl in (1024, 2048, 4096) if sl < k
                          for w in (8, 16, 32)]

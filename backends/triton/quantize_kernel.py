@@ -18,18 +18,6 @@ per element, ~400 per thread at 11008 columns on 32 warps). Then ``SPLIT`` progr
 reduces the whole row (min / max: exact in any order, so all get the same scale and zero-point, which
 the first one stores) and quantizes only its ``SLICE`` columns.
 
-Long rows at prefill, ``PIECES`` (a launch config, ``row_pieces``; timed against the two-pass loop by
-``bench_gemv_pieces.py --quant``): the two-pass loop reads every row twice. Held in registers as fp32 instead, a row of
-11008 needs 177 registers a thread at 8 warps (offline sm_90, Triton 3.6): one program per SM, whose load, reduce
-and store phases then run one after the other. ``PIECES`` keeps the row as 32-bit words of two 16-bit floats, in two
-or three power-of-two pieces (11008 = 8192 + 2048 + 1024, the last one partly masked), reduces the floats' order keys
-(integers, ``_key_range``) and converts each value once, for its code: 64 registers at 8 warps, 4 programs per SM:
-
-    row (fp16 / bf16):  | piece 0: BLOCK cols            | piece 1: BLOCK1 | piece 2: BLOCK2 (masked past K) |
-    registers:          | BLOCK / 2 words (2 floats each) | BLOCK1 / 2      | BLOCK2 / 2                       |
-    min / max:          integer keys of the 16-bit floats, one reduction per piece for both
-    codes:              two per word -> one int16 store (low byte = the even column)
-
 ``DIV_RCP``: where it timed faster (rows in registers, rows split over programs) ``x / scale`` is the IEEE quotient
 computed from one reciprocal per row and two FMA corrections (``_common.div_rn_shared``), bitwise ``div.rn``'s; the
 two-pass loop over long prefill rows keeps ``div.rn`` (``launch_config``; ``bench_gemv_pieces.py --quant-div``).
@@ -96,10 +84,8 @@ def _config(n_rows: int, row_len: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _load_values(x_ptr, up_ptr, offs, mask, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr,
-                 F32: tl.constexpr = True):
-    """Values to quantize at ``offs`` (fp32, or with ``F32=False`` still in x's dtype, which holds them exactly):
-    ``x``, or with SWIGLU ``silu(x) * up`` rounded as torch rounds it
+def _load_values(x_ptr, up_ptr, offs, mask, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 values to quantize at ``offs``: ``x``, or with SWIGLU ``silu(x) * up`` rounded as torch rounds it
     in x's dtype (silu in fp32 with an IEEE division and libdevice's expf, as CUDA's ``silu`` kernel, rounded
     to the dtype; the product of two such values is exact in fp32, then rounded; the interpreter has no
     libdevice: numpy's exp there, which can differ from expf by an ulp). Masked elements are 0."""
@@ -113,9 +99,7 @@ def _load_values(x_ptr, up_ptr, offs, mask, SWIGLU: tl.constexpr, INTERPRETED: t
         silu = tl.math.div_rn(g, 1.0 + e).to(x.dtype).to(tl.float32)
         u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = (silu * u).to(x.dtype)
-    if F32:
-        x = x.to(tl.float32)
-    return x
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -129,8 +113,7 @@ def _quantize_rows_kernel(
         PDL: tl.constexpr,  # launched as a programmatic dependent; lets the next one (the GEMV) start now
         SPLIT: tl.constexpr, SLICE: tl.constexpr,  # SPLIT > 1: program (i, j) codes columns [j, j + 1) * SLICE
         DIV_RCP: tl.constexpr,  # x / scale from one reciprocal per row (_common.act_quantize_rcp), else div.rn
-        SWIGLU: tl.constexpr = False, INTERPRETED: tl.constexpr = False,
-        BLOCK1: tl.constexpr = 0, BLOCK2: tl.constexpr = 0):  # PIECES: the row's 2nd / 3rd piece (0: none)
+        SWIGLU: tl.constexpr = False, INTERPRETED: tl.constexpr = False):
     OFFSET: tl.constexpr = (QMAX + 1) // 2
     if PDL:
         # The GEMV launched after this one may start now (its weight prologue); this launch itself may
@@ -144,28 +127,7 @@ def _quantize_rows_kernel(
     base = rows.to(tl.int64)[:, None] * row_len
     cols = tl.arange(0, BLOCK)[None, :]
     # Pass 1: lo = min(x, 0), hi = max(x, 0). Masked elements read as 0: harmless, the range holds 0.
-    PIECES: tl.constexpr = BLOCK1 > 0
-    if PIECES:
-        # The row in registers as 32-bit words (two fp16 / bf16 values each), in up to three power-of-two pieces
-        # of BLOCK, BLOCK1, BLOCK2 columns (module docstring); every load issued before the first reduction.
-        x32 = x_ptr.to(tl.pointer_type(tl.int32))
-        n_words = tl.multiple_of(row_len // 2, 8)  # row_len % 16 == 0 (launch_config): 16-byte vectors
-        wbase = rows.to(tl.int64)[:, None] * n_words
-        w0, wc0, wm0 = _piece_words(x32, wbase, 0, BLOCK // 2, row_ok, n_words)
-        w1, wc1, wm1 = _piece_words(x32, wbase, BLOCK // 2, BLOCK1 // 2, row_ok, n_words)
-        kmin, kmax = _key_range(w0)
-        kmin1, kmax1 = _key_range(w1)
-        kmin = tl.minimum(kmin, kmin1)
-        kmax = tl.maximum(kmax, kmax1)
-        if BLOCK2 > 0:
-            w2, wc2, wm2 = _piece_words(x32, wbase, (BLOCK + BLOCK1) // 2, BLOCK2 // 2, row_ok, n_words)
-            kmin2, kmax2 = _key_range(w2)
-            kmin = tl.minimum(kmin, kmin2)
-            kmax = tl.maximum(kmax, kmax2)
-        XT: tl.constexpr = x_ptr.dtype.element_ty
-        lo = tl.minimum(_key_value(kmin, XT), 0.0)
-        hi = tl.maximum(_key_value(kmax, XT), 0.0)
-    elif ONE_PASS:
+    if ONE_PASS:
         mask = row_ok[:, None] & (cols < row_len)
         x = _load_values(x_ptr, up_ptr, base + cols, mask, SWIGLU, INTERPRETED)
         lo = tl.minimum(tl.min(x, axis=1), 0.0)
@@ -194,12 +156,6 @@ def _quantize_rows_kernel(
         mask = row_ok[:, None] & (cols < row_len)
         xk = _load_values(x_ptr, up_ptr, base + cols, mask, SWIGLU, INTERPRETED)
         tl.store(codes_ptr + base + cols, _codes(xk, scale, zp, rcp, QMAX, DIV_RCP), mask=mask)
-    elif PIECES:  # two codes per word, stored as one int16
-        c16 = codes_ptr.to(tl.pointer_type(tl.int16))
-        tl.store(c16 + wbase + wc0, _word_codes(w0, scale, zp, rcp, QMAX, DIV_RCP, XT), mask=wm0)
-        tl.store(c16 + wbase + wc1, _word_codes(w1, scale, zp, rcp, QMAX, DIV_RCP, XT), mask=wm1)
-        if BLOCK2 > 0:
-            tl.store(c16 + wbase + wc2, _word_codes(w2, scale, zp, rcp, QMAX, DIV_RCP, XT), mask=wm2)
     elif ONE_PASS:
         tl.store(codes_ptr + base + cols, _codes(x, scale, zp, rcp, QMAX, DIV_RCP), mask=mask)
     else:
@@ -221,77 +177,10 @@ def _codes(x, scale, zp, rcp, QMAX: tl.constexpr, DIV_RCP: tl.constexpr):
     return (q - OFFSET).to(tl.int8)
 
 
-@triton.jit
-def _piece_words(x32, wbase, start, N_WORDS: tl.constexpr, row_ok, n_words):
-    """PIECES: words ``[start, start + N_WORDS)`` of the rows (int32, zero past the row), their offsets and mask."""
-    cols = start + tl.arange(0, N_WORDS)[None, :]
-    mask = row_ok[:, None] & (cols < n_words)
-    return tl.load(x32 + wbase + cols, mask=mask, other=0), cols, mask
-
-
-@triton.jit
-def _key_range(w):
-    """Per row, the least and greatest order key of the 16-bit floats in words ``w``. A 16-bit float (fp16 or
-    bf16: sign, then magnitude) with bits ``b`` has the key ``b`` if positive, ``0x8000 - b`` if negative: integers
-    ordered as the values, so min / max need no float conversion (the words stay packed in registers; pass 2
-    converts them once). Zero words (masked columns) are +0, which the range holds anyway."""
-    lo16 = w & 0xFFFF
-    hi16 = (w >> 16) & 0xFFFF
-    k_lo = tl.where(lo16 < 0x8000, lo16, 0x8000 - lo16)
-    k_hi = tl.where(hi16 < 0x8000, hi16, 0x8000 - hi16)
-    # one reduction for both (one trip through shared memory and its barriers instead of two)
-    return tl.reduce((tl.minimum(k_lo, k_hi), tl.maximum(k_lo, k_hi)), 1, _min_max)
-
-
-@triton.jit
-def _min_max(a_min, a_max, b_min, b_max):
-    return tl.minimum(a_min, b_min), tl.maximum(a_max, b_max)
-
-
-@triton.jit
-def _key_value(key, XT: tl.constexpr):
-    """The fp32 value of the ``XT`` (fp16 / bf16) float with order key ``key`` (``_key_range``)."""
-    bits = tl.where(key >= 0, key, 0x8000 - key)
-    return bits.to(tl.uint16).to(XT, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _word_codes(w, scale, zp, rcp, QMAX: tl.constexpr, DIV_RCP: tl.constexpr, XT: tl.constexpr):
-    """``_codes`` of the two ``XT`` floats in each word of ``w``, packed as the int16 whose bytes they are (low
-    half = the even column, as memory holds them)."""
-    lo = (w & 0xFFFF).to(tl.uint16).to(XT, bitcast=True).to(tl.float32)
-    hi = ((w >> 16) & 0xFFFF).to(tl.uint16).to(XT, bitcast=True).to(tl.float32)
-    c_lo = _codes(lo, scale, zp, rcp, QMAX, DIV_RCP).to(tl.int32) & 0xFF
-    c_hi = _codes(hi, scale, zp, rcp, QMAX, DIV_RCP).to(tl.int32) & 0xFF
-    return (c_lo | (c_hi << 8)).to(tl.int16)
-
-
 # ----------------------------------------------------------------------------------------------- wrapper
-def row_pieces(row_len: int) -> tuple:
-    """``PIECES``: a row of ``row_len`` columns as two or three power-of-two pieces of at least 1024, largest first,
-    the last one rounded up to cover the rest (11008 = 8192 + 2048 + 1024 with 256 masked; 14336 = 8192 + 4096 +
-    2048; 8192 = 4096 + 4096)."""
-    pieces, rest = [], row_len
-    while len(pieces) < 2 and rest >= 1024:
-        p = 1 << (rest.bit_length() - 1)
-        pieces.append(p)
-        rest -= p
-    if rest > 0:
-        pieces.append(max(1024, triton.next_power_of_2(rest)))
-    if len(pieces) == 1:
-        pieces = [pieces[0] // 2] * 2
-    return tuple(pieces)
-
-
 def _check_config(config: dict) -> None:
     """A clear error for a launch config Triton could not compile (tile sizes must be powers of two)."""
-    if not isinstance(config.get("PIECES", False), bool):
-        raise ValueError(f"quantize_rows config: PIECES must be True or False, got {config['PIECES']!r}")
-    if config.get("PIECES") and (config.get("ROWS", 1) != 1 or config.get("SLICE", 0)):
-        raise ValueError("quantize_rows config: PIECES holds one row per program (ROWS=1, no SLICE)")
     for key in ("ROWS", "BLOCK", "num_warps"):
-        if key == "BLOCK" and config.get("PIECES"):
-            continue  # row_pieces sets it
         v = config.get(key)
         if not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"quantize_rows config: {key} must be a power of two, got {v!r}")
@@ -310,10 +199,7 @@ def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict
     else:
         _check_config(config)
         cfg = dict(config, SLICE=config.get("SLICE", 0))
-    if cfg.pop("PIECES", False):
-        pieces = row_pieces(row_len) + (0,)
-        cfg.update(BLOCK=pieces[0], BLOCK1=pieces[1], BLOCK2=pieces[2])
-    one_pass = row_len <= cfg["BLOCK"] + cfg.get("BLOCK1", 0) + cfg.get("BLOCK2", 0)
+    one_pass = row_len <= cfg["BLOCK"]
     split = triton.cdiv(row_len, cfg["SLICE"]) if cfg["SLICE"] else 1
     # the reciprocal division where it timed faster: rows in registers or split over programs, not the two-pass
     # loop over long prefill rows (_common.act_quantize_rcp); a config may set DIV_RCP (bench_gemv_pieces --quant-div)
@@ -329,8 +215,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     all the same).
     ``config``: ``ROWS``, ``BLOCK``, ``num_warps`` and optionally ``SLICE`` (columns per program, a power of
     two; default: one program per row) and ``DIV_RCP`` (the division, ``launch_config``) instead of ``_config``'s
-    (benchmarks sweep them); or ``PIECES=True``, ``ROWS=1`` and ``num_warps``: each row in registers as packed words
-    (``row_pieces``; float16 / bfloat16 rows of a multiple of 16 columns).
+    (benchmarks sweep them).
     ``up``: quantize ``silu(x) * up`` instead (a SwiGLU MLP's down-projection input; ``up`` like ``x``), the
     product rounded to x's dtype as torch computes it (``_load_values``), so the Inductor kernel that would
     compute it goes away.
@@ -347,10 +232,6 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     if n_rows == 0:
         return codes, scale, zp
     cfg = launch_config(n_rows, row_len, config)
-    if cfg.get("BLOCK1") and (x.dtype not in (torch.float16, torch.bfloat16) or row_len % 16 or up is not None):
-        raise ValueError(f"quantize_rows: PIECES reads the rows as words of two 16-bit floats: float16 / bfloat16 "
-                         f"rows of a multiple of 16 columns, no up; got {x.dtype} rows of {row_len}"
-                         + (" with up" if up is not None else ""))
     grid = (triton.cdiv(n_rows, cfg["ROWS"]), cfg["SPLIT"])
     pdl = pdl_launch(pdl, x.device)
     if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.device != x.device

@@ -53,18 +53,6 @@ def test_quantize_bit_exact(m, k, bits, sym, group, dtype):
     check_quantize(make_x(m, k, DEV, dtype, seed=k + m), bits, sym, group, quantize_rows)
 
 
-@pytest.mark.parametrize("m,k,dtype,warps", [
-    (300, 11008, torch.float16, 8), (300, 11008, torch.bfloat16, 16), (129, 14336, torch.float16, 8),
-    (64, 4096, torch.bfloat16, 4), (3, 13824, torch.float16, 8),  # 8192 + 4096 + 2048 (512 masked)
-])
-def test_quantize_pieces_bit_exact(m, k, dtype, warps):
-    """Rows held as packed words in power-of-two pieces (``PIECES``), compiled: the reference's codes."""
-    x = make_x(m, k, DEV, dtype, seed=k + m)
-    x[0, :4] = torch.tensor([0.0, -0.0, -3.0e-6, 3.0e-6], dtype=dtype)
-    for sym in (False, True):
-        check_quantize(x, 8, sym, 0, lambda *a: quantize_rows(*a, config=dict(ROWS=1, PIECES=True, num_warps=warps)))
-
-
 def test_div_rn_shared_is_ieee_division():
     """The quantizers' division, compiled (one reciprocal per row, two FMA corrections), is IEEE division bitwise."""
     x, d = division_cases(512, 4096, seed=1)

@@ -87,45 +87,6 @@ if INTERPRET:
         assert launch_config(4096, 4096)["ONE_PASS"]
 
     @child_only
-    @pytest.mark.parametrize("m,k,dtype,warps", [
-        (3, 11008, torch.float16, 8),  # 8192 + 2048 + 1024 columns, the last piece partly masked
-        (2, 5120, torch.bfloat16, 4),  # 4096 + 1024
-        (4, 2064, torch.float16, 8),  # 2048 + 1024, 16 columns in the last piece
-        (2, 4096, torch.bfloat16, 16),  # 2048 + 2048
-    ])
-    def test_quantize_pieces_bit_exact(m, k, dtype, warps):
-        """Rows held as packed words in pieces (``PIECES``): the reference's codes, for both formats, on values that
-        hit the order keys' corners (negative, both zeros, the extremes, subnormals)."""
-        from qcompile.backends.triton.quantize_kernel import launch_config, row_pieces
-
-        pieces = row_pieces(k)
-        assert sum(pieces) >= k > sum(pieces[:-1]) and all(p & (p - 1) == 0 for p in pieces), pieces
-        cfg = launch_config(m, k, dict(ROWS=1, PIECES=True, num_warps=warps))
-        assert cfg["ONE_PASS"] and (cfg["BLOCK"], cfg["BLOCK1"], cfg.get("BLOCK2", 0)) == (pieces + (0,))[:3]
-        x = make_x(m, k, "cpu", dtype, seed=k)
-        tiny = torch.finfo(dtype).tiny
-        x[0, :8] = torch.tensor([0.0, -0.0, tiny / 4, -tiny / 4, tiny, -tiny, 1.0, -1.0], dtype=dtype)
-        x[-1, k - 1] = -40.0  # the row's minimum in its last column (last piece, last word's high half)
-        for sym in (False, True):
-            check_quantize(x, 8, sym, 0, lambda *a: quantize_rows(*a, config=dict(ROWS=1, PIECES=True,
-                                                                                     num_warps=warps)))
-        x[0, :] = -torch.rand(k, dtype=torch.float32).to(dtype) - 0.5  # a row of negatives only
-        check_quantize(x, 8, False, 0, lambda *a: quantize_rows(*a, config=dict(ROWS=1, PIECES=True,
-                                                                                   num_warps=warps)))
-
-    @child_only
-    def test_quantize_pieces_refuses_rows_it_cannot_read():
-        """PIECES reads words of two 16-bit floats: float32, a row length not a multiple of 16, or ``up`` -> a clear
-        error, not a misaligned read."""
-        cfg = dict(ROWS=1, PIECES=True, num_warps=4)
-        for x, up in [(torch.randn(2, 2048), None), (torch.randn(2, 2056).half(), None),
-                      (torch.randn(2, 2048).half(), torch.randn(2, 2048).half())]:
-            with pytest.raises(ValueError, match="PIECES"):
-                quantize_rows(x, 8, False, config=cfg, up=up)
-        with pytest.raises(ValueError, match="PIECES"):
-            quantize_rows(torch.randn(2, 2048).half(), 8, False, config=dict(cfg, ROWS=2))
-
-    @child_only
     @pytest.mark.parametrize("m,k,config", [
         (1, 4100, None),  # the decode default for rows over SPLIT_SLICE: 5 programs, one pass
         (3, 1100, dict(ROWS=1, BLOCK=2048, num_warps=4, SLICE=256)),  # 5 programs a row, the last one short
