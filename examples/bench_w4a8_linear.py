@@ -15,11 +15,16 @@ Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when 
     python examples/bench_w4a8_linear.py            # the table
     python examples/bench_w4a8_linear.py --variants # + each dispatch path forced, asm/pure, GEMM-only; at
                                                     #   M <= 16 each path also on the dispatch's own clock
+    BENCH_MS=4096 BENCH_ROUNDS=5 python examples/bench_w4a8_linear.py
+                                                    # FP16, _int_mm, W4A8 and W4A4 timed in turn 5 times,
+                                                    #   the median of each (at M = 4096 the same call moves
+                                                    #   5-10 % between back-to-back timings)
     BENCH_MS=4096 BENCH_SHAPES=4096x11008 python examples/bench_w4a8_linear.py --variants --gemm-sweep
                                                     # + every tiled-GEMM config timed on its own (prefill
                                                     #   configs at M > 16, decode ones at M <= 16)
 """
 import os
+import statistics
 import sys
 import time
 
@@ -42,6 +47,7 @@ W4A4_FMT, W4A4_GRAN = "int4", "group128"
 VARIANTS = "--variants" in sys.argv
 GEMM_SWEEP = "--gemm-sweep" in sys.argv  # with --variants: each GEMM config explicitly (sweep_gemm)
 VARIANT_BUDGET_S = float(os.environ.get("BENCH_VARIANT_BUDGET_S", "300"))  # then no more variants (keep the table)
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1"))  # timings in turn per cell; the table takes each one's median
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "1e9"))  # stop measuring after this; the table keeps what ran
 OUT = os.environ.get("OUT")
 t_start = time.time()
@@ -229,10 +235,13 @@ for n, k in SHAPES:
             # 3. Timings, all in this run: eager, then GPU time (CUDA graph).
             x8 = torch.randint(-127, 128, (max(m, 17), k), device=dev, dtype=torch.int8)
             t_eager = bench(lambda x=x, pw=pw: w4a8_linear(x, pw))
-            t16 = graph_or_nan(lambda w, x=x: F_nn.linear(x, w), w16s)
-            t_int = graph_or_nan(lambda w, x8=x8: torch._int_mm(x8, w.t()), w8s) if m > 16 else float("nan")
-            t_ours = graph_or_nan(lambda p, x=x: w4a8_linear(x, p), pws)
-            t_w4a4 = graph_or_nan(lambda p, x=x: w4a4_linear(x, p), pw4s)
+            rounds = []  # (fp16, int_mm, w4a8, w4a4) per round, in turn
+            for _ in range(ROUNDS):
+                rounds.append((graph_or_nan(lambda w, x=x: F_nn.linear(x, w), w16s),
+                               graph_or_nan(lambda w, x8=x8: torch._int_mm(x8, w.t()), w8s) if m > 16 else float("nan"),
+                               graph_or_nan(lambda p, x=x: w4a8_linear(x, p), pws),
+                               graph_or_nan(lambda p, x=x: w4a4_linear(x, p), pw4s)))
+            t16, t_int, t_ours, t_w4a4 = (statistics.median(r[i] for r in rounds) for i in range(4))
         except Exception as e:  # keep the rest of the table
             print(f"M={m}: FAILED {type(e).__name__}: {str(e)[:500]}", flush=True)
             continue
@@ -243,6 +252,9 @@ for n, k in SHAPES:
               f"{pw.nbytes() / t_ours / 1e3:5.0f}; w4a8 eager {t_eager:7.1f}us; err {err:.1e}/{err4:.1e}; "
               f"path {chosen_path(pw, m)}",
               flush=True)
+        if ROUNDS > 1:
+            print("      rounds (fp16 / int_mm / w4a8 / w4a4 us): "
+                  + "; ".join(" / ".join(f"{t:.1f}" for t in r) for r in rounds), flush=True)
         if VARIANTS and time.time() - t_start < VARIANT_BUDGET_S:  # 4. Variants, same inputs.
             try:
                 v = variants(x, pws, m, w8s)
@@ -257,7 +269,9 @@ for n, k in SHAPES:
 # 5. The table (GPU time from CUDA graphs; the eager column includes host launch overhead).
 lines = [f"W4A8 = dINT4 per-channel weights x int8 per-token activations (quantization included); "
          f"W4A4 = INT4 g128 x INT4 g128. {torch.cuda.get_device_name()}, fp16 activations. GPU time: "
-         "calls in one CUDA graph cycling weight copies (> 2x L2), median, microseconds. Eager: "
+         "calls in one CUDA graph cycling weight copies (> 2x L2), median, microseconds"
+         + (f"; FP16, _int_mm, W4A8, W4A4 timed in turn {ROUNDS} times, the median of each" if ROUNDS > 1 else "")
+         + ". Eager: "
          "triton.testing.do_bench of the Python call (L2 flushed), median.", "",
          "| N x K | M | FP16 | INT8 _int_mm | W4A8 | W4A8 vs FP16 | W4A8 vs _int_mm | W4A4 | W4A4 vs FP16 "
          "| W4A8 eager | rel. err |",

@@ -44,13 +44,17 @@ __all__ = ["launch_config", "quantize_rows"]
 SPLIT_SLICE = 1024
 
 
-# Many rows (prefill) longer than 4096: two passes over PREFILL_BLOCKS columns at 8 warps, the block that
-# pads the row least (ties: the longer). H100, 2026-12-06 (``QUANT_MS=1024,4096 bench_gemv_pieces.py --quant``),
-# M = 4096: K = 14336 (7 x 2048) 149.0 us (the previous 8192-column blocks) -> 79.3 at 2048 (the best; 1024:
-# 88.5); K = 11008 (5.4 x 2048, 10.75 x 1024) 169.0 -> 68.7 at 2048 -> 65.0 at 1024 (the best; two runs); M =
-# 1024 within 5 % of the best. Rows up to 4096 stay one pass in registers, at 32 elements per thread (K = 4096,
-# M = 4096: 22.0 us at 8 warps -> 20.4 at 4, the best).
+# Many rows (prefill): each row one pass in registers up to 16384 columns (BLOCK: the next power of two), at 4 warps
+# (8 up to 1024 rows). H100, 2026-12-07 (``QUANT_MS=1024,4096 bench_gemv_pieces.py --quant``), us per call, one pass
+# against the previous rule's two passes over PREFILL_BLOCKS columns (the second read hitting L2), same codes:
+# M = 4096: K = 11008 57.2 (4 warps) vs 65.5, K = 14336 63.8 vs 79.5; M = 1024: 17.4 (8 warps; 18.1 at 4) vs 22.7,
+# 20.1 (20.4 at 4) vs 26.6; K = 4096 (one pass before too) M = 4096 18.8 at 4 warps. Three sessions before, with an
+# IEEE division per element, the same one-pass rows took 146-163 us at K = 11008; the reciprocal division
+# (``DIV_RCP``, on for rows in registers) is what made them cheap. Rows over 16384 keep two passes over
+# PREFILL_BLOCKS columns, the block that pads the row least (ties: the longer; K = 14336 M = 4096: 79.3 us at 2048,
+# 88.5 at 1024, 149.0 at 8192 on 2026-12-06).
 PREFILL_BLOCKS = (2048, 1024)
+ONE_PASS_MAX = 16384
 
 
 def prefill_block(row_len: int) -> int:
@@ -59,15 +63,19 @@ def prefill_block(row_len: int) -> int:
     return min(PREFILL_BLOCKS, key=lambda b: -row_len % b)
 
 
-def _config(n_rows: int, row_len: int) -> dict:
-    """Whole rows in registers up to 16K elements (one pass over x) at decode, up to 4096 at prefill.
+def _config(n_rows: int, row_len: int, prefill_one_pass: bool = True) -> dict:
+    """Whole rows in registers up to ``ONE_PASS_MAX`` elements (one pass over x).
 
     Few rows (decode) are one program each: a single program's serial work is the launch's latency,
-    so it gets up to 32 warps (<= 16 elements per thread); many rows keep <= 32 per thread at 4-8 warps,
-    longer rows two passes of ``prefill_block`` columns (the second read hits L2).
-    Few rows longer than ``SPLIT_SLICE`` are coded by several programs each (``SPLIT``, module docstring).
+    so it gets up to 32 warps (<= 16 elements per thread); many rows up to 4096 columns keep <= 32 per thread at
+    4-8 warps, longer ones one row a program at 4 warps (8 up to 1024 rows; the comment above
+    ``PREFILL_BLOCKS``), rows over ``ONE_PASS_MAX`` two passes of ``prefill_block`` columns (the second read
+    hits L2). Few rows longer than ``SPLIT_SLICE`` are coded by several programs each (``SPLIT``, module
+    docstring). ``prefill_one_pass=False`` keeps the rule timed before it for many rows over 4096 columns (two
+    passes of ``prefill_block`` columns at 8 warps): for the kernels that hold more than x per element (the SwiGLU
+    prologue, ``rmsnorm_quant_kernel``), whose one-pass rows were not timed.
     """
-    block = min(triton.next_power_of_2(max(row_len, 16)), 16384)
+    block = min(triton.next_power_of_2(max(row_len, 16)), ONE_PASS_MAX)
     rows = max(1, min(4096 // block, triton.next_power_of_2(n_rows)))
     slice_ = 0
     if n_rows <= 64:
@@ -75,8 +83,10 @@ def _config(n_rows: int, row_len: int) -> dict:
         if row_len > SPLIT_SLICE:
             slice_ = SPLIT_SLICE
             num_warps = 8 if block <= 4096 else 16
-    elif block > 4096:
+    elif row_len > ONE_PASS_MAX or (block > 4096 and not prefill_one_pass):
         block, num_warps = prefill_block(row_len), 8
+    elif block > 4096:
+        num_warps = 8 if n_rows <= 1024 else 4
     else:
         num_warps = max(4, min(8, rows * block // 1024))
     return dict(ROWS=rows, BLOCK=block, num_warps=num_warps, SLICE=slice_)
@@ -191,11 +201,11 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"quantize_rows config: DIV_RCP must be True or False, got {config['DIV_RCP']!r}")
 
 
-def launch_config(n_rows: int, row_len: int, config: dict | None = None) -> dict:
+def launch_config(n_rows: int, row_len: int, config: dict | None = None, prefill_one_pass: bool = True) -> dict:
     """The kernel's launch config for ``n_rows`` rows of ``row_len``: ``config`` (checked) or ``_config``'s,
     with what follows from it: ``ONE_PASS`` (the row fits BLOCK) and ``SPLIT`` (programs per row)."""
     if config is None:
-        cfg = _config(n_rows, row_len)
+        cfg = _config(n_rows, row_len, prefill_one_pass)
     else:
         _check_config(config)
         cfg = dict(config, SLICE=config.get("SLICE", 0))
@@ -231,7 +241,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, group_size: int =
     zp = torch.empty((m, k // row_len), dtype=torch.int32, device=x.device)
     if n_rows == 0:
         return codes, scale, zp
-    cfg = launch_config(n_rows, row_len, config)
+    cfg = launch_config(n_rows, row_len, config, prefill_one_pass=up is None)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]), cfg["SPLIT"])
     pdl = pdl_launch(pdl, x.device)
     if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.device != x.device

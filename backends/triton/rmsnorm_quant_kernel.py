@@ -90,7 +90,7 @@ def rmsnorm_quantize_rows(x: torch.Tensor, residual: torch.Tensor | None, weight
     zp = torch.empty((m, 1), dtype=torch.int32, device=x.device)
     if m == 0:
         return h, codes, scale, zp
-    cfg = launch_config(m, k)
+    cfg = launch_config(m, k, prefill_one_pass=False)  # its warps as timed; it holds more than x a row
     pdl = pdl_launch(pdl, x.device)
     _rmsnorm_quantize_kernel[(m, cfg["SPLIT"])](
         x, x if residual is None else residual, weight, h if residual is not None else x, codes, scale, zp, k,

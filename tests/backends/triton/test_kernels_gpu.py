@@ -46,7 +46,9 @@ PREFILL_SMALL = dict(BLOCK_M=64, BLOCK_N=128, UNITS_PER_ITER=1, GROUP_M=8, num_w
     (1, 4096, 8, False, 0, torch.float16), (33, 11008, 8, False, 0, torch.bfloat16),
     (1, 11008, 8, False, 0, torch.float16),  # decode down_proj: a row over 3 programs (SPLIT)
     (300, 4096, 8, True, 0, torch.float16), (5, 20000, 8, False, 0, torch.float32),
-    (300, 11008, 8, False, 0, torch.float16),  # prefill rows over 4096: two passes of 1024 columns
+    (300, 11008, 8, False, 0, torch.float16),  # prefill rows over 4096: one pass, BLOCK 16384
+    (2100, 14336, 8, True, 0, torch.bfloat16),  # the same at 4 warps (over 1024 rows)
+    (70, 20000, 8, False, 0, torch.float16),  # rows over 16384: two passes of 1024 columns
     (64, 4096, 4, False, 128, torch.float16), (7, 1024, 4, True, 64, torch.bfloat16),
 ])
 def test_quantize_bit_exact(m, k, bits, sym, group, dtype):

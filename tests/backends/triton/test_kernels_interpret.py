@@ -77,14 +77,31 @@ if INTERPRET:
             check_quantize(x, 8, False, 0, lambda *a, cfg=cfg, **kw: quantize_rows(*a, **kw, config=cfg))
 
     @child_only
-    def test_quantize_prefill_block_pads_least():
-        """Many long rows: two passes over the block that leaves the fewest masked columns (ties: 2048)."""
+    def test_quantize_prefill_rows_one_pass_up_to_16384():
+        """Many rows: one pass with the row in registers up to 16384 columns (4 warps, 8 up to 1024 rows); longer
+        rows, or the SwiGLU / RMSNorm kernels (``prefill_one_pass=False``) past 4096, two passes over the block that
+        leaves the fewest masked columns (ties: 2048)."""
         from qcompile.backends.triton.quantize_kernel import launch_config
 
-        for k, block in [(5000, 1024), (11008, 1024), (14336, 2048), (6144, 2048), (10240, 2048), (9000, 1024)]:
+        for k, block in [(5000, 8192), (11008, 16384), (14336, 16384), (16384, 16384), (4096, 4096)]:
+            for rows, warps in [(4096, 4), (1024, 8), (65, 8)]:
+                cfg = launch_config(rows, k)
+                want = (block, True, 1, 4 if k == 4096 else warps)
+                assert (cfg["BLOCK"], cfg["ONE_PASS"], cfg["SPLIT"], cfg["num_warps"]) == want, (k, rows, cfg)
+        for k, block in [(20000, 2048), (16400, 1024), (28672, 2048)]:
             cfg = launch_config(4096, k)
+            assert (cfg["BLOCK"], cfg["ONE_PASS"], cfg["SPLIT"], cfg["num_warps"]) == (block, False, 1, 8), (k, cfg)
+        for k, block in [(5000, 1024), (11008, 1024), (14336, 2048), (6144, 2048), (10240, 2048), (9000, 1024)]:
+            cfg = launch_config(4096, k, prefill_one_pass=False)
             assert (cfg["BLOCK"], cfg["ONE_PASS"], cfg["SPLIT"]) == (block, False, 1), (k, cfg)
-        assert launch_config(4096, 4096)["ONE_PASS"]
+
+    @child_only
+    @pytest.mark.parametrize("m,k", [(70, 11008), (66, 5000), (65, 20000)])
+    def test_quantize_prefill_default_bit_exact(m, k):
+        """The prefill default on long rows (one pass up to 16384 columns, two passes beyond) = the reference."""
+        x = make_x(m, k, "cpu", seed=k)
+        for sym in (False, True):
+            check_quantize(x, 8, sym, 0, quantize_rows)
 
     @child_only
     @pytest.mark.parametrize("m,k,config", [
