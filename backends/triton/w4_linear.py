@@ -199,6 +199,12 @@ def _autotune(configs, key, prune, kernel):
                            **extra)(kernel)
 
 
+def m_bucket(m: int) -> int:
+    """The M bucket of ``m`` rows (the next power of two, at most 4096): the tiled GEMM autotuner's ``M_BUCKET`` and
+    the M part of every path-choice key, so one timing serves the Ms of a bucket."""
+    return min(triton.next_power_of_2(m), 4096)
+
+
 _KEY = ["M_BUCKET", "N", "K", "n_units", "W_KIND", "GROUPED", "X_GROUPED", "USE_ASM", "FUSE_QUANT"]
 _decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
@@ -283,8 +289,7 @@ def launch_gemm(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
     ws, locks = splitk_workspace(x.device, n) if splitting else (y, y)
     args = (x, x_scale, x_zp, x.stride(0), x_scale.stride(0) if x_scale.dim() == 2 else 1,
             pw.qweight if w_expanded is None else w_expanded, pw.unit_scale, pw.code_sum, pw.zero_byte,
-            y if bias is None else bias, y, y.stride(0), ws, locks, m, n, k, n_units,
-            min(triton.next_power_of_2(m), 4096))
+            y if bias is None else bias, y, y.stride(0), ws, locks, m, n, k, n_units, m_bucket(m))
 
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]) * meta_["SPLIT_K"],)
@@ -548,7 +553,7 @@ def chosen_path(m: int, out_features: int, in_features: int, act_bits: int = 8) 
     """The path the dispatch chose in this process for a single weight of this shape at ``m`` rows (its M
     bucket) and activation width (the only one where it had one candidate), or None if it has run none
     (benchmarks print it)."""
-    bucket = min(triton.next_power_of_2(m), 4096)
+    bucket = m_bucket(m)
     return next((path for key, path in _paths_run().items()  # single-weight keys only: (decode?, bucket, N, K, ...)
                  if isinstance(key[0], bool) and key[1] == bucket and key[2:4] == (out_features, in_features)
                  and key[6] == act_bits), None)
@@ -559,7 +564,7 @@ def dispatch_choices(m: int) -> dict:
     the current ``DISPATCH`` switches, as ``{site: path}``; a site is ``"linear NxK"`` (one weight),
     ``"shared NxK"`` (one of sibling weights on shared codes), or ``"group N1+N2xK"`` / ``"group_codes ..."``
     (sibling weights together). For benchmarks to say which kernels a model ran."""
-    bucket, switches, out = min(triton.next_power_of_2(m), 4096), _kernel_switches(), {}
+    bucket, switches, out = m_bucket(m), _kernel_switches(), {}
     for key, path in _paths_run().items():
         if key[-2] != switches:
             continue
@@ -656,7 +661,7 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         if m >= DISPATCH.expand_min_m:
             candidates["expand"] = gemm(True)
         forced = DISPATCH.prefill_path
-    key = (m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features, pw.in_features,
+    key = (m <= DISPATCH.decode_max_m, m_bucket(m), pw.out_features, pw.in_features,
            pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
     return candidates[_choose_path(key, candidates, forced)]()
 
@@ -694,7 +699,7 @@ def w4_linear_2d_shared(x: torch.Tensor, pws: list, act_bits: int, act_sym: bool
         return cands["per_weight"]()
     cands["gemv_group_fused"] = lambda: launch_gemv_group(x, None, None, pws, ys, biases=biases, fuse_quant=True,
                                                           act_bits=act_bits, act_sym=act_sym, l2_next=l2_next)
-    key = ("group", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws), pws[0].in_features,
+    key = ("group", m_bucket(m), tuple(pw.out_features for pw in pws), pws[0].in_features,
            pws[0].fmt, act_bits, act_sym, x.dtype, biases[0] is not None, x.device)
     return cands[_choose_path(key, cands, DISPATCH.group_path)]()
 
@@ -715,7 +720,7 @@ def w4_linear_2d_codes(xq: torch.Tensor, xs: torch.Tensor, xz: torch.Tensor, pws
     if not _groupable(m, pws, biases):
         return cands["per_weight"]()
     forced = DISPATCH.group_path if DISPATCH.group_path in cands else "auto"
-    key = ("group_codes", min(triton.next_power_of_2(m), 4096), tuple(pw.out_features for pw in pws),
+    key = ("group_codes", m_bucket(m), tuple(pw.out_features for pw in pws),
            pws[0].in_features, pws[0].fmt, act_bits, act_sym, out_dtype, biases[0] is not None, xq.device)
     return cands[_choose_path(key, cands, forced)]()
 
@@ -778,7 +783,7 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
 
     for i, (pw, y, bias) in enumerate(zip(pws, ys, biases)):
         cands, forced = candidates(pw, y, bias, l2_next if i == len(pws) - 1 else None)
-        key = ("shared", m <= DISPATCH.decode_max_m, min(triton.next_power_of_2(m), 4096), pw.out_features,
+        key = ("shared", m <= DISPATCH.decode_max_m, m_bucket(m), pw.out_features,
                pw.in_features, pw.fmt, act_bits, act_sym, y.dtype, bias is not None, xq.device)
         with _timed_after(producer if i == 0 else None):
             cands[_choose_path(key, cands, forced)]()
