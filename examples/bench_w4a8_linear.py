@@ -71,6 +71,13 @@ def graph_or_nan(fn, weights) -> float:
         return float("nan")
 
 
+def median_of_timed(times) -> float:
+    """Median of the rounds that timed (a failed capture is nan: sorting with nan in the list gives no median), nan if
+    none did; the log's per-round line shows which failed."""
+    timed = [t for t in times if t == t]
+    return statistics.median(timed) if timed else float("nan")
+
+
 def rel_err(y, y_ref) -> float:
     return ((y.float() - y_ref).norm() / y_ref.norm()).item()
 
@@ -241,7 +248,7 @@ for n, k in SHAPES:
                                graph_or_nan(lambda w, x8=x8: torch._int_mm(x8, w.t()), w8s) if m > 16 else float("nan"),
                                graph_or_nan(lambda p, x=x: w4a8_linear(x, p), pws),
                                graph_or_nan(lambda p, x=x: w4a4_linear(x, p), pw4s)))
-            t16, t_int, t_ours, t_w4a4 = (statistics.median(r[i] for r in rounds) for i in range(4))
+            t16, t_int, t_ours, t_w4a4 = (median_of_timed([r[i] for r in rounds]) for i in range(4))
         except Exception as e:  # keep the rest of the table
             print(f"M={m}: FAILED {type(e).__name__}: {str(e)[:500]}", flush=True)
             continue
