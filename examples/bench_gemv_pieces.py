@@ -60,9 +60,6 @@ dispatch's pick, beside FP16 (weights streamed from HBM).
 tiled and split-K decode GEMMs, outputs checked bitwise equal; its best config with its quantization and the
 dispatch's pick, beside FP16.
 
-``--ksplit-splitk``: instead, M = 1, 4 and 16 on given codes: the k-split GEMM with its steps split over SPLIT_K =
-1-4 programs per block of channels (``KSPLIT_SPLITK_BASES``), outputs checked bitwise equal.
-
 ``--ksplit-lut``: instead, M = 1, 4 and 16 on given codes: each config of ``KSPLIT_CONFIGS`` with the arithmetic
 (A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise
 equal.
@@ -83,8 +80,8 @@ dispatch's pick.
 
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
-                                          --ksplit-splitk | --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles |
-                                          --self-l2 | --fused]
+                                          --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2 |
+                                          --fused]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -648,27 +645,6 @@ def ksplit():
                   (1, 4, 16), {"ksplit_autotuned": launch_ksplit})
 
 
-# --ksplit-splitk: the k-split GEMM with its steps split over SPLIT_K programs per block of channels (int32 partial
-# sums in the split-K workspace, the last program finishing): (BLOCK_N, S, warps, stages) x SPLIT_K. At N = 4096
-# the unsplit kernel has 128 programs of 4 warps, one warp per scheduler, and a latency-bound loop (the kernel's
-# docstring); SPLIT_K programs per block put more warps on each SM.
-KSPLIT_SPLITK_BASES = [(32, 4, 4, 3), (32, 2, 2, 3), (32, 4, 4, 4), (64, 4, 4, 3), (16, 4, 4, 3), (64, 2, 2, 3)]
-KSPLIT_SPLITS = (1, 2, 3, 4)
-
-
-def ksplit_splitk():
-    """M = 1, 4, 16: the k-split GEMM at SPLIT_K = 1-4 for each of ``KSPLIT_SPLITK_BASES``, codes given, outputs
-    checked bitwise equal to the tiled GEMM's, beside the autotuned k-split GEMM."""
-    from qcompile.backends.triton.w4_ksplit_kernel import ksplit_config
-    from qcompile.backends.triton.w4_linear import launch_ksplit
-
-    configs = [ksplit_config(*c, split_k=sk) for c in KSPLIT_SPLITK_BASES for sk in KSPLIT_SPLITS]
-    _config_sweep("decode GEMM with K split across warps and SPLIT_K programs", launch_ksplit,
-                  [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
-                  lambda c: f"{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']},k{c['SPLIT_K']}",
-                  (1, 4, 16), {"ksplit_autotuned": launch_ksplit})
-
-
 def ksplit_lut():
     """M = 1, 4, 16: each config of ``KSPLIT_CONFIGS`` with the arithmetic unpacker (A) and the table unpacker (L),
     against the autotuned tiled and split-K decode GEMMs. (A biased table, B, was timed here on 2026-12-07 and
@@ -871,8 +847,7 @@ def fused():
 
 
 # each replaces the default run (main() then groups(); --groups-only: groups())
-MODES = {"--fused": fused, "--ksplit": ksplit, "--ksplit-splitk": ksplit_splitk, "--ksplit-lut": ksplit_lut,
-         "--ksplit-pdl": ksplit_pdl,
+MODES = {"--fused": fused, "--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ksplit-pdl": ksplit_pdl,
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
          "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,

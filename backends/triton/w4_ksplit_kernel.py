@@ -60,10 +60,9 @@ __all__ = ["KSPLIT_CONFIGS", "ksplit_config", "prune_ksplit_configs", "w4_ksplit
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def ksplit_config(block_n: int, s: int, warps: int, stages: int, split_k: int = 1) -> triton.Config:
-    """A config: ``block_n`` channels per program, ``s`` chunks per step (one per warp when ``warps == s``),
-    ``split_k`` programs per block of channels, each a slice of the steps."""
-    return triton.Config({"BLOCK_N": block_n, "S": s, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
+def ksplit_config(block_n: int, s: int, warps: int, stages: int) -> triton.Config:
+    """A config: ``block_n`` channels per program, ``s`` chunks per step (one per warp when ``warps == s``)."""
+    return triton.Config({"BLOCK_N": block_n, "S": s}, num_warps=warps, num_stages=stages)
 
 
 # (BLOCK_N, S, warps, stages). On the H100 (``bench_gemv_pieces.py --ksplit``, four shapes, M = 1, 4, 16, 14 configs;
@@ -93,12 +92,10 @@ def w4_ksplit_kernel(
         # weights: codes [C, N, PACK_K // 2] uint8; tables [1, N]
         w_ptr, w_scale_ptr, w_sum_ptr, w_zero_ptr,
         bias_ptr, y_ptr, stride_ym,
-        # SPLIT_K > 1: int32 workspace [>= M * N] and tickets [>= cdiv(N, BLOCK_N)], zero between calls
-        ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr,
-        BLOCK_N: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr):
+        BLOCK_N: tl.constexpr, S: tl.constexpr):
     BLOCK_M: tl.constexpr = 16  # mma.sync's M; rows past M are masked to zero and never stored
     HALF: tl.constexpr = PACK_K // 2
     pid = tl.program_id(0)
@@ -124,15 +121,7 @@ def w4_ksplit_kernel(
     # --ksplit-pdl "codes given" vs "2acc", examples/results/ksplit_pdl_h100.txt). Integer sums: same result.
     acc = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
     acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
-    n_steps = tl.cdiv(n_chunks, S)
-    if SPLIT_K == 1:
-        step_lo = 0
-        step_hi = n_steps
-    else:  # program (pid, j) takes the j-th slice of the steps (maybe none: it still adds its zeros)
-        per_split = tl.cdiv(n_steps, SPLIT_K)
-        step_lo = tl.program_id(1) * per_split
-        step_hi = tl.minimum(step_lo + per_split, n_steps)
-    for it in range(step_lo, step_hi):
+    for it in range(tl.cdiv(n_chunks, S)):
         chunk = (it * S + offs_s)[:, None, None]  # [S, 1, 1]: warp s's chunk this step
         # Masks from full-shape index tensors (the interpreter mishandles 0-d comparisons). Chunks past the
         # last read nothing: their weights are 0 and so are their activations.
@@ -157,17 +146,5 @@ def w4_ksplit_kernel(
     if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
         gdc_launch_dependents()
     # Epilogue (the per-channel arithmetic of ``w4_gemm_kernel`` and the GEMV): zero-point correction, scales, bias.
-    total = tl.sum(acc, axis=0)
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        _gemv_store(total, offs_m, offs_n, y_mask, x_scale, x_zp, w_sum, w_scale, bias, y_ptr, stride_ym,
-                    HAS_BIAS, INT_OUT)
-    else:  # as the split-K GEMV: int32 partial sums into the workspace; the last slice to arrive finishes
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, total, mask=y_mask, sem="release")
-        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(total), mask=y_mask, sem="acquire")  # read + re-zero
-            tl.atomic_xchg(cnt_ptr + pid, 0)
-            _gemv_store(total, offs_m, offs_n, y_mask, x_scale, x_zp, w_sum, w_scale, bias, y_ptr, stride_ym,
-                        HAS_BIAS, INT_OUT)
+    _gemv_store(tl.sum(acc, axis=0), offs_m, offs_n, m_ok[:, None] & n_ok[None, :], x_scale, x_zp, w_sum, w_scale,
+                bias, y_ptr, stride_ym, HAS_BIAS, INT_OUT)

@@ -469,8 +469,7 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
                   pdl=False, lut=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
     ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
-    ``S``, ``num_warps``, ``num_stages`` and optionally ``SPLIT_K`` (programs per block of channels, summed in
-    the split-K workspace; default 1) instead of the autotuner. ``int_out``: the exact int32 sums
+    ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
     kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
     Bitwise the output of ``launch_gemm`` on the same codes."""
@@ -488,19 +487,14 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
                 LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
-    if config is None and interpreting():
-        config = INTERPRET_KSPLIT_CONFIG
-    if config is not None:
-        config = {"SPLIT_K": 1, **config}
-    splits = [config["SPLIT_K"]] if config is not None else [c.kwargs["SPLIT_K"] for c in ksplit_kern.KSPLIT_CONFIGS]
-    ws, tickets = splitk_workspace(x.device, n) if max(splits) > 1 else (y, y)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
-            pw.zero_byte, y if bias is None else bias, y, y.stride(0), ws, tickets, m, n, k,
-            min(triton.next_power_of_2(m), 16))
+            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k, min(triton.next_power_of_2(m), 16))
 
     def grid(meta_):
-        return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
+        return (triton.cdiv(n, meta_["BLOCK_N"]),)
 
+    if config is None and interpreting():
+        config = INTERPRET_KSPLIT_CONFIG
     if config is not None:
         ksplit_kern.w4_ksplit_kernel[grid](*args, **meta, **config)
     else:
