@@ -68,6 +68,10 @@ equal.
 dependent launches (``DISPATCH.ksplit_pdl``), and with PDL on one side only, each config of ``KSPLIT_CONFIGS``,
 outputs checked bitwise equal.
 
+``--wload``: instead, M = 1 and 4 (``PDL_MS``): the GEMV's weight loads with cache hints (``W_LOAD``: none,
+``evict_first``, ``.cg``), each of ``WLOAD_CONFIGS`` behind its quantization, rounds in turn, outputs checked bitwise
+equal.
+
 ``--fused``: instead, M = 1, 2 and 4: the GEMV with the quantization fused into its prologue (``gemv_fused``) vs the
 two-launch GEMV paths, each forced through the public op, and fused with each of ``FUSED_CFGS``; outputs checked
 bitwise equal.
@@ -81,7 +85,7 @@ dispatch's pick.
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
                                           --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2 |
-                                          --fused]
+                                          --fused | --wload]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -794,6 +798,53 @@ def pdl_configs():
         del pws, w16s
 
 
+# --wload: the GEMV configs that won behind the quantization on the H100 (tenth session,
+# ``gemv_pdl_configs_h100_tenth.txt``), (BLOCK_N, BLOCK_W, warps, PREFETCH).
+WLOAD_CONFIGS = [(8, 128, 4, 2), (4, 128, 2, 2), (16, 128, 8, 2), (4, 256, 4, 2), (4, 256, 4, 1)]
+WLOAD_ROUNDS = int(os.environ.get("WLOAD_ROUNDS", "3"))
+
+
+def wload():
+    """M = 1 and 4 (``PDL_MS``): each of ``WLOAD_CONFIGS`` behind its quantization (PDL, as the dispatch runs it) with
+    the weight loads' cache hints ``W_LOAD`` = 0 (none), 1 (``evict_first``), 2 (``.cg``), timed in turn
+    ``WLOAD_ROUNDS`` times (medians), outputs checked bitwise equal; beside FP16 and the dispatch."""
+    import statistics
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; GEMV weight-load cache hints behind quantize_rows (PDL), GPU "
+          f"time per call in us (weights streamed from HBM), medians of {WLOAD_ROUNDS} rounds in turn", flush=True)
+    for n, k in SHAPES:
+        pws, w16s = _streamed_weights(n, k)
+        for m in PDL_MS:
+            x = torch.randn(m, k, device="cuda").half()
+            y = torch.empty(m, n, device="cuda", dtype=torch.half)
+            kw = {"direct_rows": True} if m > 1 else {}
+            auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            calls, ref = {}, None
+            for bn, bw, nw, pf in WLOAD_CONFIGS:
+                for wl in (0, 1, 2):
+                    cfg = {"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "PREFETCH": pf, "W_LOAD": wl}
+                    tag = f"{bn},{bw},w{nw},pf{pf},L{wl}"
+
+                    def call(p, cfg=cfg):
+                        return launch_gemv(*quantize_rows(x, 8, False, pdl=True), p, y, config=cfg, pdl=True, **kw)
+
+                    ref = _same_as(ref, [call(pws[0])], f"{n}x{k} M={m} {tag}")
+                    calls[tag] = call
+            times = {t: [] for t in ["fp16", *calls]}
+            for _ in range(WLOAD_ROUNDS):
+                times["fp16"].append(bench_graph(lambda w: F_nn.linear(x, w), w16s))
+                for t, call in calls.items():
+                    times[t].append(bench_graph(call, pws))
+            med = {t: statistics.median(v) for t, v in times.items()}
+            fp = med.pop("fp16")
+            best = {wl: min((v, t) for t, v in med.items() if t.endswith(f"L{wl}")) for wl in (0, 1, 2)}
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m}: fp16 {fp:.1f}; dispatch ({_chosen(m, n, k)}) {auto:.1f}; "
+                  "best per hint: " + ", ".join(f"L{wl} {v:.1f} ({t}) = {fp / v:.2f}x" for wl, (v, t) in best.items())
+                  + "; all: " + " ".join(f"{t}={v:.2f}" for t, v in med.items()), flush=True)
+        del pws, w16s
+
+
 # --fused: explicit GEMV configs (BLOCK_N, BLOCK_W, warps, PREFETCH) timed with the quantization fused, beside the
 # autotuned one: the redundant per-program quantization shrinks as BLOCK_N grows (fewer programs).
 FUSED_CFGS = [(8, 64, 2, 1), (4, 64, 1, 1), (16, 64, 4, 1), (32, 64, 4, 1), (8, 128, 4, 1), (16, 128, 4, 1),
@@ -851,7 +902,7 @@ MODES = {"--fused": fused, "--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ks
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
          "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,
-         "--splitk": splitk, "--slope": slope}
+         "--splitk": splitk, "--slope": slope, "--wload": wload}
 
 if __name__ == "__main__":
     mode = next((fn for flag, fn in MODES.items() if flag in sys.argv), None)

@@ -29,6 +29,7 @@ __all__ = [
     "recip_div",
     "recip_rn",
     "stream_key",
+    "stream_load",
     "unpack",
     "unpack_asm",
     "unpack_pure",
@@ -335,6 +336,28 @@ def l2_prefetch(base_ptr, nbytes, part, parts):
     ptr = base_ptr.to(tl.pointer_type(tl.uint8)) + tl.minimum(start, nbytes).to(tl.int64)
     tl.inline_asm_elementwise(asm=_ASM_L2_PREFETCH, constraints="=r,l,r", args=[ptr, size.to(tl.int32)],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def stream_load(ptrs, mask, W_LOAD: tl.constexpr):
+    """``tl.load`` of weight codes (zero where ``mask`` is off; ``mask`` None: no mask) with the cache hints
+    ``W_LOAD`` names: 0 none, 1 ``evict_first`` (each byte is read once per call), 2 ``.cg`` (cached in L2
+    only, not L1). (ptxas takes no ``.cg`` with ``evict_first``.)"""
+    if mask is None:
+        if W_LOAD == 1:
+            v = tl.load(ptrs, eviction_policy="evict_first")
+        elif W_LOAD == 2:
+            v = tl.load(ptrs, cache_modifier=".cg")
+        else:
+            v = tl.load(ptrs)
+    else:
+        if W_LOAD == 1:
+            v = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+        elif W_LOAD == 2:
+            v = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
+        else:
+            v = tl.load(ptrs, mask=mask, other=0)
+    return v
 
 
 @triton.jit

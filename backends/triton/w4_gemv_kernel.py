@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._common import LUT_BIAS, dp4a, l2_prefetch, lut_words, prmt, recip_rn, unpack_words, unpack_words_lut
+from ._common import LUT_BIAS, dp4a, l2_prefetch, lut_words, prmt, recip_rn, stream_load, unpack_words, unpack_words_lut
 from .quantize_kernel import _codes
 from .w4_gemm_kernel import _row_qparams
 
@@ -181,15 +181,16 @@ def _tile(t, DIRECT: tl.constexpr):
 
 @triton.jit
 def _w_tile(w32, i, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH: tl.constexpr, DIRECT: tl.constexpr,
-            EVEN: tl.constexpr):
+            EVEN: tl.constexpr, W_LOAD: tl.constexpr):
     """Weight words of step ``i`` (``[BLOCK_N, BLOCK_W]``, or ``[1, ...]`` when DIRECT). EVEN (every row and
     step of every program inside the weight): no mask; a prefetch past the last step re-reads the last one
-    (an L1 / L2 hit, never used). Else masked, zero outside."""
+    (an L1 / L2 hit, never used). Else masked, zero outside. ``W_LOAD``: the loads' cache hints
+    (``stream_load``)."""
     if EVEN:
-        words = tl.load(w32 + tl.minimum(i, n_steps - 1) * step + w_off)
+        words = stream_load(w32 + tl.minimum(i, n_steps - 1) * step + w_off, None, W_LOAD)
     else:
         ok = n_ok[:, None] & (c_begin + i * CH + chunk_of[None, :] < c_end)
-        words = tl.load(w32 + i * step + w_off, mask=_tile(ok, DIRECT), other=0)
+        words = stream_load(w32 + i * step + w_off, _tile(ok, DIRECT), W_LOAD)
     return words
 
 
@@ -204,7 +205,7 @@ def _gemv_block(
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
         PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-        EVEN: tl.constexpr):
+        EVEN: tl.constexpr, W_LOAD: tl.constexpr):
     """Output channels ``pid_n * BLOCK_N + [0, BLOCK_N)`` of one weight, all M rows, the ``pid_k``-th of
     ``SPLIT_K`` slices of K (whole steps of CH chunks; the whole K when SPLIT_K == 1)."""
     WPC: tl.constexpr = PACK_K // 8  # 32-bit code words per (chunk, row)
@@ -242,9 +243,11 @@ def _gemv_block(
 
     if PIPELINE <= 1:  # hand-made double buffer in registers: the first tile goes out before the activation
         # prologue (PIPELINE > 1: each step loads its own tile; the pipeliner keeps PIPELINE - 1 in flight)
-        w_next = _w_tile(w32, 0, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
+        w_next = _w_tile(w32, 0, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN,
+                         W_LOAD)
         if PREFETCH == 2:  # and the one after it
-            w_next2 = _w_tile(w32, 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
+            w_next2 = _w_tile(w32, 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN,
+                              W_LOAD)
     w_sum, w_scale, bias = channel_tables(w_sum_ptr, w_scale_ptr, bias_ptr, offs_n, n_ok, HAS_BIAS, INT_OUT)
     if PDL:  # launched as a programmatic dependent: everything above reads only the weights, which the
         # previous kernel does not write, so it overlaps that kernel's tail; its outputs are read from here on
@@ -273,16 +276,17 @@ def _gemv_block(
     for it in tl.range(n_steps, num_stages=PIPELINE if PIPELINE > 1 else 1):
         c0 = c_begin + it * CH
         if PIPELINE > 1:
-            w_cur = _w_tile(w32, it, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN)
+            w_cur = _w_tile(w32, it, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT, EVEN,
+                            W_LOAD)
         else:
             w_cur = w_next
             if PREFETCH == 2:
                 w_next = w_next2
                 w_next2 = _w_tile(w32, it + 2, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT,
-                                  EVEN)
+                                  EVEN, W_LOAD)
             else:
                 w_next = _w_tile(w32, it + 1, w_off, step, n_ok, c_begin, c_end, chunk_of, n_steps, CH, DIRECT,
-                                 EVEN)
+                                 EVEN, W_LOAD)
         # Codes past K unpack to -z, not 0: the activation words are zero there.
         if ROWS:
             pass  # each row reads its own words (_direct_row, below)
@@ -451,13 +455,13 @@ def w4_gemv_kernel(
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
         PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-        EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False):
+        EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False, W_LOAD: tl.constexpr = 0):
     if L2_EARLY:
         _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
     _gemv_block(tl.program_id(0), tl.program_id(1), x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w_ptr,
                 w_scale_ptr, w_sum_ptr, w_zero_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, M, N, K, DINT, DINT_R,
                 PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
+                STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN, W_LOAD)
     if not L2_EARLY:
         _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
 
@@ -479,7 +483,7 @@ def w4_gemv_group_kernel(
         X_QMAX: tl.constexpr, X_SYMMETRIC: tl.constexpr, X_RECIP_DIV: tl.constexpr, STAT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
         PIPELINE: tl.constexpr, PDL: tl.constexpr, X_DIRECT: tl.constexpr, PREFETCH: tl.constexpr,
-        EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False):
+        EVEN: tl.constexpr, L2_NEXT: tl.constexpr = 0, L2_EARLY: tl.constexpr = False, W_LOAD: tl.constexpr = 0):
     """One launch for sibling linears: programs [0, nb0) take weight 0, the next nb1 weight 1, the rest
     weight 2 (nb = cdiv(N, BLOCK_N)). Each program is exactly a ``w4_gemv_kernel`` program."""
     if L2_EARLY:
@@ -492,17 +496,17 @@ def w4_gemv_group_kernel(
         _gemv_block(pid, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w0_ptr, s0_ptr, t0_ptr, z0_ptr,
                     b0_ptr, y0_ptr, stride_y0, ws_ptr, cnt_ptr, M, N0, K, DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT,
                     USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M,
-                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
+                    BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN, W_LOAD)
     elif pid < nb0 + nb1:  # the grid has nb0 + nb1 programs when G == 2
         _gemv_block(pid - nb0, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w1_ptr, s1_ptr, t1_ptr,
                     z1_ptr, b1_ptr, y1_ptr, stride_y1, ws_ptr + 16 * N0, cnt_ptr + nb0, M, N1, K, DINT, DINT_R, PACK_K,
                     HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX, X_SYMMETRIC, X_RECIP_DIV,
-                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN)
+                    STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT, PREFETCH, EVEN, W_LOAD)
     elif G == 3:
         _gemv_block(pid - nb0 - nb1, pid_k, x_ptr, x_scale_ptr, x_zp_ptr, stride_xm, xq_ptr, w2_ptr, s2_ptr,
                     t2_ptr, z2_ptr, b2_ptr, y2_ptr, stride_y2, ws_ptr + 16 * (N0 + N1), cnt_ptr + nb0 + nb1, M, N2, K,
                     DINT, DINT_R, PACK_K, HAS_BIAS, INT_OUT, USE_ASM, FUSE_QUANT, X_WORDS, LUT, X_QMAX,
                     X_SYMMETRIC, X_RECIP_DIV, STAT_BLOCK, BLOCK_M, BLOCK_N, BLOCK_W, SPLIT_K, PIPELINE, PDL, X_DIRECT,
-                    PREFETCH, EVEN)
+                    PREFETCH, EVEN, W_LOAD)
     if not L2_EARLY:
         _prefetch_next(pf0_ptr, pf0_bytes, pf1_ptr, pf1_bytes, pf2_ptr, pf2_bytes, L2_NEXT)
