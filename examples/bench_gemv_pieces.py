@@ -70,7 +70,7 @@ outputs checked bitwise equal.
 
 ``--wload``: instead, M = 1 and 4 (``PDL_MS``): the GEMV's weight loads with cache hints (``W_LOAD``: none,
 ``evict_first``, ``.cg``), each of ``WLOAD_CONFIGS`` behind its quantization, rounds in turn, outputs checked bitwise
-equal.
+equal. ``--wload-op``: the public op on the GEMV path with ``DISPATCH.gemv_w_load`` 0 and 1, in turn.
 
 ``--fused``: instead, M = 1, 2 and 4: the GEMV with the quantization fused into its prologue (``gemv_fused``) vs the
 two-launch GEMV paths, each forced through the public op, and fused with each of ``FUSED_CFGS``; outputs checked
@@ -85,7 +85,7 @@ dispatch's pick.
     python examples/bench_gemv_pieces.py [--groups-only | --slope | --splitk | --pipeline | --pdl | --quant |
                                           --pdl-configs | --quant-div | --direct | --rows | --l2 | --ksplit |
                                           --ksplit-lut | --ksplit-pdl | --deep | --decode-tiles | --self-l2 |
-                                          --fused | --wload]
+                                          --fused | --wload | --wload-op]
 """
 # ruff: noqa: B023  (every lambda is captured and replayed inside its own loop iteration)
 import os
@@ -845,6 +845,43 @@ def wload():
         del pws, w16s
 
 
+def wload_op():
+    """M = 1 and 4 (``PDL_MS``): the public op on the GEMV path (``gemv``; ``gemv_rows`` at M > 1), the GEMV
+    autotuned afresh for each ``DISPATCH.gemv_w_load`` (it is in the autotuner's key), hints 0 and 1 timed in turn
+    ``WLOAD_ROUNDS`` times (medians), outputs checked bitwise equal; beside FP16."""
+    import statistics
+
+    t0 = time.time()
+    print(f"device: {torch.cuda.get_device_name()}; w4a8_linear on the GEMV path, DISPATCH.gemv_w_load 0 vs 1, GPU "
+          f"time per call in us (weights streamed from HBM), medians of {WLOAD_ROUNDS} rounds in turn", flush=True)
+    default = (DISPATCH.gemv_w_load, DISPATCH.decode_path)
+    for n, k in SHAPES:
+        pws, w16s = _streamed_weights(n, k)
+        for m in PDL_MS:
+            x = torch.randn(m, k, device="cuda").half()
+            DISPATCH.decode_path = "gemv" if m == 1 else "gemv_rows"
+            outs = []
+            for wl in (0, 1):
+                DISPATCH.gemv_w_load = wl
+                outs.append(w4a8_linear(x, pws[0]).clone())
+            if not torch.equal(*outs):
+                print(f"   MISMATCH {n}x{k} M={m}", flush=True)
+            times = {"fp16": [], 0: [], 1: []}
+            for _ in range(WLOAD_ROUNDS):
+                times["fp16"].append(bench_graph(lambda w: F_nn.linear(x, w), w16s))
+                for wl in (0, 1):
+                    DISPATCH.gemv_w_load = wl
+                    times[wl].append(bench_graph(lambda p: w4a8_linear(x, p), pws))
+            med = {t: statistics.median(v) for t, v in times.items()}
+            print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m} ({DISPATCH.decode_path}): fp16 {med['fp16']:.1f}; "
+                  f"no hint {med[0]:.2f} ({med['fp16'] / med[0]:.2f}x), evict_first {med[1]:.2f} "
+                  f"({med['fp16'] / med[1]:.2f}x): {med[1] / med[0]:.3f} of the time; rounds (fp16 / 0 / 1): "
+                  + "; ".join(f"{a:.1f} / {b:.2f} / {c:.2f}" for a, b, c in zip(times["fp16"], times[0], times[1])),
+                  flush=True)
+        del pws, w16s
+    DISPATCH.gemv_w_load, DISPATCH.decode_path = default
+
+
 # --fused: explicit GEMV configs (BLOCK_N, BLOCK_W, warps, PREFETCH) timed with the quantization fused, beside the
 # autotuned one: the redundant per-program quantization shrinks as BLOCK_N grows (fewer programs).
 FUSED_CFGS = [(8, 64, 2, 1), (4, 64, 1, 1), (16, 64, 4, 1), (32, 64, 4, 1), (8, 128, 4, 1), (16, 128, 4, 1),
@@ -902,7 +939,8 @@ MODES = {"--fused": fused, "--ksplit": ksplit, "--ksplit-lut": ksplit_lut, "--ks
          "--deep": deep, "--decode-tiles": lambda: deep(tiles=True), "--self-l2": self_l2,
          "--l2": l2, "--direct": direct, "--rows": rows, "--quant": quant, "--quant-div": quant_div,
          "--pdl": pdl, "--pdl-configs": pdl_configs, "--pipeline": pipeline,
-         "--splitk": splitk, "--slope": slope, "--wload": wload}
+         "--splitk": splitk, "--slope": slope, "--wload": wload,
+         "--wload-op": wload_op}
 
 if __name__ == "__main__":
     mode = next((fn for flag, fn in MODES.items() if flag in sys.argv), None)

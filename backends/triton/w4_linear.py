@@ -121,6 +121,11 @@ class Dispatch:
     # shapes by 0.1-0.3 us and lost by 0.2 on the fourth (H100, 2026-12-06, ``gemv_pdl_configs_h100.txt``). On
     # since the autotuner times configs behind the quantization (``_timed_after``); not yet timed end to end.
     gemv_prefetch2: bool = True
+    # Cache hints on the GEMV's weight-code loads (``_common.stream_load``): 0 none, 1 ``evict_first``, 2 ``.cg``.
+    # H100, 2026-12-07 (``bench_gemv_pieces.py --wload``, five configs behind the quantization, M = 1 and 4, four
+    # shapes, medians of 3 rounds in turn, ``examples/results/gemv_wload_h100.txt``): evict_first 0.93-1.04x the
+    # unhinted time (29 of 40 cases faster; best config per case 1-3 % faster in 7 of 8), .cg 0.96-1.12x.
+    gemv_w_load: int = 1
     # The decode GEMV asks for (part of) the next linear's weights in L2 (``l2_next`` of the launchers, from
     # ``l2_chain.py``): "off", "end" (each program once its own weights are read: the traffic fills the gap
     # of norm / attention / quantization kernels before the next GEMV) or "start" (before its own loop);
@@ -210,7 +215,7 @@ _decode_kernel = _autotune(kern.DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w
 _splitk_decode_kernel = _autotune(kern.SPLITK_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _fused_decode_kernel = _autotune(kern.FUSED_DECODE_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _GEMV_AUTOTUNED = gemv_kern.GEMV_CONFIGS + gemv_kern.GEMV_SPLITK_CONFIGS  # split ones pruned below SPLITK_MIN_K
-_GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT", "PDL"]
+_GEMV_KEY = ["BLOCK_M", "K", "DINT", "FUSE_QUANT", "X_WORDS", "USE_ASM", "LUT", "X_DIRECT", "PDL", "W_LOAD"]
 
 
 def _with_even(kernel, n_args):
@@ -326,7 +331,7 @@ def _gemv_meta(x, pw: PackedWeight, *, act_bits, act_sym, fuse_quant, has_bias, 
     return dict(DINT=_w_kind(pw) == 1, LUT=use_lut, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=has_bias,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), FUSE_QUANT=fuse_quant, X_WORDS=x_words,
                 X_QMAX=(1 << act_bits) - 1, X_SYMMETRIC=act_sym, X_RECIP_DIV=recip_div(x.device),
-                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl,
+                STAT_BLOCK=gemv_kern.stat_block(k, block_m), BLOCK_M=block_m, PDL=pdl, W_LOAD=DISPATCH.gemv_w_load,
                 X_DIRECT=DISPATCH.gemv_direct and x_words and not use_lut and (block_m == 1 or (
                     (DISPATCH.gemv_direct_rows if direct_rows is None else direct_rows) and block_m <= 4)),
                 **({"launch_pdl": True} if pdl else {}))  # the launch option only where used
@@ -402,7 +407,7 @@ def launch_gemv(x, x_scale, x_zp, pw: PackedWeight, y, *, act_bits=8, act_sym=Fa
         return (triton.cdiv(n, meta_["BLOCK_N"]), meta_["SPLIT_K"])
 
     if config is not None:
-        _gemv_even[grid](*args, **meta, **{**EXPLICIT_GEMV_DEFAULTS, **config})
+        _gemv_even[grid](*args, **{**meta, **EXPLICIT_GEMV_DEFAULTS, **config})  # a config's W_LOAD wins
     else:
         _gemv_kernels[DISPATCH.gemv_prefetch2][grid](*args, **meta)
     return y
@@ -447,7 +452,7 @@ def launch_gemv_group(x, x_scale, x_zp, pws: list, ys: list, *, act_bits=8, act_
         return (sum(triton.cdiv(n, meta_["BLOCK_N"]) for n in ns), meta_["SPLIT_K"])
 
     if config is not None:
-        _gemv_group_even[grid](*args, G=len(pws), **metas[0], **{**EXPLICIT_GEMV_DEFAULTS, **config})
+        _gemv_group_even[grid](*args, G=len(pws), **{**metas[0], **EXPLICIT_GEMV_DEFAULTS, **config})
     else:
         _gemv_group_kernels[DISPATCH.gemv_prefetch2][grid](*args, G=len(pws), **metas[0])
     return ys
