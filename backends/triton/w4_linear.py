@@ -122,10 +122,13 @@ class Dispatch:
     # since the autotuner times configs behind the quantization (``_timed_after``); not yet timed end to end.
     gemv_prefetch2: bool = True
     # Cache hints on the GEMV's weight-code loads (``_common.stream_load``): 0 none, 1 ``evict_first``, 2 ``.cg``.
-    # H100, 2026-12-07 (``bench_gemv_pieces.py --wload``, five configs behind the quantization, M = 1 and 4, four
-    # shapes, medians of 3 rounds in turn, ``examples/results/gemv_wload_h100.txt``): evict_first 0.93-1.04x the
-    # unhinted time (29 of 40 cases faster; best config per case 1-3 % faster in 7 of 8), .cg 0.96-1.12x.
-    gemv_w_load: int = 1
+    # H100, 2026-12-07, medians of 3 rounds in turn (``examples/results/gemv_wload_h100.txt``). Five explicit
+    # configs behind the quantization, M = 1 and 4, four shapes (``bench_gemv_pieces.py --wload``): evict_first
+    # 0.93-1.04x the unhinted time (faster in 29 of 40 cases), .cg 0.96-1.12x. The public op on the GEMV path, the
+    # autotuner picking per hint (``--wload-op``): evict_first 0.961-0.973x at 4096x4096 M = 1 and 4 and 14336x4096
+    # M = 4, 0.99-1.005x on four cases, but 1.066x at 11008x4096 M = 1 (every round; 3.21x FP16 -> 3.01x). Mixed,
+    # so off; it stays for experiments. (cp.async, the k-split GEMM's loads, takes no eviction hint in Triton 3.6.)
+    gemv_w_load: int = 0
     # The decode GEMV asks for (part of) the next linear's weights in L2 (``l2_next`` of the launchers, from
     # ``l2_chain.py``): "off", "end" (each program once its own weights are read: the traffic fills the gap
     # of norm / attention / quantization kernels before the next GEMV) or "start" (before its own loop);

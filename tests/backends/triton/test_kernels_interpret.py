@@ -490,6 +490,33 @@ if INTERPRET:
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*outs))  # 24 % 16: not EVEN
 
     @child_only
+    @pytest.mark.parametrize("m,n,k", [(1, 16, 512), (3, 21, 300), (2, 24, 1000)])
+    def test_gemv_weight_load_hints_keep_the_outputs(m, n, k, monkeypatch):
+        """Cache hints on the weight loads (``W_LOAD`` 1 ``evict_first``, 2 ``.cg``; ``_common.stream_load``) on
+        EVEN (unmasked) and ragged (masked) K loops, single and group GEMV, explicit and from
+        ``DISPATCH.gemv_w_load``: the reference's int32 sums and the unhinted outputs, bitwise."""
+        from qcompile.backends.triton import w4_linear
+        from qcompile.backends.triton.w4_linear import launch_gemv_group
+
+        pw = make_weight(n, k, "dint4", "channel", "cpu", seed=m + n)
+        x = make_x(m, k, "cpu", seed=m)
+        xq, xs, xz = quantize_rows(x, 8, False)
+        pws = [pw, make_weight(8, k, "dint4", "channel", "cpu", seed=3)]
+        for cfg in (dict(BLOCK_N=8, BLOCK_W=32, num_warps=4), dict(BLOCK_N=8, BLOCK_W=128, num_warps=4, PREFETCH=2)):
+            plain = launch_gemv(xq, xs, xz, pw, torch.empty(m, n), config={**cfg, "W_LOAD": 0})
+            group = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws],
+                                      config={**cfg, "W_LOAD": 0})
+            for hint in (1, 2):
+                check_gemm(x, pw, launch_gemv, config={**cfg, "W_LOAD": hint})
+                assert torch.equal(launch_gemv(xq, xs, xz, pw, torch.empty(m, n), config={**cfg, "W_LOAD": hint}),
+                                   plain)
+                monkeypatch.setattr(w4_linear.DISPATCH, "gemv_w_load", hint)
+                assert torch.equal(launch_gemv(xq, xs, xz, pw, torch.empty(m, n), config=cfg), plain)
+                hinted = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws], config=cfg)
+                assert all(torch.equal(a, b) for a, b in zip(hinted, group))
+                monkeypatch.setattr(w4_linear.DISPATCH, "gemv_w_load", 0)
+
+    @child_only
     @pytest.mark.parametrize("n,k", [(16, 128), (21, 300), (12, 1000)])
     def test_gemv_direct_activation_words_keep_the_outputs(n, k):
         """``X_DIRECT`` (M = 1: activation words read into the accumulator's layout) = the broadcast words,
