@@ -343,20 +343,12 @@ def stream_load(ptrs, mask, W_LOAD: tl.constexpr):
     """``tl.load`` of weight codes (zero where ``mask`` is off; ``mask`` None: no mask) with the cache hints
     ``W_LOAD`` names: 0 none, 1 ``evict_first`` (each byte is read once per call), 2 ``.cg`` (cached in L2
     only, not L1). (ptxas takes no ``.cg`` with ``evict_first``.)"""
+    evict: tl.constexpr = "evict_first" if W_LOAD == 1 else ""
+    cache: tl.constexpr = ".cg" if W_LOAD == 2 else ""
     if mask is None:
-        if W_LOAD == 1:
-            v = tl.load(ptrs, eviction_policy="evict_first")
-        elif W_LOAD == 2:
-            v = tl.load(ptrs, cache_modifier=".cg")
-        else:
-            v = tl.load(ptrs)
+        v = tl.load(ptrs, cache_modifier=cache, eviction_policy=evict)
     else:
-        if W_LOAD == 1:
-            v = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-        elif W_LOAD == 2:
-            v = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
-        else:
-            v = tl.load(ptrs, mask=mask, other=0)
+        v = tl.load(ptrs, mask=mask, other=0, cache_modifier=cache, eviction_policy=evict)
     return v
 
 
