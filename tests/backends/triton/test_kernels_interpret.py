@@ -514,7 +514,6 @@ if INTERPRET:
                 assert torch.equal(launch_gemv(xq, xs, xz, pw, torch.empty(m, n), config=cfg), plain)
                 hinted = launch_gemv_group(xq, xs, xz, pws, [torch.empty(m, q.out_features) for q in pws], config=cfg)
                 assert all(torch.equal(a, b) for a, b in zip(hinted, group))
-                monkeypatch.setattr(w4_linear.DISPATCH, "gemv_w_load", 0)
 
     @child_only
     @pytest.mark.parametrize("n,k", [(16, 128), (21, 300), (12, 1000)])
