@@ -10,12 +10,17 @@ read comes from HBM), median, microseconds:
   * ``read fp16``: the fastest read of the fp16 weight's bytes (how close cuBLAS streams to the read floor);
   * ``read w4``: the fastest read of the packed dINT4 weight (``qweight``, 0.25x the fp16 bytes; the per-channel
     tables add 12 bytes per row and are not read here);
-  * ``quant``: ``quantize_rows`` of the activation alone (M = 1 and 16): one launch of a W4A8 linear;
-  * ``w4a8``: ``w4a8_linear`` (the dispatch's pick, activation quantization included) at M = 1 and 16;
+  * ``quant``: ``quantize_rows`` of the activation alone (M = 1, 4 and 16): one launch of a W4A8 linear;
+  * ``w4a8``: ``w4a8_linear`` (the dispatch's pick, activation quantization included) at M = 1, 4 and 16;
+  * ``cuBLAS w4 bytes``: cuBLAS ``F.linear`` at the same M on an fp16 weight with exactly the packed weight's bytes,
+    [N, K / 4] or [N / 4, K], whichever is faster: how fast the vendor's own kernel streams that many bytes into M
+    rows, with nothing to unpack and no activation to quantize;
   * ``empty``: a one-element launch, the fixed cost of any kernel in the graph.
 
 The printed bound ``fp16 / read w4`` is the largest speed-up over FP16 that a kernel reading the packed weight once
 could reach with the activation quantization for free; ``w4a8 / read w4`` says how far the kernels are from it.
+``fp16 / cuBLAS w4 bytes`` is the speed-up a W4A8 kernel would reach if it streamed its bytes as well as cuBLAS
+streams the same number of fp16 bytes, again with the unpacking and the quantization free.
 
     python examples/bench_read_floor.py
 """
@@ -88,27 +93,35 @@ def main():
         pws = streamed_copies(prepack(*F.quantize(w16.float(), spec, gran), "dint4", "channel"), n * k // 2)
         r16, c16 = fastest_read(w16s)
         r4, c4 = fastest_read([p.qweight for p in pws])
-        cells = {}
-        for m in (1, 16):
+        # fp16 weights with the packed weight's bytes: a quarter of K, or a quarter of N
+        eq_k = streamed_copies((torch.randn(n, k // 4, device="cuda") * 0.02).half(), n * k // 2)
+        eq_n = streamed_copies((torch.randn(n // 4, k, device="cuda") * 0.02).half(), n * k // 2)
+        cells, eq_both = {}, {}
+        for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda").half()
+            x_eq = x[:, : k // 4].contiguous()
+            eq_both[m] = (bench_graph(lambda w: F_nn.linear(x_eq, w), eq_k),
+                          bench_graph(lambda w: F_nn.linear(x, w), eq_n))
             cells[m] = (bench_graph(lambda w: F_nn.linear(x, w), w16s),
                         bench_graph(lambda _: quantize_rows(x, 8, False), [None]),
-                        bench_graph(lambda p: w4a8_linear(x, p), pws))
+                        bench_graph(lambda p: w4a8_linear(x, p), pws),
+                        min(eq_both[m]))
         mb16, mb4 = n * k * 2 / 1e6, n * k / 2 / 1e6
         print(f"[{time.time() - t0:4.0f}s] {n}x{k}: read fp16 {r16:.1f} ({mb16 / r16:.2f} TB/s, {c16}), read w4 "
               f"{r4:.1f} ({mb4 / r4:.2f} TB/s, {c4}); "
-              + "; ".join(f"M={m}: fp16 {fp:.1f} ({mb16 / fp:.2f} TB/s), quant {q:.1f}, w4a8 {w:.1f}"
-                          for m, (fp, q, w) in cells.items()), flush=True)
+              + "; ".join(f"M={m}: fp16 {fp:.1f} ({mb16 / fp:.2f} TB/s), quant {q:.1f}, w4a8 {w:.1f}, cuBLAS w4 "
+                          f"bytes {eq:.1f} ({mb4 / eq:.2f} TB/s; [N, K/4] {eq_both[m][0]:.1f}, [N/4, K] "
+                          f"{eq_both[m][1]:.1f})" for m, (fp, q, w, eq) in cells.items()), flush=True)
         rows.append((n, k, r16, r4, cells))
-        del w16s, pws
+        del w16s, pws, eq_k, eq_n
 
-    print("\n| N x K | read fp16 | read w4 | M | FP16 | FP16 / read fp16 | bound: FP16 / read w4 | quant | W4A8 "
-          "| W4A8 vs FP16 | W4A8 / read w4 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| N x K | read fp16 | read w4 | M | FP16 | FP16 / read fp16 | bound: FP16 / read w4 | cuBLAS w4 bytes "
+          "| FP16 / cuBLAS w4 bytes | quant | W4A8 | W4A8 vs FP16 | W4A8 / read w4 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, k, r16, r4, cells in rows:
-        for m, (fp, q, w) in cells.items():
-            print(f"| {n}x{k} | {r16:.1f} | {r4:.1f} | {m} | {fp:.1f} | {fp / r16:.2f} | {fp / r4:.2f}x | {q:.1f} "
-                  f"| {w:.1f} | {fp / w:.2f}x | {w / r4:.2f} |")
+        for m, (fp, q, w, eq) in cells.items():
+            print(f"| {n}x{k} | {r16:.1f} | {r4:.1f} | {m} | {fp:.1f} | {fp / r16:.2f} | {fp / r4:.2f}x | {eq:.1f} "
+                  f"| {fp / eq:.2f}x | {q:.1f} | {w:.1f} | {fp / w:.2f}x | {w / r4:.2f} |")
     print(f"\nempty launch {empty:.2f} us. Read floors: the fastest of {len(READ_CONFIGS)} read-only launch shapes "
           "(words per program, words per step, warps, stages) per weight.")
 

@@ -19,6 +19,8 @@ Prints a markdown table (and writes it to $OUT/triton_bench_w4a8_linear.md when 
                                                     # FP16, _int_mm, W4A8 and W4A4 timed in turn 5 times,
                                                     #   the median of each (at M = 4096 the same call moves
                                                     #   5-10 % between back-to-back timings)
+    BENCH_MS=1,4,16 BENCH_W4A8_FORMAT=int4 python examples/bench_w4a8_linear.py
+                                                    # W4A8 with INT4 per-channel weights instead of dINT4
     BENCH_MS=4096 BENCH_SHAPES=4096x11008 python examples/bench_w4a8_linear.py --variants --gemm-sweep
                                                     # + every tiled-GEMM config timed on its own (prefill
                                                     #   configs at M > 16, decode ones at M <= 16)
@@ -42,7 +44,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (N, K) =
 if os.environ.get("BENCH_SHAPES"):  # e.g. BENCH_SHAPES=4096x11008,4096x4096
     SHAPES = [tuple(int(d) for d in s.split("x")) for s in os.environ["BENCH_SHAPES"].split(",")]
 MS = [int(m) for m in os.environ.get("BENCH_MS", "1,4,16,64,256,1024,4096").split(",")]
-W_FMT, W_GRAN = "dint4", "channel"
+W_FMT, W_GRAN = os.environ.get("BENCH_W4A8_FORMAT", "dint4"), "channel"  # or int4 (the INT4 recipes' codes)
 W4A4_FMT, W4A4_GRAN = "int4", "group128"
 VARIANTS = "--variants" in sys.argv
 GEMM_SWEEP = "--gemm-sweep" in sys.argv  # with --variants: each GEMM config explicitly (sweep_gemm)
@@ -215,8 +217,8 @@ def sweep_gemm(xq, xs, xz, pws, yb, decode=False):
 
 rows, var_rows, worst_err = [], [], 0.0
 for n, k in SHAPES:
-    # 1. Weights: fp16, dINT4 per-channel (packed), INT4 g128 (packed), random int8 for the W8A8 baseline;
-    #    copies of each so that graph-timed calls stream their weights from HBM.
+    # 1. Weights: fp16, W_FMT per-channel (packed; dINT4 unless asked), INT4 g128 (packed), random int8 for the
+    #    W8A8 baseline; copies of each so that graph-timed calls stream their weights from HBM.
     w16 = (torch.randn(n, k, device=dev) * 0.02).half()
     pw, w_dq = quantized_weight(w16.float(), W_FMT, W_GRAN)
     pw4, w4_dq = quantized_weight(w16.float(), W4A4_FMT, W4A4_GRAN)
@@ -274,7 +276,8 @@ for n, k in SHAPES:
     torch.cuda.empty_cache()
 
 # 5. The table (GPU time from CUDA graphs; the eager column includes host launch overhead).
-lines = [f"W4A8 = dINT4 per-channel weights x int8 per-token activations (quantization included); "
+lines = [f"W4A8 = {W_FMT.replace('int4', 'INT4')} per-channel weights x int8 per-token activations "
+         "(quantization included); "
          f"W4A4 = INT4 g128 x INT4 g128. {torch.cuda.get_device_name()}, fp16 activations. GPU time: "
          "calls in one CUDA graph cycling weight copies (> 2x L2), median, microseconds"
          + (f"; FP16, _int_mm, W4A8, W4A4 timed in turn {ROUNDS} times, the median of each" if ROUNDS > 1 else "")
