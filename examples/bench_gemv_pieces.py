@@ -58,7 +58,7 @@ dispatch's pick, beside FP16 (weights streamed from HBM).
 ``--ksplit``: instead, M = 1, 4 and 16 on given codes: the decode GEMM with K split across warps
 (``launch_ksplit``, each config of ``KSPLIT_CONFIGS`` and ``KSPLIT_EXTRA``, and autotuned) against the autotuned
 tiled and split-K decode GEMMs, outputs checked bitwise equal; its best config with its quantization and the
-dispatch's pick, beside FP16.
+dispatch's pick, beside FP16. ``KSPLIT_SWEEP="32,4,4,3;32,4,2,3"`` times those configs instead.
 
 ``--ksplit-lut``: instead, M = 1, 4 and 16 on given codes: each config of ``KSPLIT_CONFIGS`` with the arithmetic
 (A) and the table (L) unpacker, against the autotuned tiled and split-K decode GEMMs, outputs checked bitwise
@@ -634,6 +634,9 @@ def deep(tiles=False):
 # 32 380-382, 16 450.
 KSPLIT_EXTRA = [(64, 4, 4, 3), (32, 8, 8, 3), (16, 8, 8, 3), (16, 4, 4, 3), (16, 4, 4, 4), (64, 2, 2, 3),
                 (64, 4, 4, 2), (32, 16, 16, 2), (32, 8, 8, 2), (16, 16, 16, 2), (64, 8, 8, 2)]
+# KSPLIT_SWEEP="32,4,4,3;32,4,2,3": --ksplit times these (BLOCK_N, S, warps, stages) instead of KSPLIT_CONFIGS +
+# KSPLIT_EXTRA. S = 2 x warps gives each warp two chunks per step (two independent unpack + mma chains).
+KSPLIT_SWEEP = [tuple(int(v) for v in c.split(",")) for c in os.environ.get("KSPLIT_SWEEP", "").split(";") if c]
 
 
 def ksplit():
@@ -642,7 +645,8 @@ def ksplit():
     from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_CONFIGS, ksplit_config
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
-    configs = KSPLIT_CONFIGS + [ksplit_config(*c) for c in KSPLIT_EXTRA]
+    configs = ([ksplit_config(*c) for c in KSPLIT_SWEEP] if KSPLIT_SWEEP
+               else KSPLIT_CONFIGS + [ksplit_config(*c) for c in KSPLIT_EXTRA])
     _config_sweep("decode GEMM with K split across warps", launch_ksplit,
                   [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
                   lambda c: f"{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
