@@ -587,8 +587,9 @@ def _config_sweep(title, launch, configs, tag, ms, extra):
             xq, xs, xz = quantize_rows(x, 8, False)
             fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
             ref = launch_gemm(xq, xs, xz, pws[0], y).clone()
-            r = {"tiles": bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y), pws),
-                 "splitk": bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y, split_k=True), pws)}
+            r = {"tiles": bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y), pws)}
+            if m <= 16:  # the split-K workspace holds 16 rows
+                r["splitk"] = bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y, split_k=True), pws)
             r.update({name: bench_graph(lambda p: fn(xq, xs, xz, p, y), pws) for name, fn in extra.items()})
             each = {}
             for cfg in configs:
@@ -603,12 +604,24 @@ def _config_sweep(title, launch, configs, tag, ms, extra):
             best_t, best_cfg = each[best_tag]
             with_q = bench_graph(lambda p: launch(*quantize_rows(x, 8, False), p, y, config=best_cfg), pws)
             auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
+            forced = ""
+            if m > 16:  # the public op on each prefill path (the k-split one from 17 to 64 rows, switched on here)
+                default = DISPATCH.ksplit_wide_candidate
+                for path in ("inloop", "ksplit"):
+                    DISPATCH.prefill_path, DISPATCH.ksplit_wide_candidate = path, True
+                    try:
+                        t = bench_graph(lambda p: w4a8_linear(x, p), pws)
+                        forced += f", forced {path} {t:.1f} = {fp / t:.2f}x fp16"
+                    except ValueError as e:
+                        forced += f", forced {path}: {e}"
+                    finally:
+                        DISPATCH.prefill_path, DISPATCH.ksplit_wide_candidate = "auto", default
             print(f"[{time.time() - t0:4.0f}s] {n}x{k} M={m} ({mb:.1f} MB): fp16 {fp:.1f}; codes given: "
                   + ", ".join(f"{kk} {v:.1f}" for kk, v in r.items())
                   + f", best listed {best_t:.1f} ({best_tag}) = {mb / best_t:.2f} TB/s = {r['tiles'] / best_t:.2f}x "
                   "tiles; all listed: " + " ".join(f"{t}={v[0]:.1f}" for t, v in each.items())
                   + f"; with quantization: best listed {with_q:.1f} = {fp / with_q:.2f}x fp16, dispatch "
-                  f"({_chosen(m, n, k)}) {auto:.1f} = {fp / auto:.2f}x fp16", flush=True)
+                  f"({_chosen(m, n, k)}) {auto:.1f} = {fp / auto:.2f}x fp16" + forced, flush=True)
         del pws, w16s
 
 
@@ -637,6 +650,9 @@ KSPLIT_EXTRA = [(64, 4, 4, 3), (32, 8, 8, 3), (16, 8, 8, 3), (16, 4, 4, 3), (16,
 # KSPLIT_SWEEP="32,4,4,3;32,4,2,3": --ksplit times these (BLOCK_N, S, warps, stages) instead of KSPLIT_CONFIGS +
 # KSPLIT_EXTRA. S = 2 x warps gives each warp two chunks per step (two independent unpack + mma chains).
 KSPLIT_SWEEP = [tuple(int(v) for v in c.split(",")) for c in os.environ.get("KSPLIT_SWEEP", "").split(";") if c]
+# KSPLIT_MS=32,64: --ksplit's rows per call (up to 64: 32- and 64-row tiles above 16, where the public op is also timed
+# on each prefill path, "inloop" and "ksplit")
+KSPLIT_MS = tuple(int(m) for m in os.environ.get("KSPLIT_MS", "1,4,16").split(","))
 
 
 def ksplit():
@@ -650,7 +666,7 @@ def ksplit():
     _config_sweep("decode GEMM with K split across warps", launch_ksplit,
                   [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
                   lambda c: f"{c['BLOCK_N']},S{c['S']},w{c['num_warps']},s{c['num_stages']}",
-                  (1, 4, 16), {"ksplit_autotuned": launch_ksplit})
+                  KSPLIT_MS, {"ksplit_autotuned": launch_ksplit})
 
 
 def ksplit_lut():

@@ -1,4 +1,5 @@
-"""Decode GEMM (M <= 16) with K split across warps: int8 activation codes x 4-bit packed weights on mma.sync.
+"""Decode GEMM (M <= 16, and up to 64 rows) with K split across warps: int8 activation codes x 4-bit packed weights on
+mma.sync.
 
     y[m, n] = sx[m] * u[n] * ( sum_s sum_{k in chunks of slice s} xq[m, k] * t[n, k]  -  zx[m] * T[n] )
                               `--------- int32: S independent tl.dot, summed once ---------'
@@ -40,6 +41,11 @@ sm_90 SASS: 298 instructions per warp and chunk instead of 382. H100 (2026-12-06
 Same int32 sums, so the output is still bitwise the tiled kernel's. An unmasked K loop for shapes that divide
 evenly (276 instructions) timed 1-8 % slower and was dropped (``examples/results/ksplit_even_ab_h100.txt``).
 
+Rows. ``BLOCK_M`` is 16 (mma.sync's M) up to M = 16, and 32 or 64 above (``ksplit_block_m``, M <= 64): the
+activation tile is ``[S, BLOCK_M, PACK_K / 2]`` and each unpacked weight fragment meets 2 or 4 row tiles of 16, so
+the unpack, most of the loop's instructions, is paid once for up to 64 rows. ``TWO_ACC`` (two accumulators, one per
+nibble plane) holds at BLOCK_M 16; wider tiles keep one, as two would not fit in the registers.
+
 The loop is software-pipelined by the launch's ``num_stages`` (cp.async of the packed weights and the activation
 codes into shared memory, ``num_stages - 1`` steps ahead). Per-channel weights (dINT or INT), per-token int8
 activations quantized beforehand (``quantize_rows``); the output is bitwise that of ``w4_gemm_kernel`` on the same
@@ -56,7 +62,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ._common import interleave_planes, lut_words, unpack, unpack_bytes_lut
 from .w4_gemv_kernel import _gemv_store, channel_tables
 
-__all__ = ["KSPLIT_CONFIGS", "ksplit_config", "prune_ksplit_configs", "w4_ksplit_kernel"]
+__all__ = ["KSPLIT_CONFIGS", "KSPLIT_WIDE_CONFIGS", "ksplit_block_m", "ksplit_config", "prune_ksplit_configs",
+           "w4_ksplit_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -75,12 +82,25 @@ def ksplit_config(block_n: int, s: int, warps: int, stages: int) -> triton.Confi
 KSPLIT_CONFIGS = [ksplit_config(bn, s, w, st) for bn, s, w, st in [
     (32, 4, 4, 3), (32, 2, 2, 3), (32, 4, 4, 4),
 ]]
+# M = 17-64 (BLOCK_M 32 or 64, one accumulator). Offline sm_90 (Triton 3.6, 3 stages), registers at BLOCK_M 32 / 64:
+# (32, 4, 4) 168 / 255 and spilling (pruned at 64), (32, 2, 2) 168 / 249, (16, 4, 4) 125 / 195, (16, 2, 2) 126 / 150.
+KSPLIT_WIDE_CONFIGS = [ksplit_config(bn, s, w, st) for bn, s, w, st in [
+    (32, 4, 4, 3), (32, 2, 2, 3), (16, 4, 4, 3), (16, 2, 2, 3),
+]]
+
+
+def ksplit_block_m(m: int) -> int:
+    """The row tile for ``m`` rows: 16 (mma.sync's M) up to 16 rows, else the next power of two (32 or 64)."""
+    return max(16, triton.next_power_of_2(m))
 
 
 def prune_ksplit_configs(configs, named_args, **meta):
-    """Keep the configs whose S slices fit K's chunks at least once (no step entirely past K)."""
+    """Keep the configs whose S slices fit K's chunks at least once (no step entirely past K), and at BLOCK_M 64
+    those that do not spill (offline sm_90: 32 channels on 4 warps does)."""
     n_chunks = triton.cdiv(named_args["K"], meta.get("PACK_K", named_args.get("PACK_K", 128)))
-    kept = [c for c in configs if c.kwargs["S"] <= max(n_chunks, 4)]
+    wide = meta.get("BLOCK_M", 16) >= 64
+    kept = [c for c in configs if c.kwargs["S"] <= max(n_chunks, 4)
+            and not (wide and c.kwargs["BLOCK_N"] >= 32 and c.num_warps >= 4)]
     return kept or configs[-1:]
 
 
@@ -95,8 +115,7 @@ def w4_ksplit_kernel(
         M, N, K, M_BUCKET,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr,
-        BLOCK_N: tl.constexpr, S: tl.constexpr):
-    BLOCK_M: tl.constexpr = 16  # mma.sync's M; rows past M are masked to zero and never stored
+        BLOCK_N: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr = 16, TWO_ACC: tl.constexpr = True):
     HALF: tl.constexpr = PACK_K // 2
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -116,11 +135,13 @@ def w4_ksplit_kernel(
     x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)  # before the loop too (channel_tables)
     x_zp = tl.load(x_zp_ptr + offs_m, mask=m_ok, other=0)
 
-    # The two nibble planes sum into two accumulators (a chain of 8 instead of 16 dependent mma per warp and
-    # chunk): H100, codes given, 1-3 % faster on all 12 (shape, M) cases (2026-12-06, bench_gemv_pieces.py
-    # --ksplit-pdl "codes given" vs "2acc", examples/results/ksplit_pdl_h100.txt). Integer sums: same result.
+    # Rows past M are masked to zero and never stored. With TWO_ACC the two nibble planes sum into two accumulators
+    # (a chain of 8 instead of 16 dependent mma per warp and chunk): H100, codes given, 1-3 % faster on all 12
+    # (shape, M) cases (2026-12-06, bench_gemv_pieces.py --ksplit-pdl "codes given" vs "2acc",
+    # examples/results/ksplit_pdl_h100.txt). Integer sums: same result either way.
     acc = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
-    acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
+    if TWO_ACC:
+        acc_hi = tl.zeros([S, BLOCK_M, BLOCK_N], tl.int32)
     for it in range(tl.cdiv(n_chunks, S)):
         chunk = (it * S + offs_s)[:, None, None]  # [S, 1, 1]: warp s's chunk this step
         # Masks from full-shape index tensors (the interpreter mishandles 0-d comparisons). Chunks past the
@@ -140,8 +161,12 @@ def w4_ksplit_kernel(
         if LUT:
             x_lo, x_hi = interleave_planes(x_lo, x_hi, USE_ASM)  # the same order
         acc = tl.dot(x_lo, w_lo, acc, out_dtype=tl.int32)
-        acc_hi = tl.dot(x_hi, w_hi, acc_hi, out_dtype=tl.int32)
-    acc += acc_hi
+        if TWO_ACC:
+            acc_hi = tl.dot(x_hi, w_hi, acc_hi, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(x_hi, w_hi, acc, out_dtype=tl.int32)
+    if TWO_ACC:
+        acc += acc_hi
 
     if PDL:  # the weights are read: the next kernel may launch (it waits for this one before reading y)
         gdc_launch_dependents()

@@ -59,7 +59,7 @@ class Dispatch:
     decode_max_m: int = 16
     # "auto" | "fused" | "unfused" | "splitk" | "ksplit" | "ksplit_pdl" | "gemv" | "gemv_fused" | "gemv_rows"
     decode_path: str = "auto"
-    prefill_path: str = "auto"  # "auto" | "inloop" | "expand"
+    prefill_path: str = "auto"  # "auto" | "inloop" | "expand" | "ksplit" (M <= KSPLIT_MAX_M)
     expand_min_m: int = 256  # "expand" is a candidate from this M on
     use_asm: bool = True  # PTX SIMD unpacker on GPU (never under the interpreter)
     # The GEMV's table unpacker for dINT with R <= 4: 12 instead of 19 instructions per 8 codes, but on the
@@ -114,6 +114,11 @@ class Dispatch:
     # session, H100): picked at 14336x4096, M = 4, in both runs of the day (15.4 and 15.6 us, 2.77x and 2.75x FP16;
     # ``triton_bench_w4a8_linear_h100_eleventh.md``, ``ksplit_lut_bias_h100.txt``), nowhere else.
     ksplit_pdl_candidate: bool = True
+    # The k-split GEMM with BLOCK_M = 32 / 64 (``w4_ksplit_kernel``: each unpacked weight fragment meets 2-4 row
+    # tiles of the activation) as a candidate from M = 17 to ``KSPLIT_MAX_M``, beside the tiled GEMM ("inloop").
+    # Exact under the interpreter and compiled offline for sm_90 without spills (2026-12-07); off until a GPU has
+    # checked and timed it (``KSPLIT_MS=32,64 python examples/bench_gemv_pieces.py --ksplit`` prints both paths).
+    ksplit_wide_candidate: bool = False
     # The autotuned GEMV configs plus the PREFETCH = 2 ones (two tiles ahead in the register buffer:
     # w4_gemv_kernel.GEMV_PREFETCH2_CONFIGS). On given codes they timed 0.94-0.97x on 7 of 8 shapes (H100,
     # ``bench_gemv_pieces.py --direct``), but behind the quantization, as the GEMV runs (its first tiles load
@@ -141,6 +146,7 @@ DISPATCH = Dispatch()
 # Under TRITON_INTERPRET=1 the autotuner would interpret every config: use one small fixed config.
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, UNITS_PER_ITER=2, GROUP_M=2, SPLIT_K=1, num_warps=4, num_stages=1)
 SPLITK_MAX_M = 16  # the split-K workspace holds 16 rows
+KSPLIT_MAX_M = 64  # the k-split GEMM's widest row tile (BLOCK_M 16, 32 or 64)
 _WORKSPACES: dict = {}
 
 
@@ -239,6 +245,9 @@ _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], 
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
 _ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"],
                            ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
+_ksplit_wide_kernel = _autotune(ksplit_kern.KSPLIT_WIDE_CONFIGS,
+                                ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"],
+                                ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
 
 
 def _use_asm(device: torch.device, use_asm: bool | None) -> bool:
@@ -476,15 +485,16 @@ INTERPRET_KSPLIT_CONFIG = dict(BLOCK_N=16, S=4, num_warps=4, num_stages=1)
 def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=False, config=None, use_asm=None,
                   pdl=False, lut=None):
     """Run ``w4_ksplit_kernel`` (K split across warps) into ``y [M, N]``: int8 codes ``x [M, K]`` with per-token
-    ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 16. ``config``: explicit ``BLOCK_N``,
+    ``x_scale`` / ``x_zp`` (``quantize_rows``), per-channel weights, M <= 64 (row tiles of 16, 32 or 64: the
+    next power of two, at least 16). ``config``: explicit ``BLOCK_N``,
     ``S``, ``num_warps``, ``num_stages`` instead of the autotuner. ``int_out``: the exact int32 sums
     ``sum_k (xq - zx) t`` (scales ignored), for tests. ``pdl``: launch as a programmatic dependent of the previous
     kernel (CUDA only). ``lut``: the table unpacker (dINT weights only); default ``DISPATCH.ksplit_lut``.
     Bitwise the output of ``launch_gemm`` on the same codes."""
     m, k = x.shape
     n = pw.out_features
-    if pw.group_size > 0 or m > SPLITK_MAX_M or x.dtype != torch.int8:
-        raise ValueError("the k-split decode GEMM takes per-channel weights, int8 per-token codes and M <= 16")
+    if pw.group_size > 0 or m > KSPLIT_MAX_M or x.dtype != torch.int8:
+        raise ValueError(f"the k-split GEMM takes per-channel weights, int8 per-token codes and M <= {KSPLIT_MAX_M}")
     if x_scale.numel() != m or x_zp.numel() != m or k != pw.in_features:
         raise ValueError(f"the k-split decode GEMM takes per-token qparams ({m} rows) and K = {pw.in_features}")
     dint = _w_kind(pw) == 1
@@ -492,11 +502,14 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
         raise ValueError(f"the k-split table unpacker takes dINT weights, not {pw.fmt}")
     meta = dict(DINT=dint, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False,
-                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut))
+                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut),
+                # rows in 16-row tiles; two accumulators (one per nibble plane) only at 16 rows, where they fit
+                BLOCK_M=ksplit_kern.ksplit_block_m(m), TWO_ACC=m <= 16)
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
-            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k, min(triton.next_power_of_2(m), 16))
+            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k,
+            min(triton.next_power_of_2(m), KSPLIT_MAX_M))
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]),)
@@ -506,7 +519,7 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
     if config is not None:
         ksplit_kern.w4_ksplit_kernel[grid](*args, **meta, **config)
     else:
-        _ksplit_kernel[grid](*args, **meta)
+        (_ksplit_kernel if m <= 16 else _ksplit_wide_kernel)[grid](*args, **meta)
     return y
 
 
@@ -544,6 +557,12 @@ def _fallback_first(m: int, gemv: dict, tiled: dict) -> dict:
 def _rows_candidate(m: int) -> bool:
     """Whether the per-row GEMV is a candidate of its own at this M (``DISPATCH.gemv_rows_candidate``)."""
     return DISPATCH.gemv_rows_candidate and not DISPATCH.gemv_direct_rows and 2 <= m <= 4
+
+
+def _ksplit_wide(m: int) -> bool:
+    """Whether the k-split GEMM with a 32- or 64-row tile is a candidate at this M (above the decode M, up to
+    ``KSPLIT_MAX_M``; ``DISPATCH.ksplit_wide_candidate``)."""
+    return DISPATCH.ksplit_wide_candidate and DISPATCH.decode_max_m < m <= KSPLIT_MAX_M
 
 
 _PATH_CACHE: dict = {}
@@ -594,7 +613,7 @@ def _kernel_switches() -> tuple:
     d = DISPATCH
     return (d.gemv_direct, d.gemv_direct_rows, d.gemv_rows_candidate, d.gemv_prefetch2, d.gemv_pdl, d.gemm_pdl,
             d.gemv_lut, d.use_asm, d.l2_prefetch, d.l2_prefetch_mb, d.ksplit_candidate, d.ksplit_lut, d.ksplit_pdl,
-            d.ksplit_pdl_candidate)
+            d.ksplit_pdl_candidate, d.ksplit_wide_candidate, d.gemv_w_load)
 
 
 def _choose_path(key: tuple, candidates: dict, forced: str) -> str:
@@ -668,6 +687,8 @@ def w4_linear_2d(x: torch.Tensor, pw: PackedWeight, act_bits: int, act_sym: bool
         candidates = {"inloop": gemm(False)}
         if m >= DISPATCH.expand_min_m:
             candidates["expand"] = gemm(True)
+        if _ksplit_wide(m) and pw.group_size == 0 and act_group == 0:
+            candidates["ksplit"] = lambda: _quantized_ksplit(x, pw, y, act_bits, act_sym, bias)
         forced = DISPATCH.prefill_path
     key = (m <= DISPATCH.decode_max_m, m_bucket(m), pw.out_features, pw.in_features,
            pw.fmt, pw.group_size, act_bits, act_sym, act_group, x.dtype, bias is not None, x.device)
@@ -786,6 +807,8 @@ def _shared_per_weight(q, pws, ys, biases, act_bits, act_sym, l2_next=None, pdl=
             if m >= DISPATCH.expand_min_m:
                 cands["expand"] = lambda: launch_gemm(xq, xs, xz, pw, y, bias=bias, w_expanded=expand_weight(pw),
                                                       **kw)
+            if _ksplit_wide(m):
+                cands["ksplit"] = lambda: launch_ksplit(xq, xs, xz, pw, y, bias=bias)
             forced = DISPATCH.prefill_path
         return cands, forced if forced in cands else "auto"
 

@@ -144,7 +144,8 @@ def test_the_untimed_fallback_is_the_gemv_at_small_m(m, first, monkeypatch):
 @pytest.mark.parametrize("on", [True, False])
 def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
     """The k-split decode GEMM is a candidate of one per-channel weight and of sibling weights at M <= 16 while
-    ``DISPATCH.ksplit_candidate`` is on, never for grouped weights or at prefill."""
+    ``DISPATCH.ksplit_candidate`` is on, never for grouped weights, and at prefill (M = 17) only behind its own
+    switch (``ksplit_wide_candidate``, off here; ``test_ksplit_wide_rows_follow_their_own_switch``)."""
     from triton_cases import make_weight, make_x
 
     seen = []
@@ -155,6 +156,7 @@ def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
 
     monkeypatch.setattr(w4_linear, "_choose_path", record)
     monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_candidate", on)
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_wide_candidate", False)
     monkeypatch.setattr(w4_linear, "_quantized_ksplit", lambda *a: None)  # the candidates are only listed here
     monkeypatch.setattr(w4_linear, "_quantized_gemv", lambda *a, **k: None)
     monkeypatch.setattr(w4_linear, "_quantized_gemm", lambda *a, **k: None)
@@ -167,6 +169,37 @@ def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
         w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(m, 24)], [None], 8, False)
     w4_linear.w4_linear_2d(make_x(4, 256, "cpu"), make_weight(24, 256, "int4", "group64", "cpu"), 8, False, 0, None)
     assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_ksplit_wide_rows_follow_their_own_switch(on, monkeypatch):
+    """From M = 17 to 64 the k-split GEMM (32- and 64-row tiles) is a prefill candidate of one per-channel weight
+    and of sibling weights on shared codes while ``DISPATCH.ksplit_wide_candidate`` is on, whatever
+    ``ksplit_candidate`` says; never above 64 rows or for grouped weights; the tiled GEMM stays the first (the
+    untimed fallback)."""
+    from triton_cases import make_weight, make_x
+
+    seen = []
+
+    def record(key, candidates, forced):
+        seen.append(list(candidates))
+        return next(iter(candidates))
+
+    monkeypatch.setattr(w4_linear, "_choose_path", record)
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_wide_candidate", on)
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_candidate", not on)
+    monkeypatch.setattr(w4_linear, "_quantized_ksplit", lambda *a: None)
+    monkeypatch.setattr(w4_linear, "_quantized_gemm", lambda *a, **k: None)
+    monkeypatch.setattr(w4_linear, "launch_gemm", lambda *a, **k: None)
+    monkeypatch.setattr(w4_linear, "launch_ksplit", lambda *a, **k: None)
+    pw = make_weight(24, 256, "dint4", "channel", "cpu")
+    for m in (17, 64, 65):
+        x = make_x(m, 256, "cpu")
+        w4_linear.w4_linear_2d(x, pw, 8, False, 0, None)
+        w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(m, 24)], [None], 8, False)
+    w4_linear.w4_linear_2d(make_x(40, 256, "cpu"), make_weight(24, 256, "int4", "group64", "cpu"), 8, False, 0, None)
+    assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
+    assert all(c[0] == "inloop" for c in seen)
 
 
 @pytest.mark.parametrize("on", [True, False])

@@ -164,6 +164,30 @@ def test_w4a8_ksplit_exact(fmt, m, n, k):
         assert all(torch.equal(a, b) for a, b in zip(run(True), ref))
 
 
+@pytest.mark.parametrize("fmt,m,n,k", [("dint4", 64, 4096, 4096), ("dint4", 32, 11008, 4096), ("int4", 33, 4096, 11008),
+                                       ("dint4_c0.25", 50, 333, 1002), ("dint4_sym", 17, 1000, 4160)])
+def test_w4a8_ksplit_wide_rows_exact(fmt, m, n, k):
+    """The k-split GEMM with 32- and 64-row tiles, compiled: every wide config exact in int32 and within the fp
+    bound (both unpackers), the autotuned launch with a bias, and bitwise the tiled GEMM's output."""
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_WIDE_CONFIGS
+    from qcompile.backends.triton.w4_linear import launch_ksplit
+
+    pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
+    x = make_x(m, k, DEV, seed=m)
+    unpackers = ksplit_unpackers(pw)
+    for c in KSPLIT_WIDE_CONFIGS:
+        if m > 32 and c.kwargs["BLOCK_N"] >= 32 and c.num_warps >= 4:
+            continue  # pruned at BLOCK_M 64 (spills)
+        for lut in unpackers:
+            check_gemm(x, pw, ksplit_launcher(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages), lut),
+                       use_asm=True)
+    check_gemm(x, pw, ksplit_launcher(), use_asm=True, bias=torch.randn(n, device=DEV), out_dtype=torch.bfloat16)
+    q = quantize_rows(x, 8, False)
+    y_tiled = launch_gemm(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half))
+    for lut in unpackers:
+        assert torch.equal(launch_ksplit(*q, pw, torch.empty(m, n, device=DEV, dtype=torch.half), lut=lut), y_tiled)
+
+
 GEMV = dict(BLOCK_N=8, BLOCK_W=128, num_warps=4)
 
 

@@ -291,6 +291,52 @@ if INTERPRET:
             assert torch.equal(y, y_tiled)
 
     @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 17, 24, 300), ("int4", 33, 40, 256), ("dint4_c0.25", 64, 16, 384),
+                                           ("int4_sym", 20, 33, 200)])
+    def test_w4a8_ksplit_wide_rows_exact(fmt, m, n, k):
+        """The k-split GEMM with 32- and 64-row tiles (M = 17-64, one accumulator): exact int32 sums over ragged M,
+        N and K with both unpackers, and bitwise the tiled GEMM's output on the same codes."""
+        from qcompile.backends.triton.w4_ksplit_kernel import ksplit_block_m
+        from qcompile.backends.triton.w4_linear import launch_ksplit
+
+        assert ksplit_block_m(m) == (32 if m <= 32 else 64)
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
+        x = make_x(m, k, "cpu", seed=m)
+        unpackers = ksplit_unpackers(pw)
+        for cfg in [None, dict(BLOCK_N=32, S=2, num_warps=2, num_stages=1)]:
+            for lut in unpackers:
+                check_gemm(x, pw, ksplit_launcher(cfg, lut=lut))
+        check_gemm(x, pw, ksplit_launcher(), bias=torch.randn(n), out_dtype=torch.bfloat16, act_sym=True)
+        xq, xs, xz = quantize_rows(x, 8, False)
+        y_tiled = launch_gemm(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16))
+        for lut in unpackers:
+            assert torch.equal(launch_ksplit(xq, xs, xz, pw, torch.empty(m, n, dtype=torch.float16), lut=lut), y_tiled)
+
+    @child_only
+    def test_ksplit_is_a_prefill_path_up_to_64_rows():
+        """From M = 17 to 64 the dispatch offers the k-split GEMM beside the tiled one while its switch is on ("ksplit"
+        as a prefill path, for one weight and for siblings on shared codes), with the same output; above 64 rows it is
+        no candidate."""
+        from qcompile.backends.triton.w4_linear import DISPATCH, w4_linear_2d, w4_linear_2d_shared
+
+        pws = [make_weight(n, 256, "dint4", "channel", "cpu", seed=n) for n in (24, 40)]
+        x = make_x(40, 256, "cpu", seed=3).to(torch.float16)
+
+        def run(path, rows=x):
+            DISPATCH.prefill_path, default = path, DISPATCH.ksplit_wide_candidate
+            DISPATCH.ksplit_wide_candidate = True
+            try:
+                return [w4_linear_2d(rows, pws[0], 8, False, 0, None),
+                        *w4_linear_2d_shared(rows, pws, 8, False, [None, None])]
+            finally:
+                DISPATCH.prefill_path, DISPATCH.ksplit_wide_candidate = "auto", default
+
+        ksplit, tiled = run("ksplit"), run("inloop")
+        assert all(torch.equal(a, b) for a, b in zip(ksplit, tiled))
+        with pytest.raises(ValueError, match="ksplit"):
+            run("ksplit", make_x(65, 256, "cpu", seed=4).to(torch.float16))
+
+    @child_only
     def test_w4a8_ksplit_rejects_bad_input():
         from qcompile.backends.triton.w4_linear import launch_ksplit
 
@@ -299,8 +345,9 @@ if INTERPRET:
         y = torch.empty(2, 16, dtype=torch.float16)
         with pytest.raises(ValueError, match="per-channel weights"):
             launch_ksplit(xq, xs, xz, make_weight(16, 128, "int4", "group64", "cpu"), y)
-        with pytest.raises(ValueError, match="M <= 16"):
-            launch_ksplit(torch.zeros(17, 128, dtype=torch.int8), xs, xz, pw, torch.empty(17, 16))
+        with pytest.raises(ValueError, match="M <= 64"):
+            launch_ksplit(torch.zeros(65, 128, dtype=torch.int8), torch.ones(65), torch.zeros(65, dtype=torch.int32),
+                          pw, torch.empty(65, 16))
         with pytest.raises(ValueError, match="int8"):
             launch_ksplit(xq.float(), xs, xz, pw, y)
         with pytest.raises(ValueError, match="K = 128"):
