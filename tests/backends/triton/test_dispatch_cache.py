@@ -141,13 +141,9 @@ def test_the_untimed_fallback_is_the_gemv_at_small_m(m, first, monkeypatch):
     assert per_weight[0] == first
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
-    """The k-split decode GEMM is a candidate of one per-channel weight and of sibling weights at M <= 16 while
-    ``DISPATCH.ksplit_candidate`` is on, never for grouped weights, and at prefill (M = 17) only behind its own
-    switch (``ksplit_wide_candidate``, off here; ``test_ksplit_wide_rows_follow_their_own_switch``)."""
-    from triton_cases import make_weight, make_x
-
+def _listed_candidates(monkeypatch) -> list:
+    """Make the dispatch record each call's candidate names (and take the first) instead of timing them, with every
+    launch stubbed out: the candidates are only listed. Returns the list the names go to."""
     seen = []
 
     def record(key, candidates, forced):
@@ -155,19 +151,35 @@ def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
         return next(iter(candidates))
 
     monkeypatch.setattr(w4_linear, "_choose_path", record)
-    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_candidate", on)
-    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_wide_candidate", False)
-    monkeypatch.setattr(w4_linear, "_quantized_ksplit", lambda *a: None)  # the candidates are only listed here
-    monkeypatch.setattr(w4_linear, "_quantized_gemv", lambda *a, **k: None)
-    monkeypatch.setattr(w4_linear, "_quantized_gemm", lambda *a, **k: None)
-    monkeypatch.setattr(w4_linear, "launch_gemv", lambda *a, **k: None)
-    monkeypatch.setattr(w4_linear, "launch_gemm", lambda *a, **k: None)
+    for launch in ("_quantized_ksplit", "_quantized_gemv", "_quantized_gemm", "launch_gemv", "launch_gemm",
+                   "launch_ksplit"):
+        monkeypatch.setattr(w4_linear, launch, lambda *a, **k: None)
+    return seen
+
+
+def _linear_sites(ms, grouped_m: int) -> None:
+    """For each M of ``ms``: one per-channel dINT4 weight through ``w4_linear_2d`` and through the shared-codes path
+    (``_shared_per_weight``); then one group-wise weight at ``grouped_m`` rows."""
+    from triton_cases import make_weight, make_x
+
     pw = make_weight(24, 256, "dint4", "channel", "cpu")
-    for m in (1, 16, 17):
+    for m in ms:
         x = make_x(m, 256, "cpu")
         w4_linear.w4_linear_2d(x, pw, 8, False, 0, None)
         w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(m, 24)], [None], 8, False)
-    w4_linear.w4_linear_2d(make_x(4, 256, "cpu"), make_weight(24, 256, "int4", "group64", "cpu"), 8, False, 0, None)
+    w4_linear.w4_linear_2d(make_x(grouped_m, 256, "cpu"), make_weight(24, 256, "int4", "group64", "cpu"), 8, False, 0,
+                           None)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_ksplit_is_a_decode_candidate_behind_its_switch(on, monkeypatch):
+    """The k-split decode GEMM is a candidate of one per-channel weight and of sibling weights at M <= 16 while
+    ``DISPATCH.ksplit_candidate`` is on, never for grouped weights, and at prefill (M = 17) only behind its own
+    switch (``ksplit_wide_candidate``, off here; ``test_ksplit_wide_rows_follow_their_own_switch``)."""
+    seen = _listed_candidates(monkeypatch)
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_candidate", on)
+    monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_wide_candidate", False)
+    _linear_sites((1, 16, 17), grouped_m=4)
     assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
 
 
@@ -177,27 +189,10 @@ def test_ksplit_wide_rows_follow_their_own_switch(on, monkeypatch):
     and of sibling weights on shared codes while ``DISPATCH.ksplit_wide_candidate`` is on, whatever
     ``ksplit_candidate`` says; never above 64 rows or for grouped weights; the tiled GEMM stays the first (the
     untimed fallback)."""
-    from triton_cases import make_weight, make_x
-
-    seen = []
-
-    def record(key, candidates, forced):
-        seen.append(list(candidates))
-        return next(iter(candidates))
-
-    monkeypatch.setattr(w4_linear, "_choose_path", record)
+    seen = _listed_candidates(monkeypatch)
     monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_wide_candidate", on)
     monkeypatch.setattr(w4_linear.DISPATCH, "ksplit_candidate", not on)
-    monkeypatch.setattr(w4_linear, "_quantized_ksplit", lambda *a: None)
-    monkeypatch.setattr(w4_linear, "_quantized_gemm", lambda *a, **k: None)
-    monkeypatch.setattr(w4_linear, "launch_gemm", lambda *a, **k: None)
-    monkeypatch.setattr(w4_linear, "launch_ksplit", lambda *a, **k: None)
-    pw = make_weight(24, 256, "dint4", "channel", "cpu")
-    for m in (17, 64, 65):
-        x = make_x(m, 256, "cpu")
-        w4_linear.w4_linear_2d(x, pw, 8, False, 0, None)
-        w4_linear._shared_per_weight((x.to(torch.int8), None, None), [pw], [torch.empty(m, 24)], [None], 8, False)
-    w4_linear.w4_linear_2d(make_x(40, 256, "cpu"), make_weight(24, 256, "int4", "group64", "cpu"), 8, False, 0, None)
+    _linear_sites((17, 64, 65), grouped_m=40)
     assert [("ksplit" in c) for c in seen] == [on, on, on, on, False, False, False]
     assert all(c[0] == "inloop" for c in seen)
 
