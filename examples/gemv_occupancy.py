@@ -223,7 +223,7 @@ def compile_ksplit(config, pdl: bool = False, lut: bool = True, has_bias: bool =
     from qcompile.backends.triton.w4_ksplit_kernel import w4_ksplit_kernel
 
     const = dict(DINT=True, DINT_R=2, PACK_K=128, HAS_BIAS=has_bias, INT_OUT=False, USE_ASM=True, PDL=pdl, LUT=lut,
-                 BLOCK_M=16, TWO_ACC=True, **config.kwargs)
+                 BLOCK_M=16, **config.kwargs)
     return _compile_sm90(w4_ksplit_kernel, const, config, pdl, {"M_BUCKET": "i32"})
 
 

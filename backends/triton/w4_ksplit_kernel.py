@@ -43,8 +43,8 @@ evenly (276 instructions) timed 1-8 % slower and was dropped (``examples/results
 
 Rows. ``BLOCK_M`` is 16 (mma.sync's M) up to M = 16, and 32 or 64 above (``ksplit_block_m``, M <= 64): the
 activation tile is ``[S, BLOCK_M, PACK_K / 2]`` and each unpacked weight fragment meets 2 or 4 row tiles of 16, so
-the unpack, most of the loop's instructions, is paid once for up to 64 rows. ``TWO_ACC`` (two accumulators, one per
-nibble plane) holds at BLOCK_M 16; wider tiles keep one, as two would not fit in the registers.
+the unpack, most of the loop's instructions, is paid once for up to 64 rows. Two accumulators (one per nibble plane,
+``TWO_ACC``) at BLOCK_M 16; wider tiles keep one, as two would not fit in the registers.
 
 The loop is software-pipelined by the launch's ``num_stages`` (cp.async of the packed weights and the activation
 codes into shared memory, ``num_stages - 1`` steps ahead). Per-channel weights (dINT or INT), per-token int8
@@ -115,8 +115,9 @@ def w4_ksplit_kernel(
         M, N, K, M_BUCKET,
         DINT: tl.constexpr, DINT_R: tl.constexpr, PACK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         INT_OUT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr,
-        BLOCK_N: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr = 16, TWO_ACC: tl.constexpr = True):
+        BLOCK_N: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr = 16):
     HALF: tl.constexpr = PACK_K // 2
+    TWO_ACC: tl.constexpr = BLOCK_M == 16  # one accumulator per nibble plane where they fit in the registers
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)

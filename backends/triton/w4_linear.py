@@ -502,14 +502,11 @@ def launch_ksplit(x, x_scale, x_zp, pw: PackedWeight, y, *, bias=None, int_out=F
         raise ValueError(f"the k-split table unpacker takes dINT weights, not {pw.fmt}")
     meta = dict(DINT=dint, DINT_R=pw.dint_r, PACK_K=pw.pack_k, HAS_BIAS=bias is not None,
                 INT_OUT=int_out, USE_ASM=_use_asm(x.device, use_asm), PDL=False,
-                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut),
-                # rows in 16-row tiles; two accumulators (one per nibble plane) only at 16 rows, where they fit
-                BLOCK_M=ksplit_kern.ksplit_block_m(m), TWO_ACC=m <= 16)
+                LUT=dint and (DISPATCH.ksplit_lut if lut is None else lut), BLOCK_M=ksplit_kern.ksplit_block_m(m))
     if pdl_launch(pdl, x.device):
         meta.update(PDL=True, launch_pdl=True)
     args = (x, x_scale.reshape(m), x_zp.reshape(m), x.stride(0), pw.qweight, pw.unit_scale, pw.code_sum,
-            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k,
-            min(triton.next_power_of_2(m), KSPLIT_MAX_M))
+            pw.zero_byte, y if bias is None else bias, y, y.stride(0), m, n, k, m_bucket(m))
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]),)

@@ -169,15 +169,13 @@ def test_w4a8_ksplit_exact(fmt, m, n, k):
 def test_w4a8_ksplit_wide_rows_exact(fmt, m, n, k):
     """The k-split GEMM with 32- and 64-row tiles, compiled: every wide config exact in int32 and within the fp
     bound (both unpackers), the autotuned launch with a bias, and bitwise the tiled GEMM's output."""
-    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_WIDE_CONFIGS
+    from qcompile.backends.triton.w4_ksplit_kernel import KSPLIT_WIDE_CONFIGS, ksplit_block_m, prune_ksplit_configs
     from qcompile.backends.triton.w4_linear import launch_ksplit
 
     pw = make_weight(n, k, fmt, "channel", DEV, seed=n + k)
     x = make_x(m, k, DEV, seed=m)
     unpackers = ksplit_unpackers(pw)
-    for c in KSPLIT_WIDE_CONFIGS:
-        if m > 32 and c.kwargs["BLOCK_N"] >= 32 and c.num_warps >= 4:
-            continue  # pruned at BLOCK_M 64 (spills)
+    for c in prune_ksplit_configs(KSPLIT_WIDE_CONFIGS, {"K": k}, BLOCK_M=ksplit_block_m(m)):  # the autotuner's own
         for lut in unpackers:
             check_gemm(x, pw, ksplit_launcher(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages), lut),
                        use_asm=True)
