@@ -155,6 +155,14 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
                         help="'default' (SmolLM2-135M-Instruct), a local HF folder or a .gguf file")
 
 
+def add_recipe_arguments(parser: argparse.ArgumentParser, default: str | None = "w4a8v4-rtn-int4",
+                         recipe_help: str = "a preset name or a YAML/JSON recipe file") -> None:
+    """``--recipe`` (a preset or a recipe file) and ``--set FIELD=VALUE`` overrides, as every command reads them."""
+    parser.add_argument("--recipe", default=default, help=recipe_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one recipe field, e.g. --set calib_samples=32 (repeatable)")
+
+
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     add_eval_arguments(parser)

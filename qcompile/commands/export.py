@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qcompile.cli import add_model_argument, add_threads_argument, apply_threads, format_rows, read_user_text
+from qcompile.cli import (
+    add_model_argument,
+    add_recipe_arguments,
+    add_threads_argument,
+    apply_threads,
+    format_rows,
+    read_user_text,
+)
 from qcompile.errors import QcompileError
 
 if TYPE_CHECKING:
@@ -28,9 +35,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--recipe", default="w4a8v4-rtn-int4", help="a preset name or a YAML/JSON recipe file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one recipe field (repeatable)")
+    add_recipe_arguments(parser)
     parser.add_argument("--artifact", default=None, metavar="DIR",
                         help="export this saved artifact (`qcompile quantize --save`) instead of quantizing")
     parser.add_argument("--calib-text", default=None, metavar="FILE", help="calibration text (default: C4 sample)")

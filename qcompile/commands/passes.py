@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qcompile.cli import (
     add_model_argument,
+    add_recipe_arguments,
     add_threads_argument,
     apply_threads,
     check_writable,
@@ -30,9 +31,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--recipe", default="w4a8v4-rtn-int4", help="a preset name or a YAML/JSON recipe file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one recipe field (repeatable)")
+    add_recipe_arguments(parser)
     parser.add_argument("--dump-dir", required=True, metavar="DIR", help="where the per-pass graphs and tables go")
     parser.add_argument("--calib-text", default=None, metavar="FILE",
                         help="UTF-8 text for calibration and the SQNR batch (default: the C4 sample)")

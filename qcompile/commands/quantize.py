@@ -17,6 +17,7 @@ from pathlib import Path
 from qcompile.cli import (
     add_eval_arguments,
     add_model_argument,
+    add_recipe_arguments,
     add_threads_argument,
     apply_threads,
     check_writable,
@@ -33,10 +34,8 @@ __all__ = ["add_arguments", "resolve_cli_recipe", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--recipe", default="w4a8v4-aqas-optq-dint4",
-                        help="a preset name (see `qcompile quantize --list-recipes`) or a YAML/JSON recipe file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one recipe field, e.g. --set calib_samples=32 (repeatable)")
+    add_recipe_arguments(parser, default="w4a8v4-aqas-optq-dint4", recipe_help="a preset name (see `qcompile "
+                         "quantize --list-recipes`) or a YAML/JSON recipe file")
     parser.add_argument("--calib-text", default=None, metavar="FILE",
                         help="UTF-8 calibration text (default: the recipe's calib_source sample, C4)")
     add_eval_arguments(parser)

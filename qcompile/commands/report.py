@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qcompile.cli import (
     add_model_argument,
+    add_recipe_arguments,
     add_threads_argument,
     apply_threads,
     check_writable,
@@ -31,10 +32,8 @@ def _csv(value: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--recipe", default=None, help="a preset name or a YAML/JSON recipe file "
-                        "(default w4a8v4-rtn-int4, or the recipe of --artifact)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one recipe field (repeatable)")
+    add_recipe_arguments(parser, default=None, recipe_help="a preset name or a YAML/JSON recipe file "
+                         "(default w4a8v4-rtn-int4, or the recipe of --artifact)")
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (report.html, PNGs, report.json)")
     parser.add_argument("--backends", type=_csv, default=["reference"], metavar="LIST",
                         help="comma-separated: reference, onnx (fast form), onnx-exact, triton (CUDA only)")
