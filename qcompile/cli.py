@@ -98,7 +98,8 @@ def format_rows(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def _csv(value: str) -> list[str]:
+def csv_list(value: str) -> list[str]:
+    """A comma-separated argument as a list of its non-blank, stripped items."""
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -139,7 +140,7 @@ PPL_TASKS = {"wiki-ppl": "wiki"}  # perplexity task -> text asset
 
 def add_eval_arguments(parser: argparse.ArgumentParser, default_tasks: str = "wiki-ppl") -> None:
     """Evaluation options shared by ``eval``, ``quantize`` and ``export``."""
-    parser.add_argument("--tasks", type=_csv, default=None, metavar="LIST",
+    parser.add_argument("--tasks", type=csv_list, default=None, metavar="LIST",
                         help="comma-separated: wiki-ppl, piqa, arc-easy, arc-challenge, winogrande, hellaswag "
                              f"(default: {default_tasks}, or none when --ppl-text is given)")
     parser.add_argument("--max-windows", type=int, default=None, metavar="N", help="perplexity: first N windows")

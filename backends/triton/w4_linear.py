@@ -243,11 +243,11 @@ _gemv_kernels = {pf: _autotune(cfgs, ["N", *_GEMV_KEY], gemv_kern.prune_gemv_con
 _gemv_group_kernels = {pf: _autotune(cfgs, ["N0", "N1", "N2", "G", *_GEMV_KEY], gemv_kern.prune_gemv_configs,
                                      _gemv_group_even) for pf, cfgs in _GEMV_SETS.items()}
 _prefill_kernel = _autotune(kern.PREFILL_CONFIGS, _KEY, kern.prune_configs, kern.w4_gemm_kernel)
-_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"],
-                           ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
-_ksplit_wide_kernel = _autotune(ksplit_kern.KSPLIT_WIDE_CONFIGS,
-                                ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"],
-                                ksplit_kern.prune_ksplit_configs, ksplit_kern.w4_ksplit_kernel)
+_KSPLIT_KEY = ["M_BUCKET", "N", "K", "DINT", "USE_ASM", "LUT", "PDL"]
+_ksplit_kernel = _autotune(ksplit_kern.KSPLIT_CONFIGS, _KSPLIT_KEY, ksplit_kern.prune_ksplit_configs,
+                           ksplit_kern.w4_ksplit_kernel)
+_ksplit_wide_kernel = _autotune(ksplit_kern.KSPLIT_WIDE_CONFIGS, _KSPLIT_KEY, ksplit_kern.prune_ksplit_configs,
+                                ksplit_kern.w4_ksplit_kernel)
 
 
 def _use_asm(device: torch.device, use_asm: bool | None) -> bool:

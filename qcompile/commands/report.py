@@ -20,14 +20,11 @@ from qcompile.cli import (
     add_threads_argument,
     apply_threads,
     check_writable,
+    csv_list,
     read_user_text,
 )
 
 __all__ = ["add_arguments", "run"]
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser, default=None, recipe_help="a preset name or a YAML/JSON recipe file "
                          "(default w4a8v4-rtn-int4, or the recipe of --artifact)")
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (report.html, PNGs, report.json)")
-    parser.add_argument("--backends", type=_csv, default=["reference"], metavar="LIST",
+    parser.add_argument("--backends", type=csv_list, default=["reference"], metavar="LIST",
                         help="comma-separated: reference, onnx (fast form), onnx-exact, triton (CUDA only)")
     parser.add_argument("--artifact", default=None, metavar="DIR",
                         help="load the quantized model from this saved artifact, or save it there after quantizing")
