@@ -252,6 +252,21 @@ if INTERPRET:
 
     @child_only
     @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
+                                           ("dint4_c0.25", 5, 40, 384), ("dint4", 2, 24, 256)])
+    def test_w4a8_gemm_splitk_exact(fmt, m, n, k):
+        """Split-K (3 slices here; some empty, some one unit): exact int32 sums, and the workspace and
+        arrival counters are left zero for the next launch."""
+        from qcompile.backends.triton.w4_linear import splitk_workspace
+
+        pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n)
+        x = make_x(m, k, "cpu", seed=m)
+        check_gemm(x, pw, launch_gemm, split_k=True)
+        check_gemm(x, pw, launch_gemm, split_k=True, bias=torch.randn(n), out_dtype=torch.bfloat16)
+        ws, locks = splitk_workspace("cpu", n)
+        assert not ws.any() and not locks.any()
+
+    @child_only
+    @pytest.mark.parametrize("fmt,m,n,k", [("dint4", 1, 16, 128), ("int4", 16, 33, 300), ("int4_sym", 3, 24, 1000),
                                            ("dint4_c0.25", 5, 40, 384), ("dint4", 7, 20, 1100),
                                            ("dint4_c0.125", 2, 64, 512), ("dint4", 17, 24, 300), ("int4", 33, 40, 256),
                                            ("dint4_c0.25", 64, 16, 384), ("int4_sym", 20, 33, 200)])
@@ -259,8 +274,10 @@ if INTERPRET:
         """K split across warps (``w4_ksplit_kernel``): exact int32 sums for 1-16 slices per step (some past the
         last chunk, ragged N and K), with both unpackers for dINT (R = 2, 4, 8), fp output within the bound and
         bitwise the tiled GEMM's on the same codes; from M = 17 in 32- and 64-row tiles with one accumulator."""
+        from qcompile.backends.triton.w4_ksplit_kernel import ksplit_block_m
         from qcompile.backends.triton.w4_linear import launch_ksplit
 
+        assert ksplit_block_m(m) == (16 if m <= 16 else 32 if m <= 32 else 64)
         pw = make_weight(n, k, fmt, "channel", "cpu", seed=m + n + k)
         x = make_x(m, k, "cpu", seed=m)
         shapes = [(16, 1, 1), (32, 2, 2), (64, 4, 4), (32, 8, 8), (16, 16, 16)] if m <= 16 else [(32, 2, 2)]
