@@ -99,7 +99,13 @@ from gpu_timing import bench_graph, clones, streamed_copies
 from qcompile import formats as F
 from qcompile.backends.triton import prepack, w4a8_linear
 from qcompile.backends.triton.quantize_kernel import quantize_rows
-from qcompile.backends.triton.w4_linear import DISPATCH, launch_gemv, launch_gemv_group, w4_linear_2d_shared
+from qcompile.backends.triton.w4_linear import (
+    DISPATCH,
+    SPLITK_MAX_M,
+    launch_gemv,
+    launch_gemv_group,
+    w4_linear_2d_shared,
+)
 
 CFGS = [(8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (8, 64, 2), (16, 64, 4), (32, 64, 4)]
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
@@ -588,7 +594,7 @@ def _config_sweep(title, launch, configs, tag, ms, extra):
             fp = bench_graph(lambda w: F_nn.linear(x, w), w16s)
             ref = launch_gemm(xq, xs, xz, pws[0], y).clone()
             r = {"tiles": bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y), pws)}
-            if m <= 16:  # the split-K workspace holds 16 rows
+            if m <= SPLITK_MAX_M:  # the split-K workspace's rows
                 r["splitk"] = bench_graph(lambda p: launch_gemm(xq, xs, xz, p, y, split_k=True), pws)
             r.update({name: bench_graph(lambda p: fn(xq, xs, xz, p, y), pws) for name, fn in extra.items()})
             each = {}
@@ -605,7 +611,7 @@ def _config_sweep(title, launch, configs, tag, ms, extra):
             with_q = bench_graph(lambda p: launch(*quantize_rows(x, 8, False), p, y, config=best_cfg), pws)
             auto = bench_graph(lambda p: w4a8_linear(x, p), pws)
             forced = ""
-            if m > 16:  # the public op on each prefill path (the k-split one from 17 to 64 rows, switched on here)
+            if m > DISPATCH.decode_max_m:  # the public op on each prefill path (k-split up to 64 rows, switched on)
                 default = DISPATCH.ksplit_wide_candidate
                 for path in ("inloop", "ksplit"):
                     DISPATCH.prefill_path, DISPATCH.ksplit_wide_candidate = path, True
